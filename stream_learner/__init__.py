@@ -1,0 +1,3 @@
+"""stream-learner: online learning on text streams."""
+
+__version__ = "0.1.0"

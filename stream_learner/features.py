@@ -1,0 +1,202 @@
+"""Tokenizing and hashing text into a fixed number of feature buckets.
+
+The featurizer is a River transformer: ``TextFeaturizer() | MultinomialNB()`` is an ordinary
+River pipeline. Its output is ``{bucket_id: weight}`` with integer bucket ids in
+``range(n_buckets)``. Bucket ids come from CRC-32 (with ``seed`` as the initial value) and a
+multiplicative mix, so they are the same in every process and after every restart — unlike
+Python's ``hash``, which is salted per process. Memory is bounded: the only state is a
+token → hash cache that is emptied when it reaches ``cache_size`` entries.
+
+>>> featurizer = TextFeaturizer(n_buckets=2**10)
+>>> featurizer.tokens("Visit https://example.com, NOW!!! Call 555-1234 or mail bob@ex.org @alice")
+['visit', '__url__', ',', 'now', '!!!', 'call', '__num__', '-', '__num__', 'or', 'mail', '__email__', '__user__']
+>>> x = featurizer.transform_one("Good good movie")
+>>> sorted(x.values())
+[1, 1, 1, 2]
+>>> x == TextFeaturizer(n_buckets=2**10).transform_one("Good good movie")
+True
+
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import unicodedata
+import zlib
+
+from river import base
+
+__all__ = ["TextFeaturizer", "stable_hash"]
+
+# A URL does not end in sentence punctuation: "see http://x.org, then" keeps the comma.
+_URL = re.compile(r"(?:https?://|www\.)[^\s<>\"']*[^\s<>\"'.,;:!?)\]]", re.IGNORECASE)
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_MENTION = re.compile(r"(?<![\w@])@\w+")
+_NUMBER = re.compile(r"(?<![^\W\d])\d+(?:[.,:/]\d+)*(?![^\W\d])")
+_WORD_AND_PUNCT = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]+")
+_WORD_ONLY = re.compile(r"\w+(?:['’]\w+)*")
+
+_MIX = 0x9E3779B1  # Knuth's multiplicative constant: spreads CRC-32 over the buckets.
+_MASK32 = 0xFFFFFFFF
+
+
+def stable_hash(token: str, seed: int = 0) -> int:
+    """A 32-bit hash of ``token`` that is the same in every process.
+
+    >>> stable_hash("hello")
+    907060870
+    >>> stable_hash("hello", seed=1) != stable_hash("hello")
+    True
+
+    """
+    return zlib.crc32(token.encode("utf-8", "surrogatepass"), seed & _MASK32)
+
+
+class TextFeaturizer(base.Transformer):
+    """Text → hashed bag of words, word n-grams and character n-grams.
+
+    Parameters
+    ----------
+    n_buckets
+        Number of hash buckets (feature ids are ``0 .. n_buckets - 1``).
+    word_ngrams
+        Longest word n-gram: 1 is unigrams only, 2 adds bigrams, 3 trigrams.
+    char_ngrams
+        ``(min, max)`` lengths of character n-grams taken inside each word (with ``<`` and
+        ``>`` marking its ends, as fastText does), or None for none.
+    normalize
+        Replace URLs, e-mail addresses, @mentions and numbers with the tokens ``__url__``,
+        ``__email__``, ``__user__`` and ``__num__``.
+    punctuation
+        Keep runs of punctuation (``!!!``, ``:)``) as tokens.
+    binary
+        Weight 1 per present feature instead of its count.
+    norm
+        None for raw counts, ``"l2"`` to scale the vector to unit length (for linear models).
+    seed
+        Seed of the hash function: another seed, another bucket assignment.
+    on
+        When given, ``x`` is a dict and the text is ``x[on]``; otherwise ``x`` is the text.
+    cache_size
+        Most token hashes kept in memory.
+
+    """
+
+    def __init__(
+        self,
+        n_buckets: int = 2**18,
+        word_ngrams: int = 2,
+        char_ngrams: tuple[int, int] | None = None,
+        normalize: bool = True,
+        punctuation: bool = True,
+        binary: bool = False,
+        norm: str | None = None,
+        seed: int = 0,
+        on: str | None = None,
+        cache_size: int = 2**17,
+    ):
+        self.n_buckets = n_buckets
+        self.word_ngrams = word_ngrams
+        self.char_ngrams = char_ngrams
+        self.normalize = normalize
+        self.punctuation = punctuation
+        self.binary = binary
+        self.norm = norm
+        self.seed = seed
+        self.on = on
+        self.cache_size = cache_size
+        self._hash_cache: dict[str, int] = {}
+
+    @property
+    def _tags(self):
+        return {base.tags.TEXT_INPUT}
+
+    @classmethod
+    def _unit_test_params(cls):
+        yield {"n_buckets": 2**12}
+        yield {"n_buckets": 2**12, "word_ngrams": 1, "char_ngrams": (3, 4), "norm": "l2"}
+
+    def __getstate__(self):
+        # The cache is derived data: keep it out of pickles and checkpoints.
+        state = self.__dict__.copy()
+        state["_hash_cache"] = {}
+        return state
+
+    def hashing_config(self) -> dict:
+        """What decides bucket ids. Two featurizers with equal configs map text identically."""
+        return {
+            "scheme": "crc32-mix-v1",
+            "n_buckets": self.n_buckets,
+            "word_ngrams": self.word_ngrams,
+            "char_ngrams": list(self.char_ngrams) if self.char_ngrams else None,
+            "normalize": self.normalize,
+            "punctuation": self.punctuation,
+            "seed": self.seed,
+        }
+
+    def tokens(self, text: str) -> list[str]:
+        """The word tokens of ``text`` after normalization, before n-grams and hashing."""
+        text = unicodedata.normalize("NFKC", text).casefold()
+        if self.normalize:
+            if "http" in text or "www." in text:
+                text = _URL.sub(" __url__ ", text)
+            if "@" in text:
+                text = _EMAIL.sub(" __email__ ", text)
+                text = _MENTION.sub(" __user__ ", text)
+            text = _NUMBER.sub(" __num__ ", text)
+        pattern = _WORD_AND_PUNCT if self.punctuation else _WORD_ONLY
+        return pattern.findall(text)
+
+    def _hashes(self, tokens: list[str]) -> list[int]:
+        cache = self._hash_cache
+        hashes = []
+        seed = self.seed & _MASK32
+        for token in tokens:
+            h = cache.get(token)
+            if h is None:
+                if len(cache) >= self.cache_size:
+                    cache.clear()
+                h = cache[token] = (
+                    zlib.crc32(token.encode("utf-8", "surrogatepass"), seed) * _MIX
+                ) & _MASK32
+            hashes.append(h)
+        return hashes
+
+    def buckets(self, text: str) -> list[int]:
+        """Bucket ids of every feature of ``text``, with repeats, in order."""
+        tokens = self.tokens(text)
+        hashes = self._hashes(tokens)
+        n = self.n_buckets
+        out = [h % n for h in hashes]
+        for size in range(2, self.word_ngrams + 1):
+            # Combine the hashes of consecutive words rather than hashing joined strings:
+            # the same stable result for a fraction of the cost.
+            combined = hashes[: len(hashes) - size + 1]
+            for offset in range(1, size):
+                combined = [
+                    ((c * 0x01000193) ^ h ^ size) & _MASK32
+                    for c, h in zip(combined, hashes[offset:], strict=False)
+                ]
+            out.extend(((c * _MIX) & _MASK32) % n for c in combined)
+        if self.char_ngrams:
+            low, high = self.char_ngrams
+            grams = []
+            for token in tokens:
+                word = f"<{token}>"
+                for size in range(low, high + 1):
+                    grams.extend(word[i : i + size] for i in range(len(word) - size + 1))
+            out.extend(h % n for h in self._hashes(grams))
+        return out
+
+    def transform_one(self, x) -> dict[int, float]:
+        text = x[self.on] if self.on is not None else x
+        if not isinstance(text, str):
+            return {}
+        counts = collections.Counter(self.buckets(text))
+        if self.binary:
+            return dict.fromkeys(counts, 1)
+        if self.norm == "l2" and counts:
+            scale = sum(v * v for v in counts.values()) ** -0.5
+            return {k: v * scale for k, v in counts.items()}
+        return dict(counts)

@@ -1,0 +1,148 @@
+"""The learner registry: names for River pipelines over :class:`TextFeaturizer`.
+
+``make_learner("nb")`` builds a fresh pipeline; ``make_learner("pkg.module:factory")`` calls a
+user's factory, which must return a River classifier that takes the record's text as ``x``.
+
+>>> model = make_learner("nb")
+>>> for text, label in [("cheap pills now", "spam"), ("meeting at noon", "ham")] * 3:
+...     model.learn_one(text, label)
+>>> model.predict_one("cheap pills")
+'spam'
+
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+
+from river import base, compose, ensemble, linear_model, multiclass, naive_bayes, optim, tree
+
+from .features import TextFeaturizer
+
+__all__ = ["LearnerSpec", "register", "make_learner", "available_learners", "LearnerError"]
+
+
+class LearnerError(ValueError):
+    """An unknown learner name or a factory that does not build a classifier."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerSpec:
+    name: str
+    description: str
+    factory: Callable[..., base.Classifier]
+
+
+_REGISTRY: dict[str, LearnerSpec] = {}
+
+
+def register(name: str, description: str):
+    """Decorator: register ``factory(seed: int, n_buckets: int) -> Classifier`` as ``name``."""
+
+    def decorate(factory):
+        _REGISTRY[name] = LearnerSpec(name, description, factory)
+        return factory
+
+    return decorate
+
+
+def available_learners() -> dict[str, LearnerSpec]:
+    _load_plugins()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def make_learner(spec: str, *, seed: int = 0, n_buckets: int = 2**18) -> base.Classifier:
+    """Build a fresh learner from a registry name or ``module:factory``."""
+    _load_plugins()
+    if spec in _REGISTRY:
+        return _REGISTRY[spec].factory(seed=seed, n_buckets=n_buckets)
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as error:
+            raise LearnerError(f"cannot load learner factory {spec!r}: {error}") from error
+        model = factory()
+        if not isinstance(model, base.Classifier):
+            raise LearnerError(f"{spec!r} returned {type(model).__name__}, not a River classifier")
+        return model
+    known = ", ".join(available_learners())
+    raise LearnerError(f"unknown learner {spec!r}; known: {known}; or give module:factory")
+
+
+_PLUGINS_LOADED = False
+
+
+def _load_plugins():
+    # The numpy learner registers itself from its own module; import it lazily so that
+    # `import stream_learner.learners` stays cheap and free of cycles.
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    try:
+        importlib.import_module("stream_learner.neural")
+    except ModuleNotFoundError as error:
+        if error.name != "stream_learner.neural":
+            raise
+
+
+@register("nb", "Multinomial naive Bayes on hashed word uni+bigram counts")
+def _multinomial_nb(seed: int = 0, n_buckets: int = 2**18):
+    return compose.Pipeline(
+        TextFeaturizer(n_buckets=n_buckets, seed=0), naive_bayes.MultinomialNB(alpha=0.1)
+    )
+
+
+@register("cnb", "Complement naive Bayes on hashed word uni+bigram counts")
+def _complement_nb(seed: int = 0, n_buckets: int = 2**18):
+    return compose.Pipeline(
+        TextFeaturizer(n_buckets=n_buckets, seed=0), naive_bayes.ComplementNB(alpha=0.3)
+    )
+
+
+@register("softmax", "Softmax (multinomial logistic) regression, SGD, on L2-normalized features")
+def _softmax(seed: int = 0, n_buckets: int = 2**18):
+    return compose.Pipeline(
+        TextFeaturizer(n_buckets=n_buckets, norm="l2"),
+        linear_model.SoftmaxRegression(optimizer=optim.SGD(0.5), l2=1e-6),
+    )
+
+
+@register("logreg", "One-vs-rest logistic regression, AdaGrad, on L2-normalized features")
+def _logreg(seed: int = 0, n_buckets: int = 2**18):
+    return compose.Pipeline(
+        TextFeaturizer(n_buckets=n_buckets, norm="l2"),
+        multiclass.OneVsRestClassifier(
+            linear_model.LogisticRegression(optimizer=optim.AdaGrad(0.5), l2=0.0)
+        ),
+    )
+
+
+@register("pa", "One-vs-rest passive-aggressive (PA-I) on L2-normalized features")
+def _passive_aggressive(seed: int = 0, n_buckets: int = 2**18):
+    return compose.Pipeline(
+        TextFeaturizer(n_buckets=n_buckets, norm="l2"),
+        multiclass.OneVsRestClassifier(linear_model.PAClassifier(C=0.5, mode=1)),
+    )
+
+
+@register("hat", "Hoeffding adaptive tree on 4,096 binary hashed word features")
+def _hoeffding_adaptive_tree(seed: int = 0, n_buckets: int = 2**18):
+    # A tree keeps per-leaf statistics for every feature it sees: few buckets keep it bounded.
+    return compose.Pipeline(
+        TextFeaturizer(n_buckets=min(n_buckets, 2**12), word_ngrams=1, binary=True),
+        tree.HoeffdingAdaptiveTreeClassifier(
+            grace_period=100, max_depth=12, nominal_attributes=None, seed=seed
+        ),
+    )
+
+
+@register("adwin-bagging", "ADWIN bagging of 5 multinomial naive Bayes (resets drifted members)")
+def _adwin_bagging(seed: int = 0, n_buckets: int = 2**18):
+    return compose.Pipeline(
+        TextFeaturizer(n_buckets=n_buckets),
+        ensemble.ADWINBaggingClassifier(naive_bayes.MultinomialNB(alpha=0.1), n_models=5, seed=seed),
+    )

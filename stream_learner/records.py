@@ -1,0 +1,286 @@
+"""Records and decoding: raw message bytes → :class:`Record`, or a :class:`DecodeError`.
+
+A message is JSON ``{"id": str, "text": str, "label": str|int|null, "ts": number|ISO-8601|null}``
+(field names configurable); a value that is not a JSON object is taken as plain text. A
+record with an id and a label but no text is a *label-only* record: it delivers the label
+of a record that was predicted earlier (delayed labels).
+
+Decoding never raises anything but :class:`DecodeError`, which carries a machine-readable
+reason code and the original bytes so the caller can dead-letter the message.
+
+>>> decoder = Decoder()
+>>> decoder.decode(b'{"id": "a1", "text": "Free money!!!", "label": "spam"}')
+Record(id='a1', text='Free money!!!', label='spam', ts=None)
+>>> decoder.decode(b"just some words").text
+'just some words'
+>>> try:
+...     decoder.decode(b'{"id": "a1", "text": ""}')
+... except DecodeError as error:
+...     print(error.reason)
+empty_text
+
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import json
+import math
+
+__all__ = ["Record", "Reason", "DecodeError", "Decoder"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Record:
+    """One message of the stream.
+
+    ``text`` is None only for label-only records; ``ts`` is seconds since the epoch (UTC).
+    """
+
+    id: str | None
+    text: str | None
+    label: str | int | None = None
+    ts: float | None = None
+
+    @property
+    def is_label_only(self) -> bool:
+        return self.text is None
+
+
+class Reason(enum.StrEnum):
+    """Why a message could not be decoded. Values are stable: they label metrics and headers."""
+
+    INVALID_UTF8 = "invalid_utf8"
+    INVALID_JSON = "invalid_json"
+    NOT_AN_OBJECT = "not_an_object"
+    EMPTY_MESSAGE = "empty_message"
+    MISSING_TEXT = "missing_text"
+    EMPTY_TEXT = "empty_text"
+    TEXT_NOT_STRING = "text_not_string"
+    TEXT_TOO_LONG = "text_too_long"
+    MESSAGE_TOO_LARGE = "message_too_large"
+    INVALID_ID = "invalid_id"
+    INVALID_LABEL = "invalid_label"
+    INVALID_TIMESTAMP = "invalid_timestamp"
+    LABEL_WITHOUT_ID = "label_without_id"
+    # Not raised by the decoder; used by the runner for records a learner could not handle.
+    LEARNER_ERROR = "learner_error"
+
+
+class DecodeError(ValueError):
+    """A message that cannot become a :class:`Record`.
+
+    Parameters
+    ----------
+    reason
+        Machine-readable reason code.
+    detail
+        Human-readable explanation.
+    raw
+        The original bytes, untouched, for the dead-letter sink.
+
+    """
+
+    def __init__(self, reason: Reason, detail: str, raw: bytes):
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.raw = raw
+
+    def __reduce__(self):
+        return type(self), (self.reason, self.detail, self.raw)
+
+
+_INT64 = 2**63
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+    """Turns message bytes into records.
+
+    Parameters
+    ----------
+    id_field, text_field, label_field, ts_field
+        Names of the JSON fields.
+    max_text_bytes
+        Longest text accepted, in UTF-8 bytes (default 64 KiB).
+    allow_plain_text
+        Take a value that is not a JSON object as a record with text only. When False,
+        such a value is an ``invalid_json`` / ``not_an_object`` error.
+
+    """
+
+    id_field: str = "id"
+    text_field: str = "text"
+    label_field: str = "label"
+    ts_field: str = "ts"
+    max_text_bytes: int = 64 * 1024
+    allow_plain_text: bool = True
+
+    @property
+    def max_message_bytes(self) -> int:
+        # JSON escaping can make a text up to 6x longer (\uXXXX); leave room for the other fields.
+        return 6 * self.max_text_bytes + 64 * 1024
+
+    def decode(self, raw: bytes | bytearray | memoryview | str | None) -> Record:
+        if raw is None:
+            raise DecodeError(Reason.EMPTY_MESSAGE, "message has no value (tombstone)", b"")
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8", "surrogatepass")
+        raw = bytes(raw)
+        if not raw.strip():
+            raise DecodeError(Reason.EMPTY_MESSAGE, "message is empty or blank", raw)
+        if len(raw) > self.max_message_bytes:
+            raise DecodeError(
+                Reason.MESSAGE_TOO_LARGE,
+                f"message is {len(raw)} bytes, limit {self.max_message_bytes}",
+                raw,
+            )
+        try:
+            value = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DecodeError(Reason.INVALID_UTF8, str(error), raw) from None
+
+        stripped = value.lstrip()
+        if stripped[:1] in ("{", "["):
+            try:
+                obj = json.loads(value)
+            except (ValueError, RecursionError) as error:
+                raise DecodeError(Reason.INVALID_JSON, str(error)[:200], raw) from None
+            if not isinstance(obj, dict):
+                raise DecodeError(
+                    Reason.NOT_AN_OBJECT, f"JSON value is a {type(obj).__name__}", raw
+                )
+            return self._from_object(obj, raw)
+        if not self.allow_plain_text:
+            raise DecodeError(Reason.INVALID_JSON, "value is not a JSON object", raw)
+        return Record(id=None, text=self._check_text(value, raw))
+
+    def _from_object(self, obj: dict, raw: bytes) -> Record:
+        record_id = self._check_id(obj.get(self.id_field), raw)
+        label = self._check_label(obj.get(self.label_field), raw)
+        ts = self._check_ts(obj.get(self.ts_field), raw)
+
+        if self.text_field not in obj or obj[self.text_field] is None:
+            if label is not None:
+                if record_id is None:
+                    raise DecodeError(
+                        Reason.LABEL_WITHOUT_ID,
+                        f"label-only record needs a {self.id_field!r} to join on",
+                        raw,
+                    )
+                return Record(id=record_id, text=None, label=label, ts=ts)
+            raise DecodeError(Reason.MISSING_TEXT, f"no {self.text_field!r} field", raw)
+        text = obj[self.text_field]
+        if not isinstance(text, str):
+            raise DecodeError(
+                Reason.TEXT_NOT_STRING,
+                f"{self.text_field!r} is a {type(text).__name__}, not a string",
+                raw,
+            )
+        return Record(id=record_id, text=self._check_text(text, raw), label=label, ts=ts)
+
+    def _check_text(self, text: str, raw: bytes) -> str:
+        if not text.strip():
+            raise DecodeError(Reason.EMPTY_TEXT, "text is empty or blank", raw)
+        # Lone surrogates (from "\ud800" in JSON) cannot be encoded: reject them here, where
+        # the reason is clear, not later in the tokenizer.
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise DecodeError(Reason.INVALID_UTF8, "text holds a lone surrogate", raw) from None
+        if size > self.max_text_bytes:
+            raise DecodeError(
+                Reason.TEXT_TOO_LONG, f"text is {size} bytes, limit {self.max_text_bytes}", raw
+            )
+        return text
+
+    def _check_id(self, value, raw: bytes) -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise DecodeError(
+                Reason.INVALID_ID, f"{self.id_field!r} is a {type(value).__name__}", raw
+            )
+        value = str(value)
+        if not value or len(value) > 1024:
+            raise DecodeError(Reason.INVALID_ID, "id is empty or longer than 1024 chars", raw)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DecodeError(Reason.INVALID_ID, "id holds a lone surrogate", raw) from None
+        return value
+
+    def _check_label(self, value, raw: bytes) -> str | int | None:
+        if value is None:
+            return None
+        if isinstance(value, bool):
+            return value  # JSON true/false: binary labels are common and unambiguous.
+        if isinstance(value, int):
+            if abs(value) >= _INT64:
+                raise DecodeError(Reason.INVALID_LABEL, "integer label out of range", raw)
+            return value
+        if isinstance(value, str):
+            if not value or len(value) > 256:
+                raise DecodeError(
+                    Reason.INVALID_LABEL, "label is empty or longer than 256 chars", raw
+                )
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise DecodeError(
+                    Reason.INVALID_LABEL, "label holds a lone surrogate", raw
+                ) from None
+            return value
+        raise DecodeError(
+            Reason.INVALID_LABEL,
+            f"{self.label_field!r} is a {type(value).__name__}; expected string or integer",
+            raw,
+        )
+
+    def _check_ts(self, value, raw: bytes) -> float | None:
+        if value is None:
+            return None
+        if isinstance(value, bool):
+            raise DecodeError(Reason.INVALID_TIMESTAMP, "timestamp is a boolean", raw)
+        if isinstance(value, int | float):
+            ts = float(value)
+            if not math.isfinite(ts):
+                raise DecodeError(Reason.INVALID_TIMESTAMP, "timestamp is not finite", raw)
+            # Milliseconds since the epoch are common in Kafka land; accept them.
+            if abs(ts) > 1e11:
+                ts /= 1000.0
+            if abs(ts) > 1e11:
+                raise DecodeError(Reason.INVALID_TIMESTAMP, "timestamp out of range", raw)
+            return ts
+        if isinstance(value, str):
+            try:
+                parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                raise DecodeError(
+                    Reason.INVALID_TIMESTAMP, f"not an ISO-8601 time: {value[:64]!r}", raw
+                ) from None
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=dt.UTC)
+            try:
+                return parsed.timestamp()
+            except (OverflowError, ValueError, OSError):
+                raise DecodeError(Reason.INVALID_TIMESTAMP, "timestamp out of range", raw) from None
+        raise DecodeError(
+            Reason.INVALID_TIMESTAMP, f"timestamp is a {type(value).__name__}", raw
+        )
+
+    def encode(self, record: Record) -> bytes:
+        """The inverse of :meth:`decode`: a JSON message for ``record`` (used by ``produce``)."""
+        obj: dict = {}
+        if record.id is not None:
+            obj[self.id_field] = record.id
+        if record.text is not None:
+            obj[self.text_field] = record.text
+        if record.label is not None:
+            obj[self.label_field] = record.label
+        if record.ts is not None:
+            obj[self.ts_field] = record.ts
+        return json.dumps(obj, ensure_ascii=False).encode("utf-8")
