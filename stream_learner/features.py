@@ -72,6 +72,9 @@ class TextFeaturizer(base.Transformer):
         Keep runs of punctuation (``!!!``, ``:)``) as tokens.
     binary
         Weight 1 per present feature instead of its count.
+    dense
+        Give every bucket, absent ones as 0 (for trees, which split on values and would read
+        an absent word as missing). Only sensible with few buckets.
     norm
         None for raw counts, ``"l2"`` to scale the vector to unit length (for linear models).
     seed
@@ -91,6 +94,7 @@ class TextFeaturizer(base.Transformer):
         normalize: bool = True,
         punctuation: bool = True,
         binary: bool = False,
+        dense: bool = False,
         norm: str | None = None,
         seed: int = 0,
         on: str | None = None,
@@ -102,6 +106,7 @@ class TextFeaturizer(base.Transformer):
         self.normalize = normalize
         self.punctuation = punctuation
         self.binary = binary
+        self.dense = dense
         self.norm = norm
         self.seed = seed
         self.on = on
@@ -195,8 +200,12 @@ class TextFeaturizer(base.Transformer):
             return {}
         counts = collections.Counter(self.buckets(text))
         if self.binary:
-            return dict.fromkeys(counts, 1)
-        if self.norm == "l2" and counts:
+            x = dict.fromkeys(counts, 1)
+        elif self.norm == "l2" and counts:
             scale = sum(v * v for v in counts.values()) ** -0.5
-            return {k: v * scale for k, v in counts.items()}
-        return dict(counts)
+            x = {k: v * scale for k, v in counts.items()}
+        else:
+            x = dict(counts)
+        if self.dense:
+            return {**dict.fromkeys(range(self.n_buckets), 0), **x}
+        return x

@@ -143,8 +143,8 @@ class Decoder:
         except UnicodeDecodeError as error:
             raise DecodeError(Reason.INVALID_UTF8, str(error), raw) from None
 
-        stripped = value.lstrip()
-        if stripped[:1] in ("{", "["):
+        first = value.lstrip()[:1]
+        if first == "{" or (first == "[" and not self.allow_plain_text):
             try:
                 obj = json.loads(value)
             except (ValueError, RecursionError) as error:
@@ -154,6 +154,14 @@ class Decoder:
                     Reason.NOT_AN_OBJECT, f"JSON value is a {type(obj).__name__}", raw
                 )
             return self._from_object(obj, raw)
+        if first == "[":
+            # "[URGENT] call me" is text; a JSON array is a producer's mistake.
+            try:
+                obj = json.loads(value)
+            except (ValueError, RecursionError):
+                pass
+            else:
+                raise DecodeError(Reason.NOT_AN_OBJECT, "JSON value is a list", raw)
         if not self.allow_plain_text:
             raise DecodeError(Reason.INVALID_JSON, "value is not a JSON object", raw)
         return Record(id=None, text=self._check_text(value, raw))
@@ -268,9 +276,7 @@ class Decoder:
                 return parsed.timestamp()
             except (OverflowError, ValueError, OSError):
                 raise DecodeError(Reason.INVALID_TIMESTAMP, "timestamp out of range", raw) from None
-        raise DecodeError(
-            Reason.INVALID_TIMESTAMP, f"timestamp is a {type(value).__name__}", raw
-        )
+        raise DecodeError(Reason.INVALID_TIMESTAMP, f"timestamp is a {type(value).__name__}", raw)
 
     def encode(self, record: Record) -> bytes:
         """The inverse of :meth:`decode`: a JSON message for ``record`` (used by ``produce``)."""

@@ -1,0 +1,296 @@
+"""``stream-learner evaluate``: the prequential loop over a dataset or a file.
+
+Each record is predicted by every learner, then learned (test-then-train); a progress bar
+shows records/s and rolling accuracy; a leaderboard ends the run.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+
+from .drift import DETECTORS, REACTIONS
+from .records import Record
+from .report import format_table, leaderboard, markdown_report, plot_accuracy
+from .runner import LearnerFailure, StreamProcessor
+
+__all__ = ["EvaluationResult", "evaluate", "delay_labels", "add_evaluate_parser"]
+
+
+@dataclasses.dataclass
+class EvaluationResult:
+    processor: StreamProcessor
+    records: int
+    seconds: float
+    learner_errors: int
+
+    @property
+    def records_per_s(self) -> float:
+        return self.records / self.seconds if self.seconds else float("nan")
+
+    def rows(self) -> list[dict]:
+        extra = {name: {"records_per_s": self.records_per_s} for name in self.processor.learners}
+        rows = leaderboard(self.processor.learner_stats(), extra)
+        if len(rows) > 1:
+            served = self.processor.served_stats()
+            rows.append({"learner": f"served ({self.processor.serving})", **served})
+        return rows
+
+
+def delay_labels(records: Iterable[Record], delay: int) -> Iterator[Record]:
+    """Send each labelled record without its label, and its label ``delay`` records later.
+
+    >>> stream = [Record("1", "a", "x"), Record("2", "b", "y"), Record("3", "c", "x")]
+    >>> [(r.id, r.text, r.label) for r in delay_labels(stream, 1)]
+    [('1', 'a', None), ('2', 'b', None), ('1', None, 'x'), ('3', 'c', None), ('2', None, 'y'), ('3', None, 'x')]
+
+    """
+    held: collections.deque[Record] = collections.deque()
+    for i, record in enumerate(records):
+        if record.label is None or record.is_label_only:
+            yield record
+            continue
+        record_id = record.id if record.id is not None else f"#{i}"
+        yield Record(record_id, record.text, None, record.ts)
+        held.append(Record(record_id, None, record.label, record.ts))
+        if len(held) > delay:
+            yield held.popleft()
+    yield from held
+
+
+def evaluate(
+    records: Iterable[Record],
+    processor: StreamProcessor,
+    *,
+    progress=None,
+    progress_every: int = 500,
+) -> EvaluationResult:
+    """Run ``processor`` over ``records``; ``progress(n, seconds, processor)`` is called every
+    ``progress_every`` records."""
+    process = processor.process
+    learner_errors = 0
+    n = 0
+    start = time.perf_counter()
+    for n, record in enumerate(records, 1):
+        try:
+            process(record, now=record.ts)
+        except LearnerFailure as failure:
+            learner_errors += 1
+            print(f"record {n}: {failure}", file=sys.stderr)
+        if progress is not None and n % progress_every == 0:
+            progress(n, time.perf_counter() - start, processor)
+    seconds = time.perf_counter() - start
+    return EvaluationResult(processor, n, seconds, learner_errors)
+
+
+class _RichProgress:
+    """A progress line with records/s and the leader's rolling accuracy."""
+
+    def __init__(self, total: int | None):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("[bold]evaluate"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:>8} rec/s"),
+            TextColumn("{task.fields[accuracy]}"),
+            TimeElapsedColumn(),
+            transient=False,
+        )
+        self._task = self._progress.add_task("evaluate", total=total, rate="", accuracy="")
+
+    def __enter__(self):
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._progress.__exit__(*exc)
+
+    def __call__(self, n, seconds, processor):
+        stats = processor.learner_stats()
+        accuracy = "  ".join(f"{name} {row['rolling_accuracy']:.3f}" for name, row in stats.items())
+        self._progress.update(
+            self._task,
+            completed=n,
+            rate=f"{n / seconds:,.0f}" if seconds else "",
+            accuracy=accuracy,
+        )
+
+
+def add_evaluate_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="prequential (test-then-train) evaluation over a dataset or file",
+        description="Run learners prequentially over SOURCE: a fetched dataset name "
+        "(see `stream-learner datasets list`) or a .jsonl/.csv/.tsv/.txt file.",
+    )
+    parser.add_argument("source", help="dataset name or file path")
+    parser.add_argument(
+        "--model",
+        "-m",
+        action="append",
+        dest="models",
+        metavar="NAME",
+        help="learner from `stream-learner learners`, or module:factory; repeat for several "
+        "(default: nb)",
+    )
+    parser.add_argument(
+        "--serving",
+        default="leader",
+        help="which prediction is served: leader, ensemble or fixed:<learner> (default %(default)s)",
+    )
+    parser.add_argument(
+        "--drift",
+        default="adwin",
+        choices=[*DETECTORS, "none"],
+        help="drift detector (default %(default)s)",
+    )
+    parser.add_argument(
+        "--drift-reaction",
+        default="alert",
+        choices=REACTIONS,
+        help="reaction to drift (default %(default)s)",
+    )
+    parser.add_argument(
+        "--window", type=int, default=1000, help="rolling-accuracy window (default %(default)s)"
+    )
+    parser.add_argument(
+        "--series-every",
+        type=int,
+        default=200,
+        help="plot/report a point every N labelled records (default %(default)s)",
+    )
+    parser.add_argument(
+        "--labels-delay",
+        type=int,
+        default=0,
+        metavar="N",
+        help="hold each label back N records and send it as a label-only record (delayed labels)",
+    )
+    parser.add_argument("--limit", type=int, default=None, help="stop after N records")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--format",
+        dest="fmt",
+        choices=["jsonl", "csv", "tsv", "lines"],
+        default=None,
+        help="file format (default: from the extension)",
+    )
+    parser.add_argument("--text-field", default="text")
+    parser.add_argument("--label-field", default="label")
+    parser.add_argument("--id-field", default="id")
+    parser.add_argument("--ts-field", default="ts")
+    parser.add_argument("--report", metavar="OUT.md", help="write a markdown report")
+    parser.add_argument("--plot", metavar="OUT.png", help="write the rolling-accuracy plot")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from .datasets import DatasetError, iter_records
+
+    models = args.models or ["nb"]
+    try:
+        processor = StreamProcessor(
+            models,
+            serving=args.serving,
+            drift_detector=args.drift,
+            drift_reaction=args.drift_reaction,
+            window=args.window,
+            series_every=args.series_every,
+            label_ttl=None,
+            seed=args.seed,
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        records: Iterable[Record] = iter_records(
+            args.source,
+            fmt=args.fmt,
+            id_field=args.id_field,
+            text_field=args.text_field,
+            label_field=args.label_field,
+            ts_field=args.ts_field,
+            limit=args.limit,
+        )
+        if args.labels_delay:
+            records = delay_labels(records, args.labels_delay)
+        bar = None
+        if not args.no_progress and (
+            sys.stderr.isatty() or os.environ.get("STREAM_LEARNER_PROGRESS") == "1"
+        ):
+            try:
+                bar = _RichProgress(total=None)
+            except ImportError:  # rich is in the `report` extra
+                bar = None
+        if bar is not None:
+            with bar:
+                result = evaluate(records, processor, progress=bar)
+        else:
+            result = evaluate(records, processor)
+    except DatasetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    rows = result.rows()
+    print(format_table(rows))
+    print(
+        f"\n{result.records:,} records in {result.seconds:.1f} s ({result.records_per_s:,.0f} records/s)"
+    )
+    buffer = processor.label_buffer_stats()
+    if args.labels_delay:
+        print(
+            f"delayed labels: joined {buffer['joined']:,}, unmatched {buffer['unmatched']:,}, evicted {buffer['evicted']:,}"
+        )
+    for event in processor.drift_events:
+        after = "" if event.accuracy_after is None else f" → {event.accuracy_after:.3f}"
+        print(
+            f"drift: {event.learner} at {event.position:,} ({event.detector}, {event.reaction}) rolling accuracy {event.accuracy_before:.3f}{after}"
+        )
+    if result.learner_errors:
+        print(f"{result.learner_errors} records made a learner fail (see stderr)")
+    if args.plot:
+        plot_accuracy(
+            processor.series,
+            processor.drift_events,
+            args.plot,
+            title=f"{args.source}: rolling accuracy (window {args.window})",
+        )
+        print(f"plot: {args.plot}")
+    if args.report:
+        notes = [
+            f"Command: `stream-learner evaluate {args.source} "
+            + " ".join(f"--model {m}" for m in models)
+            + f" --serving {args.serving} --drift {args.drift} --drift-reaction {args.drift_reaction}`",
+            "",
+            f"{result.records:,} records in {result.seconds:.1f} s.",
+        ]
+        plot_ref = (
+            os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.report)))
+            if args.plot
+            else None
+        )
+        with open(args.report, "w") as out:
+            out.write(
+                markdown_report(
+                    f"Prequential evaluation: {args.source}",
+                    rows,
+                    processor.drift_events,
+                    notes,
+                    plot_ref,
+                )
+            )
+        print(f"report: {args.report}")
+    return 0

@@ -1,0 +1,26 @@
+"""``stream-learner learners``: what the registry offers."""
+
+from __future__ import annotations
+
+from .drift import DETECTORS, REACTIONS
+from .learners import available_learners
+from .runner import SERVING_POLICIES
+
+
+def add_learners_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "learners", help="list learners, drift detectors, reactions and serving policies"
+    )
+    parser.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    specs = available_learners()
+    width = max(len(name) for name in specs)
+    print("learners (use with --model; or module:factory for your own River pipeline):")
+    for name, spec in specs.items():
+        print(f"  {name.ljust(width)}  {spec.description}")
+    print(f"drift detectors: {', '.join([*DETECTORS, 'none'])}")
+    print(f"drift reactions: {', '.join(REACTIONS)}")
+    print(f"serving policies: {', '.join(SERVING_POLICIES)}")
+    return 0

@@ -1,0 +1,140 @@
+"""Reports of a run: the leaderboard table, a markdown report, and the accuracy plot."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+__all__ = ["leaderboard", "format_table", "markdown_report", "plot_accuracy"]
+
+_COLUMNS = [
+    ("learner", "learner", "{}"),
+    ("n", "records", "{:,}"),
+    ("accuracy", "accuracy", "{:.4f}"),
+    ("rolling_accuracy", "rolling acc.", "{:.4f}"),
+    ("macro_f1", "macro-F1", "{:.4f}"),
+    ("log_loss", "log loss", "{:.4f}"),
+    ("drifts", "drifts", "{}"),
+    ("records_per_s", "records/s", "{:,.0f}"),
+]
+
+
+def leaderboard(stats: Mapping[str, Mapping], extra: Mapping[str, Mapping] | None = None):
+    """Rows sorted by cumulative accuracy, best first; ``extra`` adds columns per learner."""
+    rows = []
+    for name, row in stats.items():
+        merged = {"learner": name, **row, **((extra or {}).get(name, {}))}
+        rows.append(merged)
+    rows.sort(key=lambda r: -r.get("accuracy", 0.0))
+    return rows
+
+
+def _cells(rows: Sequence[Mapping]) -> tuple[list[str], list[list[str]]]:
+    columns = [c for c in _COLUMNS if any(c[0] in r for r in rows)]
+    header = [title for _, title, _ in columns]
+    body = []
+    for row in rows:
+        cells = []
+        for key, _, fmt in columns:
+            value = row.get(key)
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                cells.append("")
+            else:
+                cells.append(fmt.format(value))
+        body.append(cells)
+    return header, body
+
+
+def format_table(rows: Sequence[Mapping]) -> str:
+    """A plain-text table for terminals and logs."""
+    header, body = _cells(rows)
+    widths = [
+        max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)
+    ]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    for cells in body:
+        lines.append(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
+        )
+    return "\n".join(lines)
+
+
+def _markdown_table(rows: Sequence[Mapping]) -> str:
+    header, body = _cells(rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def markdown_report(
+    title: str,
+    rows: Sequence[Mapping],
+    drift_events: Iterable = (),
+    notes: Sequence[str] = (),
+    plot_path: str | None = None,
+) -> str:
+    parts = [f"# {title}", "", _markdown_table(rows), ""]
+    events = list(drift_events)
+    if events:
+        parts += [
+            "## Drift events",
+            "",
+            "| learner | detector | position | accuracy before | accuracy after | reaction |",
+            "|---|---|---|---|---|---|",
+        ]
+        for e in events:
+            after = "" if e.accuracy_after is None else f"{e.accuracy_after:.4f}"
+            parts.append(
+                f"| {e.learner} | {e.detector} | {e.position:,} | {e.accuracy_before:.4f} | {after} | {e.reaction} |"
+            )
+        parts.append("")
+    if plot_path:
+        parts += [f"![rolling accuracy]({plot_path})", ""]
+    parts += list(notes)
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def plot_accuracy(
+    series: Iterable[Mapping], drift_events: Iterable, path: str, title: str = ""
+) -> str:
+    """Rolling accuracy along the stream, one line per learner, drift events marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_learner: dict[str, tuple[list, list]] = {}
+    for row in series:
+        xs, ys = by_learner.setdefault(row["learner"], ([], []))
+        xs.append(row["position"])
+        ys.append(row["rolling_accuracy"])
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=110)
+    colors = {}
+    for name, (xs, ys) in by_learner.items():
+        (line,) = ax.plot(xs, ys, label=name, linewidth=1.4)
+        colors[name] = line.get_color()
+    first = True
+    for event in drift_events:
+        ax.axvline(
+            event.position,
+            color=colors.get(event.learner, "grey"),
+            linestyle=":",
+            linewidth=1,
+            label="drift detected" if first else None,
+        )
+        first = False
+    ax.set_xlabel("labelled records")
+    ax.set_ylabel("rolling accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

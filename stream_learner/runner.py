@@ -1,0 +1,400 @@
+"""The core loop: record → features → predict (all learners) → serve → score → learn → drift.
+
+:class:`StreamProcessor` does no I/O. The ``evaluate`` command feeds it records from a file;
+the Kafka worker feeds it records from a consumer and checkpoints it (it is picklable).
+
+>>> from stream_learner.records import Record
+>>> processor = StreamProcessor(["nb", "softmax"], serving="leader")
+>>> for i, (text, label) in enumerate([("cheap pills", "spam"), ("lunch at noon", "ham")] * 20):
+...     result = processor.process(Record(id=str(i), text=text, label=label))
+>>> result.outcome, result.prediction.label
+(<Outcome.LEARNED: 'learned'>, 'ham')
+>>> processor.process(Record(id="x", text="cheap pills now")).prediction.label
+'spam'
+>>> processor.process(Record(id="x", text=None, label="spam")).outcome
+<Outcome.LABEL_JOINED: 'label_joined'>
+>>> processor.learner_stats()["nb"]["n"]
+40
+
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import math
+import time
+
+from river import base, compose
+
+from .drift import REACTIONS, DriftEvent, DriftMonitor, Signal
+from .evaluation import PrequentialScore
+from .features import TextFeaturizer
+from .labels import LabelBuffer
+from .learners import make_learner
+from .records import Reason, Record
+
+__all__ = [
+    "StreamProcessor",
+    "Outcome",
+    "Prediction",
+    "ProcessResult",
+    "LearnerFailure",
+    "SERVING_POLICIES",
+]
+
+SERVING_POLICIES = ("leader", "ensemble", "fixed:<learner>")
+
+
+class Outcome(enum.StrEnum):
+    LEARNED = "learned"
+    PREDICTED = "predicted"
+    LABEL_JOINED = "label_joined"
+    LABEL_UNMATCHED = "label_unmatched"
+
+
+@dataclasses.dataclass(slots=True)
+class Prediction:
+    label: object
+    proba: dict
+    learner: str
+
+
+@dataclasses.dataclass(slots=True)
+class ProcessResult:
+    outcome: Outcome
+    prediction: Prediction | None = None
+    drift_events: list[DriftEvent] = dataclasses.field(default_factory=list)
+
+
+class LearnerFailure(Exception):
+    """A learner raised on a record; the caller dead-letters the record and goes on."""
+
+    reason = Reason.LEARNER_ERROR
+
+    def __init__(self, learner: str, error: BaseException):
+        super().__init__(f"learner {learner!r} failed: {type(error).__name__}: {error}")
+        self.learner = learner
+        self.detail = f"{learner}: {type(error).__name__}: {error}"[:500]
+
+
+def _split_featurizer(model: base.Classifier):
+    """(featurizer, rest) for ``TextFeaturizer | ...`` pipelines, so that learners sharing a
+    featurizer configuration tokenize each record once; (None, model) for anything else."""
+    if isinstance(model, compose.Pipeline):
+        steps = list(model.steps.values())
+        if len(steps) > 1 and isinstance(steps[0], TextFeaturizer):
+            rest = steps[1] if len(steps) == 2 else compose.Pipeline(*steps[1:])
+            return steps[0], rest
+    return None, model
+
+
+def _argmax(proba: dict):
+    # Same tie-breaking as river.base.Classifier.predict_one.
+    return max(proba, key=proba.get) if proba else None
+
+
+class _Slot:
+    """One learner on the stream, with its scores, drift monitor and background learner."""
+
+    def __init__(self, name: str, model: base.Classifier, window: int, detector: str | None, seed):
+        self.name = name
+        self.score = PrequentialScore(window=window)
+        self.monitor = DriftMonitor(detector, seed=seed) if detector else None
+        self.drifts = 0
+        self.learned = 0
+        self.background: base.Classifier | None = None
+        self.background_head = None
+        self.background_learned = 0
+        self.warning_at = 0
+        self.install(model)
+
+    def install(self, model: base.Classifier):
+        self.model = model
+        self.featurizer, self.head = _split_featurizer(model)
+        self.key = repr(self.featurizer) if self.featurizer is not None else None
+
+    def features(self, text: str):
+        return self.featurizer.transform_one(text) if self.featurizer is not None else text
+
+    def start_background(self):
+        self.background = self.model.clone()
+        self.background_head = _split_featurizer(self.background)[1]
+        self.background_learned = 0
+        self.warning_at = self.score.n
+
+    def drop_background(self):
+        self.background = self.background_head = None
+        self.background_learned = 0
+
+
+class StreamProcessor:
+    """Several learners on one stream, scored prequentially, served by a policy.
+
+    Parameters
+    ----------
+    learners
+        Registry names (``["nb", "neural"]``), ``module:factory`` specs, or a dict of
+        name → River classifier taking the text as ``x``.
+    serving
+        ``"leader"`` (highest rolling accuracy), ``"ensemble"`` (probabilities weighted by
+        recent accuracy) or ``"fixed:<name>"``.
+    drift_detector
+        A detector name (see :data:`stream_learner.drift.DETECTORS`) or ``"none"``.
+    drift_reaction
+        ``"alert"`` (record only), ``"reset"`` (fresh clone) or ``"background"`` (train a
+        background learner from the warning, swap it in on drift).
+    window
+        Rolling-accuracy window, also the delay after which a drift event's
+        ``accuracy_after`` is taken.
+    label_buffer_size, label_ttl
+        Bounds of the delayed-label buffer.
+    series_every
+        Append a row per learner to :attr:`series` every this many labelled records.
+    ensemble_temperature
+        For ``serving="ensemble"``: weight of a learner ∝ exp(rolling accuracy / temperature).
+    seed
+        Passed to registry learners and detectors.
+
+    """
+
+    def __init__(
+        self,
+        learners: dict[str, base.Classifier] | list[str] | tuple[str, ...],
+        serving: str = "leader",
+        drift_detector: str = "adwin",
+        drift_reaction: str = "alert",
+        window: int = 1000,
+        label_buffer_size: int = 100_000,
+        label_ttl: float | None = 3600.0,
+        series_every: int = 1000,
+        series_max_rows: int = 200_000,
+        ensemble_temperature: float = 0.05,
+        background_patience: int | None = None,
+        seed: int = 0,
+    ):
+        if not isinstance(learners, dict):
+            names = list(learners)
+            if len(set(names)) != len(names):
+                raise ValueError(f"learner names must be unique: {names}")
+            learners = {name: make_learner(name, seed=seed) for name in names}
+        if not learners:
+            raise ValueError("at least one learner is needed")
+        if drift_reaction not in REACTIONS:
+            raise ValueError(f"unknown drift reaction {drift_reaction!r}; known: {REACTIONS}")
+        self.serving = serving
+        if serving.startswith("fixed:"):
+            if serving[6:] not in learners:
+                raise ValueError(f"{serving!r} names no learner; learners: {list(learners)}")
+        elif serving not in ("leader", "ensemble"):
+            raise ValueError(f"unknown serving policy {serving!r}; known: {SERVING_POLICIES}")
+        detector = None if drift_detector in (None, "none") else drift_detector
+        self.drift_detector = drift_detector or "none"
+        self.drift_reaction = drift_reaction
+        self.window = window
+        self.series_every = series_every
+        self.ensemble_temperature = ensemble_temperature
+        self.background_patience = background_patience or 5 * window
+        self._slots = [
+            _Slot(name, model, window, detector, seed) for name, model in learners.items()
+        ]
+        self._served = PrequentialScore(window=window)
+        self.labels = LabelBuffer(label_buffer_size, label_ttl)
+        self.series: collections.deque[dict] = collections.deque(maxlen=series_max_rows)
+        self.drift_events: list[DriftEvent] = []
+        self._awaiting_after: list[tuple[DriftEvent, _Slot, int]] = []
+        self.records_seen = 0
+        self.outcomes: collections.Counter[str] = collections.Counter()
+        self.model_version = 0
+        self.labelled = 0  # records learned from (with their own label or a joined one)
+        self.unjoinable = 0  # unlabelled records without an id: predicted, never learned
+
+    # -- public views -------------------------------------------------------------------
+
+    @property
+    def learners(self) -> dict[str, base.Classifier]:
+        """The current model of each learner (after any drift reaction)."""
+        return {slot.name: slot.model for slot in self._slots}
+
+    def learner_stats(self) -> dict[str, dict]:
+        stats = {}
+        for slot in self._slots:
+            row = slot.score.snapshot()
+            row["drifts"] = slot.drifts
+            row["warning"] = bool(slot.monitor and slot.monitor.in_warning)
+            row["background"] = slot.background is not None
+            row["learned"] = slot.learned
+            stats[slot.name] = row
+        return stats
+
+    def served_stats(self) -> dict:
+        return self._served.snapshot()
+
+    def per_class(self) -> dict[str, dict]:
+        return {slot.name: slot.score.per_class() for slot in self._slots}
+
+    def label_buffer_stats(self) -> dict[str, int]:
+        return self.labels.stats()
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def process(self, record: Record, now: float | None = None) -> ProcessResult:
+        if now is None:
+            now = time.time()
+        self.records_seen += 1
+        if record.is_label_only:
+            result = self._join(record, now)
+            self.outcomes[result.outcome] += 1
+            return result
+
+        text = record.text
+        features: dict = {}
+        probas: dict = {}
+        for slot in self._slots:
+            try:
+                if slot.key not in features:
+                    features[slot.key] = slot.features(text)
+                probas[slot.name] = slot.head.predict_proba_one(features[slot.key])
+            except Exception as error:
+                raise LearnerFailure(slot.name, error) from error
+        served = self._serve(probas)
+
+        if record.label is None:
+            if record.id is not None:
+                self.labels.put(
+                    record.id, features=features, predictions=probas, served=served, now=now
+                )
+            else:
+                self.unjoinable += 1
+            self.outcomes[Outcome.PREDICTED] += 1
+            return ProcessResult(Outcome.PREDICTED, served)
+
+        events = self._learn(features, probas, served, record.label, record.ts or now)
+        self.outcomes[Outcome.LEARNED] += 1
+        return ProcessResult(Outcome.LEARNED, served, events)
+
+    def _join(self, record: Record, now: float) -> ProcessResult:
+        pending = self.labels.pop(record.id, now=now)
+        if pending is None:
+            return ProcessResult(Outcome.LABEL_UNMATCHED)
+        events = self._learn(
+            pending.features, pending.predictions, pending.served, record.label, record.ts or now
+        )
+        return ProcessResult(Outcome.LABEL_JOINED, pending.served, events)
+
+    def _serve(self, probas: dict) -> Prediction:
+        slots = self._slots
+        if len(slots) == 1:
+            slot = slots[0]
+        elif self.serving == "ensemble":
+            return self._ensemble(probas)
+        elif self.serving == "leader":
+            slot = max(slots, key=lambda s: s.score.rolling_accuracy)
+        else:
+            name = self.serving[6:]
+            slot = next(s for s in slots if s.name == name)
+        proba = probas[slot.name]
+        return Prediction(_argmax(proba), proba, slot.name)
+
+    def _ensemble(self, probas: dict) -> Prediction:
+        accuracies = [s.score.rolling_accuracy for s in self._slots]
+        best = max(accuracies)
+        weights = [math.exp((a - best) / self.ensemble_temperature) for a in accuracies]
+        combined: dict = {}
+        total = 0.0
+        for slot, weight in zip(self._slots, weights, strict=True):
+            proba = probas[slot.name]
+            if not proba:
+                continue
+            total += weight
+            for label, p in proba.items():
+                combined[label] = combined.get(label, 0.0) + weight * p
+        if total:
+            combined = {label: p / total for label, p in combined.items()}
+        return Prediction(_argmax(combined), combined, "ensemble")
+
+    def _learn(self, features, probas, served, y, when) -> list[DriftEvent]:
+        events: list[DriftEvent] = []
+        failure = None
+        for slot in self._slots:
+            proba = probas.get(slot.name)
+            if proba:
+                hit = slot.score.update(y, _argmax(proba), proba)
+                if slot.monitor is not None:
+                    event = self._watch(slot, not hit, when)
+                    if event is not None:
+                        events.append(event)
+            x = features.get(slot.key)
+            if x is None:
+                continue
+            try:
+                slot.head.learn_one(x, y)
+                if slot.background_head is not None:
+                    slot.background_head.learn_one(x, y)
+                    slot.background_learned += 1
+            except Exception as error:
+                failure = failure or LearnerFailure(slot.name, error)
+                continue
+            slot.learned += 1
+        if served is not None and served.proba:
+            self._served.update(y, served.label, served.proba)
+        self.model_version += 1
+        self._after_learning()
+        if failure is not None:
+            raise failure
+        return events
+
+    def _watch(self, slot: _Slot, error: bool, when: float) -> DriftEvent | None:
+        signal = slot.monitor.update(error)
+        reaction = self.drift_reaction
+        if signal == Signal.DRIFT:
+            slot.drifts += 1
+            event = DriftEvent(
+                learner=slot.name,
+                detector=self.drift_detector,
+                position=slot.score.n,
+                time=when,
+                accuracy_before=slot.score.rolling_accuracy,
+                reaction=reaction,
+            )
+            if reaction == "reset":
+                slot.install(slot.model.clone())
+            elif reaction == "background":
+                if slot.background is not None and slot.background_learned > 0:
+                    slot.install(slot.background)
+                else:
+                    slot.install(slot.model.clone())
+                slot.drop_background()
+            self.drift_events.append(event)
+            self._awaiting_after.append((event, slot, slot.score.n + self.window))
+            return event
+        if reaction == "background":
+            if signal == Signal.WARNING and slot.background is None:
+                slot.start_background()
+            elif (
+                slot.background is not None
+                and slot.score.n - slot.warning_at > self.background_patience
+            ):
+                # A warning that never became drift: stop paying for the background learner.
+                slot.drop_background()
+                slot.monitor.clear_warning()
+        return None
+
+    def _after_learning(self):
+        if self._awaiting_after:
+            still = []
+            for event, slot, due in self._awaiting_after:
+                if slot.score.n >= due:
+                    event.accuracy_after = slot.score.rolling_accuracy
+                else:
+                    still.append((event, slot, due))
+            self._awaiting_after = still
+        self.labelled += 1
+        scored = self.labelled
+        if self.series_every and scored % self.series_every == 0:
+            for slot in self._slots:
+                row = slot.score.snapshot()
+                row["learner"] = slot.name
+                row["position"] = scored
+                self.series.append(row)

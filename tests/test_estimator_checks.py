@@ -1,0 +1,60 @@
+"""River's generic estimator checks over every learner the registry knows, as River's own
+test_estimators.py runs them. The checks feed numeric feature dicts, so they run on each
+pipeline's classifier (what sees our hashed features) and on the featurizer itself."""
+
+import pytest
+from river import checks
+from synthetic import topic_stream
+
+from stream_learner.evaluate import evaluate
+from stream_learner.features import TextFeaturizer
+from stream_learner.learners import available_learners, make_learner
+from stream_learner.runner import StreamProcessor, _split_featurizer
+
+
+def _cases():
+    for name in available_learners():
+        featurizer, head = _split_featurizer(make_learner(name, n_buckets=2**12))
+        assert featurizer is not None, f"{name} is not a TextFeaturizer pipeline"
+        seen: dict[str, int] = {}
+        for check in checks.yield_checks(head):
+            dataset_index = seen[check.__name__] = seen.get(check.__name__, -1) + 1
+            marks = ()
+            if _is_river_nb_bool_label_bug(head, check, dataset_index):
+                marks = pytest.mark.xfail(
+                    strict=True,
+                    reason="River 0.26 bug: MultinomialNB.p_class_many indexes a DataFrame with "
+                    "boolean class labels, read by pandas as a mask",
+                )
+            yield pytest.param(head, check, id=f"{name}:{check.__name__}", marks=marks)
+    for params in TextFeaturizer._unit_test_params():
+        featurizer = TextFeaturizer(**params)
+        for check in checks.yield_checks(featurizer):
+            yield pytest.param(featurizer, check, id=f"featurizer:{check.__name__}")
+
+
+def _is_river_nb_bool_label_bug(head, check, dataset_index):
+    from river import naive_bayes
+
+    # River's first two classifier datasets are Phishing, with boolean labels.
+    return (
+        isinstance(head, naive_bayes.MultinomialNB)
+        and check.__name__.startswith("check_predict")
+        and "many" in check.__name__
+        and dataset_index < 2
+    )
+
+
+@pytest.mark.parametrize("estimator, check", list(_cases()))
+def test_river_estimator_checks(estimator, check):
+    check(estimator.clone())
+
+
+@pytest.mark.parametrize("name", list(available_learners()))
+def test_every_registered_learner_learns_a_text_stream(name):
+    processor = StreamProcessor({name: make_learner(name, n_buckets=2**12)}, drift_detector="none")
+    evaluate(topic_stream(1500, seed=2, noise=0.0), processor)
+    stats = processor.learner_stats()[name]
+    assert stats["rolling_accuracy"] > 0.6, stats  # three balanced classes: chance is 1/3
+    proba = processor.learners[name].predict_proba_one("goal team league coach")
+    assert abs(sum(proba.values()) - 1) < 1e-6

@@ -1,0 +1,140 @@
+"""Decoding: every input becomes a Record or a DecodeError with a reason — nothing else."""
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stream_learner.records import DecodeError, Decoder, Reason, Record
+
+decoder = Decoder()
+
+
+def reason_of(raw, decoder=decoder):
+    with pytest.raises(DecodeError) as caught:
+        decoder.decode(raw)
+    assert caught.value.raw == (raw.encode() if isinstance(raw, str) else bytes(raw or b""))
+    return caught.value.reason
+
+
+def test_full_json_record():
+    record = decoder.decode(
+        b'{"id": "m1", "text": "hello there", "label": "pos", "ts": "2024-01-02T03:04:05Z"}'
+    )
+    assert record == Record("m1", "hello there", "pos", 1704164645.0)
+
+
+def test_plain_text_is_a_text_only_record():
+    assert decoder.decode("caf\u00e9 au lait".encode()) == Record(None, "café au lait")
+
+
+def test_bracketed_plain_text_is_text_but_a_json_array_is_not():
+    assert decoder.decode(b"[URGENT] call me").text == "[URGENT] call me"
+    assert reason_of(b'["a", "b"]') == Reason.NOT_AN_OBJECT
+
+
+def test_label_only_record():
+    record = decoder.decode(b'{"id": 7, "label": 1}')
+    assert record.is_label_only and record.id == "7" and record.label == 1
+
+
+def test_numeric_timestamps_in_seconds_and_milliseconds():
+    assert decoder.decode(b'{"text": "a", "ts": 1700000000}').ts == 1700000000.0
+    assert decoder.decode(b'{"text": "a", "ts": 1700000000123}').ts == pytest.approx(1700000000.123)
+
+
+def test_configurable_field_names():
+    custom = Decoder(id_field="key", text_field="body", label_field="y", ts_field="time")
+    record = custom.decode(b'{"key": "k", "body": "words", "y": "spam", "time": 5}')
+    assert record == Record("k", "words", "spam", 5.0)
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        (b"\xff\xfe not utf-8", Reason.INVALID_UTF8),
+        (b'{"text": "unterminated', Reason.INVALID_JSON),
+        (b"[1, 2, 3]", Reason.NOT_AN_OBJECT),
+        (b"", Reason.EMPTY_MESSAGE),
+        (b"   \n", Reason.EMPTY_MESSAGE),
+        (b'{"id": "a"}', Reason.MISSING_TEXT),
+        (b'{"text": "   "}', Reason.EMPTY_TEXT),
+        (b'{"text": 42}', Reason.TEXT_NOT_STRING),
+        (b'{"text": "a", "label": [1]}', Reason.INVALID_LABEL),
+        (b'{"text": "a", "label": 1.5}', Reason.INVALID_LABEL),
+        (b'{"text": "a", "id": {"x": 1}}', Reason.INVALID_ID),
+        (b'{"text": "a", "ts": "yesterday"}', Reason.INVALID_TIMESTAMP),
+        (b'{"label": "spam"}', Reason.LABEL_WITHOUT_ID),
+        (b'{"text": "\\ud800"}', Reason.INVALID_UTF8),
+    ],
+)
+def test_bad_messages_have_a_reason_and_keep_their_bytes(raw, reason):
+    assert reason_of(raw) == reason
+
+
+def test_text_size_limit():
+    small = Decoder(max_text_bytes=10)
+    assert small.decode(b'{"text": "0123456789"}').text == "0123456789"
+    assert reason_of(b'{"text": "0123456789A"}', small) == Reason.TEXT_TOO_LONG
+    # The limit counts UTF-8 bytes, not characters.
+    assert reason_of('{"text": "ééééééé"}'.encode(), small) == Reason.TEXT_TOO_LONG
+
+
+def test_default_limit_is_64_kib():
+    assert Decoder().decode(json.dumps({"text": "a" * 65536}).encode()).text
+    assert reason_of(json.dumps({"text": "a" * 65537}).encode()) == Reason.TEXT_TOO_LONG
+
+
+def test_none_value_is_a_tombstone():
+    assert reason_of(None) == Reason.EMPTY_MESSAGE
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_decode_or_fail_with_a_reason(raw):
+    try:
+        record = decoder.decode(raw)
+    except DecodeError as error:
+        assert isinstance(error.reason, Reason)
+        assert error.raw == raw
+    else:
+        assert record.text is None or record.text.strip()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["id", "text", "label", "ts", "other"]), json_values, max_size=5
+    )
+)
+def test_any_json_object_decodes_or_fails_with_a_reason(obj):
+    raw = json.dumps(obj).encode()
+    try:
+        record = decoder.decode(raw)
+    except DecodeError as error:
+        assert isinstance(error.reason, Reason) and error.raw == raw
+    else:
+        assert record.text is None or record.text == obj["text"]
+        if record.text is None:
+            assert record.label is not None and record.id is not None
+
+
+no_surrogates = st.characters(blacklist_categories=("Cs",))
+
+
+@given(
+    st.text(no_surrogates, min_size=1, max_size=50).filter(str.strip),
+    st.one_of(st.none(), st.text(no_surrogates, min_size=1, max_size=10), st.integers(-1000, 1000)),
+    st.one_of(st.none(), st.text(no_surrogates, min_size=1, max_size=10)),
+)
+def test_encode_decode_round_trip(text, label, record_id):
+    record = Record(record_id, text, label, 1234.5)
+    assert decoder.decode(decoder.encode(record)) == record
