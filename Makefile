@@ -32,8 +32,13 @@ lint: venv
 test: venv system-deps lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Each writes benchmarks/results/<name>.md and a PNG; they need the fetched datasets.
 bench: venv
-	$(BIN)/python -m benchmarks.run_all
+	$(BIN)/stream-learner datasets fetch all
+	$(BIN)/python -m benchmarks.learners
+	$(BIN)/python -m benchmarks.neural --memory
+	$(BIN)/python -m benchmarks.pipeline
+	$(BIN)/python -m benchmarks.metrics_cost
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -20,6 +20,11 @@ def _cases():
         for check in checks.yield_checks(head):
             dataset_index = seen[check.__name__] = seen.get(check.__name__, -1) + 1
             marks = ()
+            if name.startswith("neural") and check.__name__ == "check_learn_many_matches_learn_one":
+                marks = pytest.mark.skip(
+                    reason="by design: learn_many takes one step per batch, close to but not "
+                    "equal to per-record learning (tests/test_neural.py checks the closeness)"
+                )
             if _is_river_nb_bool_label_bug(head, check, dataset_index):
                 marks = pytest.mark.xfail(
                     strict=True,

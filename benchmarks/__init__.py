@@ -1,0 +1,1 @@
+"""Benchmarks: figures measured against named anchors in the same run (see results/)."""
