@@ -193,6 +193,12 @@ def add_evaluate_parser(subparsers) -> None:
     parser.add_argument("--ts-field", default="ts")
     parser.add_argument("--report", metavar="OUT.md", help="write a markdown report")
     parser.add_argument("--plot", metavar="OUT.png", help="write the rolling-accuracy plot")
+    parser.add_argument(
+        "--save-models",
+        metavar="DIR",
+        help="save each neural learner at the end as DIR/<learner>.npz (warm start: pass the "
+        "file to --model later)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_run)
 
@@ -269,6 +275,9 @@ def _run(args) -> int:
             title=f"{args.source}: rolling accuracy (window {args.window})",
         )
         print(f"plot: {args.plot}")
+    if args.save_models:
+        for path in _save_models(processor, args.save_models):
+            print(f"saved: {path}")
     if args.report:
         notes = [
             f"Command: `stream-learner evaluate {args.source} "
@@ -294,3 +303,20 @@ def _run(args) -> int:
             )
         print(f"report: {args.report}")
     return 0
+
+
+def _save_models(processor: StreamProcessor, directory: str) -> list[str]:
+    from .neural import NeuralClassifier, neural_step, save
+
+    os.makedirs(directory, exist_ok=True)
+    saved = []
+    for name, model in processor.learners.items():
+        try:
+            step = neural_step(model)
+        except TypeError:
+            continue  # only the numpy learner has a pickle-free file format
+        if isinstance(step, NeuralClassifier):
+            path = os.path.join(directory, f"{os.path.basename(name).removesuffix('.npz')}.npz")
+            save(model, path)
+            saved.append(path)
+    return saved

@@ -54,10 +54,22 @@ def available_learners() -> dict[str, LearnerSpec]:
 
 
 def make_learner(spec: str, *, seed: int = 0, n_buckets: int = 2**18) -> base.Classifier:
-    """Build a fresh learner from a registry name or ``module:factory``."""
+    """Build a learner from a registry name, ``module:factory``, or the path of a model saved
+    with :func:`stream_learner.neural.save` (``*.npz``: warm start from it)."""
     _load_plugins()
     if spec in _REGISTRY:
         return _REGISTRY[spec].factory(seed=seed, n_buckets=n_buckets)
+    if spec.endswith(".npz"):
+        from .neural import load
+        from .neural_format import NeuralFormatError
+
+        try:
+            model = load(spec)
+        except (OSError, NeuralFormatError) as error:
+            raise LearnerError(f"cannot load saved model {spec!r}: {error}") from error
+        if not isinstance(model, compose.Pipeline):
+            raise LearnerError(f"{spec!r} holds a bare classifier; save the text pipeline")
+        return model
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         try:
@@ -69,7 +81,7 @@ def make_learner(spec: str, *, seed: int = 0, n_buckets: int = 2**18) -> base.Cl
             raise LearnerError(f"{spec!r} returned {type(model).__name__}, not a River classifier")
         return model
     known = ", ".join(available_learners())
-    raise LearnerError(f"unknown learner {spec!r}; known: {known}; or give module:factory")
+    raise LearnerError(f"unknown learner {spec!r}; known: {known}; or module:factory, or a saved model.npz")
 
 
 _PLUGINS_LOADED = False
