@@ -923,3 +923,21 @@ def _neural_mlp(seed: int = 0, n_buckets: int = 2**18):
             n_buckets=n_buckets, hidden=64, dropout=0.1, optimizer="adam", lr=0.003, seed=seed
         ),
     )
+
+
+@register(
+    "neural-minilm",
+    "`neural` with embeddings initialized from all-MiniLM-L6-v2 (needs `models fetch minilm`)",
+)
+def _neural_minilm(seed: int = 0, n_buckets: int = 2**18):
+    from .learners import LearnerError
+    from .pretrained import PretrainedError
+    from .pretrained_init import init_embeddings, read_minilm
+
+    pipeline = _neural(seed=seed, n_buckets=n_buckets)
+    try:
+        words, vectors = read_minilm()
+    except PretrainedError as error:
+        raise LearnerError(str(error)) from error
+    init_embeddings(pipeline, words, vectors, seed=seed)
+    return pipeline
