@@ -35,7 +35,7 @@ STREAMS = ("spamassassin", "vader", "healthtweets")
 RESULTS = Path(__file__).parent / "results"
 # Learners too slow for a whole stream (ensembles and trees of per-record Python models) run
 # on a prefix, reported as such.
-SLOW = {"hat": 2000, "adwin-bagging": 2000, "cnb": 2000}
+SLOW = {"hat": 2000, "adwin-bagging": 2000}
 
 
 def _river_plain(name, model, records) -> AnchorResult:

@@ -17,8 +17,9 @@ import dataclasses
 import importlib
 from collections.abc import Callable
 
-from river import base, compose, ensemble, linear_model, multiclass, naive_bayes, optim, tree
+from river import base, compose, ensemble, linear_model, multiclass, optim, tree
 
+from . import naive_bayes
 from .features import TextFeaturizer
 
 __all__ = ["LearnerSpec", "register", "make_learner", "available_learners", "LearnerError"]
@@ -101,14 +102,14 @@ def _load_plugins():
             raise
 
 
-@register("nb", "Multinomial naive Bayes on hashed word uni+bigram counts")
+@register("nb", "Multinomial naive Bayes (River's, fast scoring) on hashed word uni+bigram counts")
 def _multinomial_nb(seed: int = 0, n_buckets: int = 2**18):
     return compose.Pipeline(
         TextFeaturizer(n_buckets=n_buckets, seed=0), naive_bayes.MultinomialNB(alpha=0.1)
     )
 
 
-@register("cnb", "Complement naive Bayes on hashed word uni+bigram counts")
+@register("cnb", "Complement naive Bayes (River's, O(record) scoring) on hashed word uni+bigram counts")
 def _complement_nb(seed: int = 0, n_buckets: int = 2**18):
     return compose.Pipeline(
         TextFeaturizer(n_buckets=n_buckets, seed=0), naive_bayes.ComplementNB(alpha=0.3)
