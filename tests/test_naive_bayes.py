@@ -20,9 +20,13 @@ def test_probabilities_equal_rivers(ours, theirs):
     featurizer = TextFeaturizer(n_buckets=2**10)
     for record in topic_stream(300, seed=9, noise=0.2):
         x = featurizer.transform_one(record.text)
-        assert ours.predict_proba_one(x) == pytest.approx(theirs.predict_proba_one(x), rel=1e-9, abs=1e-12)
+        assert ours.predict_proba_one(x) == pytest.approx(
+            theirs.predict_proba_one(x), rel=1e-9, abs=1e-12
+        )
         ours.learn_one(x, record.label)
         theirs.learn_one(x, record.label)
     unseen = featurizer.transform_one("entirely unseen words zzz")
-    assert ours.predict_proba_one(unseen) == pytest.approx(theirs.predict_proba_one(unseen), rel=1e-9)
+    assert ours.predict_proba_one(unseen) == pytest.approx(
+        theirs.predict_proba_one(unseen), rel=1e-9
+    )
     assert ours.predict_proba_one({}) == pytest.approx(theirs.predict_proba_one({}), rel=1e-9)
