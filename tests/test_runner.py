@@ -47,6 +47,14 @@ def test_learners_share_one_tokenization_per_config():
     assert len(calls) == 2
 
 
+class AlwaysWrong(base.Classifier):
+    def learn_one(self, x, y):
+        pass
+
+    def predict_proba_one(self, x):
+        return {"nonsense": 1.0}
+
+
 def test_fixed_serving_serves_the_named_learner():
     processor = StreamProcessor(["nb", "softmax"], serving="fixed:softmax", drift_detector="none")
     results = [processor.process(r) for r in topic_stream(50)]
@@ -54,13 +62,6 @@ def test_fixed_serving_serves_the_named_learner():
 
 
 def test_leader_serving_follows_the_best_rolling_accuracy():
-    class AlwaysWrong(base.Classifier):
-        def learn_one(self, x, y):
-            pass
-
-        def predict_proba_one(self, x):
-            return {"nonsense": 1.0}
-
     learners = {"good": make_learner("nb"), "bad": AlwaysWrong()}
     processor = StreamProcessor(learners, serving="leader", drift_detector="none")
     results = [processor.process(r) for r in topic_stream(300)]
@@ -69,13 +70,6 @@ def test_leader_serving_follows_the_best_rolling_accuracy():
 
 
 def test_ensemble_serving_weights_recent_accuracy():
-    class AlwaysWrong(base.Classifier):
-        def learn_one(self, x, y):
-            pass
-
-        def predict_proba_one(self, x):
-            return {"nonsense": 1.0}
-
     learners = {"good": make_learner("nb"), "bad": AlwaysWrong()}
     processor = StreamProcessor(learners, serving="ensemble", drift_detector="none")
     results = [processor.process(r) for r in topic_stream(400, noise=0.0)]
