@@ -1,0 +1,389 @@
+"""Where results go: predictions, dead letters and drift events, behind a tiny :class:`Sink`.
+
+A sink sends ``(topic, key, value, headers)`` and, on :meth:`Sink.flush`, confirms that every
+message sent so far has been delivered (raising :class:`SinkError` otherwise). The worker
+commits offsets only after a successful flush, so outputs are at-least-once; they are keyed by
+record id so readers can de-duplicate.
+
+:class:`Outputs` turns processing results into those messages.
+
+>>> sink = MemorySink()
+>>> outputs = Outputs(sink, predictions_topic="reviews.predictions", dead_letter_topic="reviews.dlq")
+>>> from stream_learner.sources import Message
+>>> outputs.dead_letter(Message("reviews", 0, 7, b"k", b"\\xff"), "invalid_utf8", "bad byte")
+>>> topic, key, value, headers = sink.sent[0]
+>>> topic, key, value, dict(headers)["reason"]
+('reviews.dlq', b'k', b'\\xff', b'invalid_utf8')
+
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from .sources import Message
+
+__all__ = ["Sink", "SinkError", "MemorySink", "KafkaSink", "ProcessSink", "Outputs"]
+
+log = logging.getLogger(__name__)
+
+Headers = Sequence[tuple[str, bytes]]
+
+
+class SinkError(ConnectionError):
+    """Outputs could not be confirmed as delivered (they are kept and sent again)."""
+
+
+class Sink(Protocol):
+    def send(
+        self, topic: str, key: bytes | None, value: bytes, headers: Headers = (), partition_hint: int | None = None
+    ) -> None: ...
+
+    def dispatch(self) -> None:
+        """End of a batch: hand what was sent so far to the transport."""
+
+    def flush(self, timeout: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MemorySink:
+    """Keeps what was sent, in order: ``sent`` is a list of ``(topic, key, value, headers)``."""
+
+    def __init__(self):
+        self.sent: list[tuple[str, bytes | None, bytes, tuple[tuple[str, bytes], ...]]] = []
+        self.flushes = 0
+
+    def send(
+        self, topic: str, key: bytes | None, value: bytes, headers: Headers = (), partition_hint: int | None = None
+    ) -> None:
+        self.sent.append((topic, key, value, tuple(headers)))
+
+    def dispatch(self) -> None:
+        pass
+
+    def flush(self, timeout: float) -> None:
+        self.flushes += 1
+
+    def close(self) -> None:
+        pass
+
+    def on(self, topic: str) -> list[tuple[bytes | None, bytes, tuple]]:
+        return [(key, value, headers) for t, key, value, headers in self.sent if t == topic]
+
+
+class KafkaSink:
+    """An idempotent kafka-python producer that re-sends what failed until it is confirmed.
+
+    Messages stay in ``_unconfirmed`` until a flush sees them acknowledged, so a broker outage
+    longer than the producer's own delivery timeout loses nothing: the next flush sends them
+    again (possibly a duplicate, never a gap).
+
+    Messages are handed to the producer at the end of each batch (:meth:`dispatch`), in one
+    tight loop: the producer's sender thread then competes for the GIL once per batch rather
+    than between every two records. A ``partition_hint`` (the input partition) picks the
+    output partition directly, so output partition p holds the results of input partition p
+    (modulo the partition count) without hashing every key in Python.
+    """
+
+    def __init__(
+        self,
+        *,
+        bootstrap_servers: str,
+        client_options: Mapping | None = None,
+        linger_ms: int = 20,
+        batch_size: int = 256 * 1024,
+    ):
+        from kafka import KafkaProducer
+
+        self._producer = KafkaProducer(
+            bootstrap_servers=bootstrap_servers,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=linger_ms,
+            batch_size=batch_size,
+            **dict(client_options or {}),
+        )
+        self._pending: list[tuple] = []
+        self._unconfirmed: list[tuple[tuple, Any]] = []
+        self._partitions: dict[str, int] = {}
+
+    def send(
+        self, topic: str, key: bytes | None, value: bytes, headers: Headers = (), partition_hint: int | None = None
+    ) -> None:
+        self._pending.append((topic, key, value, list(headers), partition_hint))
+
+    def dispatch(self) -> None:
+        pending, self._pending = self._pending, []
+        for message in pending:
+            self._unconfirmed.append((message, self._send(message)))
+
+    def _partition(self, topic: str, hint: int | None) -> int | None:
+        if hint is None:
+            return None
+        count = self._partitions.get(topic)
+        if count is None:
+            try:
+                count = len(self._producer.partitions_for(topic) or ())
+            except Exception:  # no metadata yet: let the producer's partitioner decide
+                return None
+            if count:
+                self._partitions[topic] = count
+        return hint % count if count else None
+
+    def _send(self, message):
+        topic, key, value, headers, hint = message
+        try:
+            return self._producer.send(
+                topic, key=key, value=value, headers=headers, partition=self._partition(topic, hint)
+            )
+        except Exception as error:  # buffer full, broker gone: retried at the next flush
+            return error
+
+    def flush(self, timeout: float) -> None:
+        self.dispatch()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._producer.flush(timeout=max(0.1, deadline - time.monotonic()))
+            except Exception as error:
+                raise SinkError(f"outputs not confirmed within {timeout:.0f} s: {error}") from None
+            failed = []
+            for message, future in self._unconfirmed:
+                if isinstance(future, Exception) or future.failed() or not future.is_done:
+                    failed.append(message)
+            if not failed:
+                self._unconfirmed.clear()
+                return
+            if time.monotonic() > deadline:
+                self._unconfirmed = [(message, RuntimeError("not sent")) for message in failed]
+                raise SinkError(f"{len(failed)} outputs not delivered yet; they will be sent again")
+            log.warning("re-sending %d outputs that were not delivered", len(failed))
+            self._unconfirmed = [(message, self._send(message)) for message in failed]
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._producer.close(timeout=timeout)
+
+
+class ProcessSink:
+    """A :class:`KafkaSink` running in a child process, so producing uses the second core.
+
+    kafka-python spends tens of microseconds of Python per message it sends; in the worker's
+    process that time is taken from the learners (one GIL). Here the worker only pickles each
+    batch's messages down a pipe; the child owns the producer. :meth:`flush` asks the child to
+    confirm delivery of everything sent so far, as :meth:`KafkaSink.flush` does. If the child
+    dies, its unconfirmed outputs die with it: the next :meth:`dispatch` or :meth:`flush`
+    raises :class:`SinkError`, the worker stops without a checkpoint or a commit, and a restart
+    re-produces from the last checkpoint whatever was lost.
+    """
+
+    def __init__(self, *, bootstrap_servers: str, client_options: Mapping | None = None, **options):
+        import socket
+        import subprocess
+        import sys
+        from multiprocessing.connection import Connection
+
+        # A plain child interpreter (not multiprocessing's spawn, which re-imports the
+        # caller's __main__) talking over a socket pair.
+        ours, theirs = socket.socketpair()
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "stream_learner.sinks", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._pending: list[tuple] = []
+        self._conn.send((bootstrap_servers, dict(client_options or {}), options, logging.getLogger().level))
+        reply = self._receive(timeout=60.0)
+        if reply[0] != "ready":
+            self.close(timeout=1.0)
+            raise reply[1] if isinstance(reply[1], BaseException) else SinkError(str(reply[1]))
+
+    def send(
+        self, topic: str, key: bytes | None, value: bytes, headers: Headers = (), partition_hint: int | None = None
+    ) -> None:
+        self._pending.append((topic, key, value, list(headers), partition_hint))
+
+    def dispatch(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, []
+            try:
+                self._conn.send(("send", pending))
+            except (OSError, EOFError):
+                # Its unconfirmed outputs died with it: stop, and restart from the checkpoint.
+                raise SinkError(
+                    f"the producer process has stopped (exit code {self._process.poll()})"
+                ) from None
+
+    def flush(self, timeout: float) -> None:
+        self.dispatch()
+        try:
+            self._conn.send(("flush", timeout))
+        except (OSError, EOFError):
+            raise SinkError("the producer process has stopped") from None
+        reply = self._receive(timeout=timeout + 30.0)
+        if reply[0] != "flushed":
+            raise SinkError(str(reply[1]))
+
+    def _receive(self, timeout: float):
+        try:
+            if not self._conn.poll(timeout):
+                return ("error", SinkError(f"the producer process did not answer within {timeout:.0f} s"))
+            return self._conn.recv()
+        except (OSError, EOFError):
+            return ("error", SinkError("the producer process has stopped"))
+
+    def close(self, timeout: float = 10.0) -> None:
+        import subprocess
+
+        try:
+            self._conn.send(("close", timeout))
+            self._receive(timeout=timeout + 5.0)
+        except (OSError, EOFError):
+            pass
+        self._conn.close()
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+def _producer_process(fd: int) -> None:
+    """The child of :class:`ProcessSink`: a KafkaSink driven by messages on a socket."""
+    import signal as signal_module
+    from multiprocessing.connection import Connection
+
+    conn = Connection(fd)
+    try:
+        bootstrap_servers, client_options, options, log_level = conn.recv()
+    except (EOFError, OSError):
+        return
+
+    # Ctrl-C and SIGTERM are for the worker, which flushes and closes us in order.
+    signal_module.signal(signal_module.SIGINT, signal_module.SIG_IGN)
+    signal_module.signal(signal_module.SIGTERM, signal_module.SIG_IGN)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if log_level > logging.DEBUG:  # as the worker does: our log lines say what went wrong
+        logging.getLogger("kafka").setLevel(logging.WARNING)
+        for name in ("kafka.net", "kafka.cluster", "kafka.producer.sender"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        sink = KafkaSink(bootstrap_servers=bootstrap_servers, client_options=client_options, **options)
+    except Exception as error:
+        conn.send(("error", error))
+        return
+    conn.send(("ready", None))
+    while True:
+        try:
+            command, argument = conn.recv()
+        except (EOFError, OSError):  # the worker is gone (kill -9): nothing to confirm to
+            return
+        if command == "send":
+            sink._pending.extend(argument)
+            sink.dispatch()
+        elif command == "flush":
+            try:
+                sink.flush(argument)
+            except SinkError as error:
+                conn.send(("error", str(error)))
+            else:
+                conn.send(("flushed", None))
+        elif command == "close":
+            try:
+                sink.close(argument)
+            finally:
+                conn.send(("closed", None))
+            return
+
+
+class Outputs:
+    """Encodes predictions, dead letters and drift events onto their topics."""
+
+    def __init__(
+        self,
+        sink: Sink,
+        *,
+        predictions_topic: str | None,
+        dead_letter_topic: str | None,
+        drift_topic: str | None = None,
+    ):
+        self.sink = sink
+        self.predictions_topic = predictions_topic
+        self.dead_letter_topic = dead_letter_topic
+        self.drift_topic = drift_topic
+        self.predictions = 0
+        self.dead_letters = 0
+
+    def prediction(
+        self,
+        record_id: str,
+        prediction,
+        *,
+        model_version: int,
+        latency_seconds: float,
+        message: Message,
+    ) -> None:
+        if not self.predictions_topic:
+            return
+        value = {
+            "id": record_id,
+            "label": prediction.label,
+            "proba": {str(label): round(float(p), 6) for label, p in (prediction.proba or {}).items()},
+            "learner": prediction.learner,
+            "model_version": model_version,
+            "latency_ms": round(latency_seconds * 1000.0, 3),
+            "source": {"topic": message.topic, "partition": message.partition, "offset": message.offset},
+        }
+        self.sink.send(
+            self.predictions_topic, record_id.encode("utf-8"), _json(value), partition_hint=message.partition
+        )
+        self.predictions += 1
+
+    def dead_letter(self, message: Message, reason: str, detail: str) -> None:
+        if not self.dead_letter_topic:
+            return
+        headers = [
+            ("reason", str(reason).encode("utf-8")),
+            ("detail", detail.encode("utf-8", "replace")[:1000]),
+            ("source_topic", message.topic.encode("utf-8")),
+            ("source_partition", str(message.partition).encode("ascii")),
+            ("source_offset", str(message.offset).encode("ascii")),
+        ]
+        # The original bytes, untouched; a tombstone (None) becomes an empty value.
+        self.sink.send(
+            self.dead_letter_topic, message.key, message.value or b"", headers, partition_hint=message.partition
+        )
+        self.dead_letters += 1
+
+    def drift_event(self, event, *, message: Message) -> None:
+        if not self.drift_topic:
+            return
+        value = {
+            "learner": event.learner,
+            "detector": event.detector,
+            "position": event.position,
+            "time": event.time,
+            "accuracy_before": event.accuracy_before,
+            "accuracy_after": event.accuracy_after,
+            "source": {"topic": message.topic, "partition": message.partition, "offset": message.offset},
+        }
+        self.sink.send(self.drift_topic, str(event.learner).encode("utf-8"), _json(value))
+
+
+_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)  # one encoder, not one per message
+
+
+def _json(value: Mapping[str, Any]) -> bytes:
+    return _ENCODER.encode(value).encode("utf-8")
+
+
+if __name__ == "__main__":  # the producer process of ProcessSink
+    import sys
+
+    _producer_process(int(sys.argv[1]))

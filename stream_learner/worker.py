@@ -1,0 +1,618 @@
+"""``stream-learner run``: the long-running Kafka worker.
+
+The data flow, top to bottom:
+
+    source (Kafka) → decode → StreamProcessor (tokenize, predict, learn, drift)
+        → outputs (predictions, dead letters, drift events) → checkpoint → commit
+
+Exactly-once learning: the worker stores, for every partition, the offset of the *next*
+message to read, and advances it only after a message is fully handled (learned, predicted
+or dead-lettered). Every N records or T seconds, on a rebalance and on shutdown, it
+
+1. flushes the outputs (delivery confirmed),
+2. writes a signed checkpoint: processor state + those offsets, atomically,
+3. commits the same offsets to Kafka.
+
+On start the newest valid checkpoint is loaded and the consumer seeks to its offsets, so after
+a crash the learners continue exactly where the checkpoint left them. Outputs are
+at-least-once (keyed by record id). Bad input is data: every message ends up either handled or
+in the dead-letter topic with its reason, and its offset is committed like any other.
+
+Rebalances: on revoke the worker checkpoints and commits; on assign it seeks to its
+checkpointed offset, except for a partition it handed over earlier in this run, where it takes
+the later of its checkpoint and the committed offset (another worker moved it on).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+from .checkpoint import (
+    CheckpointError,
+    CheckpointRefused,
+    CheckpointStore,
+    DirectoryLock,
+    resolve_key,
+)
+from .config import ConfigError, WorkerConfig, add_config_arguments, config_from_args
+from .records import DecodeError, Decoder, Reason, Record
+from .runner import LearnerFailure, Outcome, StreamProcessor
+from .sinks import Outputs, Sink, SinkError
+from .sources import Message, Partition, Source
+
+__all__ = ["Worker", "build_processor", "run_worker", "add_run_parser"]
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+
+
+class _NoMetrics:
+    """Stands in for :class:`~stream_learner.metrics.StreamMetrics` when metrics are off."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+class Worker:
+    """Joins a source, the processor, the outputs and the checkpoint store.
+
+    It is also the source's rebalance handler. Offsets are ``{(topic, partition): next}``.
+
+    Parameters
+    ----------
+    processor
+        The learners (a :class:`~stream_learner.runner.StreamProcessor`).
+    outputs
+        Where predictions and dead letters go.
+    store
+        Checkpoint store, or None for no checkpoints (tests of the loop alone).
+    offsets, counts
+        Restored from a checkpoint.
+
+    """
+
+    def __init__(
+        self,
+        processor: StreamProcessor,
+        outputs: Outputs,
+        store: CheckpointStore | None = None,
+        *,
+        decoder: Decoder | None = None,
+        offsets: Mapping[Partition, int] | None = None,
+        counts: Mapping[str, int] | None = None,
+        checkpoint_every_records: int = 100_000,
+        checkpoint_every_seconds: float = 30.0,
+        flush_timeout: float = 10.0,
+        metrics=None,
+        readiness=None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.processor = processor
+        self.outputs = outputs
+        self.store = store
+        self.decoder = decoder or Decoder()
+        self.offsets: dict[Partition, int] = dict(offsets or {})
+        self.counts: collections.Counter[str] = collections.Counter(counts or {})
+        self.checkpoint_every_records = checkpoint_every_records
+        self.checkpoint_every_seconds = checkpoint_every_seconds
+        self.flush_timeout = flush_timeout
+        self.metrics = metrics or _NoMetrics()
+        self.readiness = readiness
+        self.clock = clock
+        self.source: Source | None = None
+        self.metrics_url: str | None = None
+        self.lag = 0
+        self.owned: set[Partition] = set()
+        self._handed_over: set[Partition] = set()
+        self._since_checkpoint = 0
+        self._last_checkpoint = clock()
+        self._checkpointed_offsets: dict[Partition, int] = dict(self.offsets)
+
+    # -- one message ---------------------------------------------------------------------
+
+    def handle(self, message: Message) -> None:
+        """Decode, process and emit one message, then advance its partition's offset."""
+        started = time.perf_counter()
+        try:
+            record = self._record(message)
+            result = self.processor.process(record, now=_event_time(record, message))
+        except DecodeError as error:
+            self._dead_letter(message, error.reason, error.detail)
+        except LearnerFailure as failure:
+            log.warning("learner error at %s[%d]@%d: %s", message.topic, message.partition, message.offset, failure.detail)
+            self._dead_letter(message, failure.reason, failure.detail)
+        except Exception as error:  # a bug or an odd record: keep the stream going, keep it
+            log.exception("unexpected error at %s[%d]@%d", message.topic, message.partition, message.offset)
+            self._dead_letter(message, Reason.LEARNER_ERROR, f"{type(error).__name__}: {error}")
+        else:
+            self.counts[str(result.outcome)] += 1
+            if result.prediction is not None and result.outcome in (Outcome.LEARNED, Outcome.PREDICTED):
+                self.outputs.prediction(
+                    record.id,
+                    result.prediction,
+                    model_version=self.processor.model_version,
+                    latency_seconds=time.perf_counter() - started,
+                    message=message,
+                )
+            for event in result.drift_events:
+                log.info("drift: learner %s at record %d (%s)", event.learner, event.position, event.detector)
+                self.outputs.drift_event(event, message=message)
+                self.metrics.drift_detected(event.learner, event.detector, event.time)
+        self.counts["messages"] += 1
+        self.offsets[message.tp] = message.offset + 1  # the NEXT message to read
+        self._since_checkpoint += 1
+
+    def _record(self, message: Message) -> Record:
+        record = self.decoder.decode(message.value)
+        if record.id is None:
+            # Plain text or JSON without an id: the message key, else its coordinates.
+            if message.key:
+                try:
+                    record_id = message.key.decode("utf-8")
+                except UnicodeDecodeError:
+                    record_id = message.key.hex()
+            else:
+                record_id = f"{message.topic}/{message.partition}/{message.offset}"
+            record = dataclasses.replace(record, id=record_id)
+        return record
+
+    def _dead_letter(self, message: Message, reason, detail: str) -> None:
+        self.outputs.dead_letter(message, str(reason), detail)
+        self.counts["dead_lettered"] += 1
+        self.counts[f"dead_lettered:{reason}"] += 1
+        self.metrics.dead_lettered(str(reason))
+
+    # -- batches and checkpoints ---------------------------------------------------------
+
+    def process_batch(self, messages: list[Message]) -> None:
+        started = time.perf_counter()
+        before = collections.Counter(self.counts)
+        predictions_before = self.outputs.predictions
+        for message in messages:
+            self.handle(message)
+        self.outputs.sink.dispatch()
+        seconds = time.perf_counter() - started
+        if messages:
+            delta = self.counts - before
+            self.metrics.record_outcomes({o.value: delta.get(o.value, 0) for o in Outcome})
+            self.metrics.observe_batch(len(messages), seconds)
+            self.metrics.predictions_produced(self.outputs.predictions - predictions_before)
+            now = time.time()
+            self.metrics.observe_end_to_end_delay(
+                [now - m.timestamp for m in messages if m.timestamp is not None]
+            )
+
+    def checkpoint_due(self) -> bool:
+        if self._since_checkpoint == 0:
+            return False
+        return (
+            self._since_checkpoint >= self.checkpoint_every_records
+            or self.clock() - self._last_checkpoint >= self.checkpoint_every_seconds
+        )
+
+    def checkpoint(self, reason: str = "periodic") -> bool:
+        """Flush outputs, save a checkpoint, commit. False (state kept) if any step failed."""
+        started = time.perf_counter()
+        try:
+            self.outputs.sink.flush(self.flush_timeout)
+        except SinkError as error:
+            log.warning("checkpoint (%s) postponed: %s", reason, error)
+            self.metrics.checkpoint_failed()
+            return False
+        if self.store is not None and (self._since_checkpoint or not self.store.paths()):
+            try:
+                path = self.store.save(self.state(), self.offsets, info={"reason": reason, "messages": self.counts["messages"]})
+            except Exception as error:  # disk full, a learner that cannot be pickled, ...
+                log.error("checkpoint (%s) failed, state kept, will retry: %s", reason, _describe(error))
+                self.metrics.checkpoint_failed()
+                return False
+            log.debug("checkpoint %s (%s) after %d messages", path.name, reason, self.counts["messages"])
+            self.metrics.checkpoint_succeeded(time.perf_counter() - started, time.time())
+        self._checkpointed_offsets = dict(self.offsets)
+        self._since_checkpoint = 0
+        self._last_checkpoint = self.clock()
+        return True
+
+    def commit(self) -> None:
+        """Commit the checkpointed offsets of the partitions we own (never more)."""
+        if self.source is None:
+            return
+        offsets = {tp: o for tp, o in self._checkpointed_offsets.items() if tp in self.owned}
+        try:
+            self.source.commit(offsets)
+        except Exception as error:  # broker away: the checkpoint holds them; commit next time
+            log.warning("offset commit failed (will retry at the next checkpoint): %s", _describe(error))
+
+    def state(self) -> dict:
+        return {"format": STATE_FORMAT, "processor": self.processor, "counts": dict(self.counts)}
+
+    # -- rebalance handler (runs while the main loop waits inside poll) ------------------
+
+    def partitions_revoked(self, partitions: set[Partition]) -> dict[Partition, int]:
+        saved = self.checkpoint("revoke")
+        self.owned -= partitions
+        self._handed_over |= partitions
+        for topic, partition in partitions:
+            self.metrics.forget_partition(topic, partition)
+        self._owned_changed()
+        if not saved:
+            return {}  # outputs unconfirmed: let the next owner re-read rather than skip
+        return {tp: self._checkpointed_offsets[tp] for tp in partitions if tp in self._checkpointed_offsets}
+
+    def partitions_assigned(
+        self, partitions: set[Partition], committed: Mapping[Partition, int | None]
+    ) -> dict[Partition, int]:
+        self.owned |= partitions
+        self._owned_changed()
+        seeks = {}
+        for tp in partitions:
+            mine, theirs = self.offsets.get(tp), committed.get(tp)
+            if mine is None:
+                continue  # never read it: start at the committed offset (or the reset policy)
+            if tp in self._handed_over and theirs is not None:
+                seeks[tp] = max(mine, theirs)  # another worker may have moved it on meanwhile
+            else:
+                seeks[tp] = mine  # the checkpoint is the source of truth
+            self.offsets[tp] = seeks[tp]
+        return seeks
+
+    def partitions_lost(self, partitions: set[Partition]) -> None:
+        log.warning("partitions lost without a commit (session expired?): %s", sorted(partitions))
+        self.owned -= partitions
+        self._handed_over |= partitions
+        self._owned_changed()
+
+    def _owned_changed(self) -> None:
+        self.metrics.set_assigned_partitions(len(self.owned))
+        if self.readiness is not None:
+            self.readiness.assigned_partitions = len(self.owned)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(
+        self,
+        source: Source,
+        *,
+        stop: threading.Event,
+        poll_timeout: float = 1.0,
+        stop_when_idle: float | None = None,
+        progress: Callable[[Worker], None] | None = None,
+        progress_every: float = 10.0,
+        heartbeat=None,
+    ) -> None:
+        """Poll, process, checkpoint until ``stop`` is set (or the source stays idle)."""
+        self.source = source
+        last_message = self.clock()
+        last_progress = self.clock()
+        from kafka.errors import KafkaError
+
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                messages = source.poll(poll_timeout)
+            except KafkaError as error:  # broker trouble: keep state, back off, try again
+                log.warning("poll failed (%s); retrying in %.1f s", _describe(error), backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 15.0)
+                continue
+            backoff = 0.5
+            if heartbeat is not None:
+                heartbeat.beat()
+            self.process_batch(messages)
+            now = self.clock()
+            if messages or not self.owned:  # idle counts only once we have partitions
+                last_message = now
+            if self.checkpoint_due() and self.checkpoint():
+                self.commit()
+            if now - last_progress >= progress_every:
+                last_progress = now
+                self._report(source)
+                if progress is not None:
+                    progress(self)
+            if stop_when_idle is not None and not messages and now - last_message >= stop_when_idle:
+                log.info("no records for %.0f s: stopping", stop_when_idle)
+                break
+        self._report(source)
+        if progress is not None:
+            progress(self)
+
+    def shutdown(self, source: Source, sink: Sink) -> bool:
+        """Final checkpoint and commit, then close the source (its revoke commits again) and sink."""
+        ok = self.checkpoint("shutdown")
+        if ok:
+            self.commit()
+        try:
+            source.close()
+        finally:
+            sink.close()
+        return ok
+
+    def _report(self, source: Source) -> None:
+        try:
+            lags = source.lag(self.offsets)
+        except Exception:  # lag is informative only
+            lags = {}
+        for (topic, partition), lag in lags.items():
+            self.metrics.set_lag(topic, partition, lag)
+        self.metrics.set_learner_stats(self.processor.learner_stats())
+        self.metrics.set_label_buffer(self.processor.label_buffer_stats())
+        self.lag = sum(lags.values())
+
+    def summary(self) -> dict:
+        return {
+            "messages": self.counts["messages"],
+            "learned": self.counts[Outcome.LEARNED.value],
+            "predicted": self.counts[Outcome.PREDICTED.value],
+            "label_joined": self.counts[Outcome.LABEL_JOINED.value],
+            "label_unmatched": self.counts[Outcome.LABEL_UNMATCHED.value],
+            "dead_lettered": self.counts["dead_lettered"],
+        }
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error)
+    name = type(error).__name__
+    if not text or text == "None":
+        return f"{name} (the broker did not answer in time)"
+    return text if text.startswith(name) else f"{name}: {text}"
+
+
+def _event_time(record: Record, message: Message) -> float | None:
+    # Deterministic across re-reads (unlike the wall clock), so a replay after a crash
+    # expires delayed labels exactly as the first run did.
+    return record.ts if record.ts is not None else message.timestamp
+
+
+def build_processor(config: WorkerConfig) -> StreamProcessor:
+    return StreamProcessor(
+        list(config.learners),
+        serving=config.serving,
+        drift_detector=config.drift_detector,
+        drift_reaction=config.drift_reaction,
+        window=config.window,
+        label_buffer_size=config.label_buffer_size,
+        label_ttl=config.label_ttl,
+        seed=config.seed,
+    )
+
+
+def _with_retries(what: str, connect: Callable[[], object], stop: threading.Event):
+    """Call ``connect`` until it works, backing off from 0.5 s to 15 s; None if stopped."""
+    from kafka.errors import KafkaError
+
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            return connect()
+        except (KafkaError, OSError) as error:
+            log.warning("%s: broker unreachable (%s); retrying in %.1f s", what, _describe(error), delay)
+            stop.wait(delay)
+            delay = min(delay * 2, 15.0)
+    return None
+
+
+def run_worker(
+    config: WorkerConfig,
+    *,
+    stop: threading.Event | None = None,
+    progress: Callable[[Worker], None] | None = None,
+    progress_every: float = 10.0,
+    on_ready: Callable[[Worker], None] | None = None,
+) -> int:
+    """Run the worker until ``stop`` is set (or idle); returns the exit code."""
+    from .sinks import KafkaSink, ProcessSink
+    from .sources import KafkaSource
+
+    stop = stop or threading.Event()
+    try:
+        lock = DirectoryLock(config.checkpoint_dir).acquire()
+    except CheckpointError as error:
+        log.error("%s", error)
+        return 2
+    try:
+        try:
+            key = resolve_key(config.checkpoint_dir, config.checkpoint_key_file)
+            store = CheckpointStore(config.checkpoint_dir, key, keep=config.checkpoint_keep)
+            checkpoint = store.load_latest()
+        except CheckpointRefused as error:
+            log.error("refusing to start: %s", error)
+            return 2
+        except CheckpointError as error:
+            log.error("%s", error)
+            return 2
+        if checkpoint is not None:
+            state = checkpoint.state
+            if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+                log.error("checkpoint %s has an unknown format; move it away or use another --checkpoint-dir", checkpoint.path)
+                return 2
+            processor: StreamProcessor = state["processor"]
+            if list(processor.learners) != list(config.learners):
+                log.error(
+                    "checkpoint %s holds learners %s but --learners is %s; use another --checkpoint-dir",
+                    checkpoint.path, ",".join(processor.learners), ",".join(config.learners),
+                )
+                return 2
+            offsets, counts = checkpoint.offsets, state.get("counts", {})
+            log.info("resuming after %d messages", counts.get("messages", 0))
+        else:
+            try:
+                processor = build_processor(config)
+            except (ValueError, ImportError) as error:
+                log.error("cannot build the learners: %s", error)
+                return 2
+            offsets, counts = {}, {}
+
+        metrics, server, heartbeat, readiness = _start_metrics(config)
+        if readiness is not None:
+            readiness.checkpoint_loaded = True
+
+        client = config.client_options()
+        sink_class = ProcessSink if config.producer_process else KafkaSink
+        sink = _with_retries(
+            "producer",
+            lambda: sink_class(bootstrap_servers=config.bootstrap_servers, client_options=client),
+            stop,
+        )
+        if sink is None:
+            return 0
+        outputs = Outputs(
+            sink,
+            predictions_topic=config.predictions_topic,
+            dead_letter_topic=config.dead_letter_topic,
+            drift_topic=config.drift_topic,
+        )
+        worker = Worker(
+            processor,
+            outputs,
+            store,
+            offsets=offsets,
+            counts=counts,
+            checkpoint_every_records=config.checkpoint_every_records,
+            checkpoint_every_seconds=config.checkpoint_every_seconds,
+            metrics=metrics,
+            readiness=readiness,
+        )
+        source = _with_retries(
+            "consumer",
+            lambda: KafkaSource(
+                config.input_topics,
+                bootstrap_servers=config.bootstrap_servers,
+                group_id=config.group_id,
+                handler=worker,
+                max_poll_records=config.max_poll_records,
+                session_timeout_ms=config.session_timeout_ms,
+                auto_offset_reset=config.auto_offset_reset,
+                client_options=client,
+            ),
+            stop,
+        )
+        if source is None:
+            sink.close()
+            return 0
+        if readiness is not None:
+            readiness.broker_reachable = True
+        worker.metrics_url = server.url if server is not None else None
+        log.info(
+            "worker up: topics %s, group %s, learners %s, checkpoints in %s",
+            ",".join(config.input_topics), config.group_id, ",".join(config.learners), config.checkpoint_dir,
+        )
+        if on_ready is not None:
+            on_ready(worker)
+        try:
+            worker.run(
+                source,
+                stop=stop,
+                poll_timeout=config.poll_timeout,
+                stop_when_idle=config.stop_when_idle,
+                progress=progress,
+                progress_every=progress_every,
+                heartbeat=heartbeat,
+            )
+        finally:
+            watchdog = _Watchdog(config.shutdown_timeout)
+            try:
+                clean = worker.shutdown(source, sink)
+            finally:
+                watchdog.cancel()
+                if heartbeat is not None:
+                    heartbeat.stop("worker stopped")
+                if server is not None:
+                    server.stop()
+        summary = worker.summary()
+        log.info("stopped: %s", ", ".join(f"{k} {v:,}" for k, v in summary.items()))
+        return 0 if clean else 1
+    finally:
+        lock.release()
+
+
+class _Watchdog:
+    """Bounds the shutdown: if closing hangs (broker gone), exit anyway after ``timeout``."""
+
+    def __init__(self, timeout: float):
+        self._timer = threading.Timer(timeout, self._expire)
+        self._timer.daemon = True
+        self._timeout = timeout
+        self._timer.start()
+
+    def _expire(self):
+        log.error("shutdown took longer than %.0f s; exiting without a clean close", self._timeout)
+        logging.shutdown()
+        os._exit(1)
+
+    def cancel(self):
+        self._timer.cancel()
+
+
+def _start_metrics(config: WorkerConfig):
+    if config.metrics_port is None:
+        return None, None, None, None
+    try:
+        from .metrics import HealthServer, Heartbeat, Readiness, StreamMetrics
+    except ImportError:  # metrics are optional; the worker runs without them
+        log.warning("metrics module unavailable; running without /metrics")
+        return None, None, None, None
+    metrics = StreamMetrics(
+        learners=config.learners,
+        detector=config.drift_detector,
+        config_info={k: str(v) for k, v in config.describe().items() if k in ("group_id", "topics", "learners", "serving", "drift_detector", "drift_reaction")},
+    )
+    heartbeat = Heartbeat(max_silence=max(60.0, 10 * config.poll_timeout))
+    readiness = Readiness()
+    server = HealthServer(
+        metrics.registry,
+        host=config.metrics_host,
+        port=config.metrics_port,
+        liveness=heartbeat.check,
+        readiness=readiness.check,
+    )
+    server.start()
+    log.info("metrics on %s/metrics", server.url)
+    return metrics, server, heartbeat, readiness
+
+
+def add_run_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run the Kafka worker: learn from a topic, publish predictions",
+        description="Consume text messages from Kafka, predict and learn with every learner "
+        "(prequentially), publish predictions and dead letters, checkpoint so that every "
+        "record is learned exactly once across crashes and restarts.",
+    )
+    add_config_arguments(parser)
+    parser.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO lines drown ours
+        # Connection churn while a broker is away is logged once per retry by us, clearly.
+        for name in ("kafka.net", "kafka.cluster", "kafka.producer.sender"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        config = config_from_args(args)
+    except ConfigError as error:
+        log.error("%s", error)
+        return 2
+    stop = threading.Event()
+
+    def request_stop(signum, _frame):
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            # A second signal: the user will not wait. The last checkpoint keeps it exact.
+            log.warning("%s again: exiting now, from the last checkpoint on restart", name)
+            logging.shutdown()
+            os._exit(1)
+        log.info("%s received: finishing the batch, checkpointing, closing", name)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, request_stop)
+    return run_worker(config, stop=stop)

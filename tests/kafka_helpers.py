@@ -1,0 +1,111 @@
+"""Helpers for the tests that run the worker against a real broker."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+
+from stream_learner.checkpoint import CheckpointStore
+from stream_learner.records import Record
+
+KEY = "test-checkpoint-key-0123456789abcdef"
+VOCABULARY = {
+    "spam": ["cheap", "pills", "free", "money", "win", "prize", "offer", "click", "now", "viagra", "casino"],
+    "ham": ["meeting", "lunch", "report", "project", "team", "agenda", "notes", "review", "budget", "call"],
+    "news": ["election", "market", "storm", "league", "minister", "court", "weather", "score", "vote", "bank"],
+}
+SHARED = ["the", "a", "and", "to", "of", "in", "is", "for", "on", "with"]
+
+
+def synthetic_records(n: int, seed: int = 0, prefix: str = "r") -> list[Record]:
+    """Labelled texts: mostly class words, some shared words, some noise."""
+    rng = random.Random(seed)
+    labels = sorted(VOCABULARY)
+    records = []
+    for i in range(n):
+        label = rng.choice(labels)
+        words = [
+            rng.choice(VOCABULARY[label] if rng.random() < 0.55 else VOCABULARY[rng.choice(labels)])
+            if rng.random() < 0.7
+            else rng.choice(SHARED)
+            for _ in range(rng.randint(4, 12))
+        ]
+        records.append(Record(f"{prefix}{i}", " ".join(words), label))
+    return records
+
+
+def read_topic(bootstrap: str, topic: str, expected: int | None = None, timeout: float = 30.0):
+    """Every message of ``topic`` (all partitions), waiting until ``expected`` have arrived."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            partitions = consumer.partitions_for_topic(topic) or set()
+            if partitions or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        messages = []
+        idle_since = time.monotonic()
+        while time.monotonic() < deadline:
+            batch = consumer.poll(timeout_ms=500)
+            got = [m for records in batch.values() for m in records]
+            messages.extend(got)
+            if got:
+                idle_since = time.monotonic()
+            if expected is not None and len(messages) >= expected and time.monotonic() - idle_since > 0.5:
+                break
+            if expected is None and time.monotonic() - idle_since > 2.0:
+                break
+        return messages
+    finally:
+        consumer.close()
+
+
+def start_worker_process(broker, names, checkpoint_dir, log_path, *extra, group=None):
+    env = dict(os.environ, STREAM_LEARNER_CHECKPOINT_KEY=KEY, PYTHONUNBUFFERED="1")
+    command = [
+        sys.executable, "-m", "stream_learner.cli", "run",
+        "--topic", f"{names}-in",
+        "--bootstrap-servers", broker.bootstrap_servers,
+        "--group-id", group or f"{names}-group",
+        "--checkpoint-dir", str(checkpoint_dir),
+        "--session-timeout-ms", "3000",
+        *extra,
+    ]
+    with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for_log(path, text, count=1, timeout=60.0, process=None):
+    """Wait until ``text`` (or any of a tuple of texts) appears ``count`` times in the log."""
+    texts = (text,) if isinstance(text, str) else tuple(text)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            log = path.read_text(errors="replace")
+            if any(log.count(t) >= count for t in texts):
+                return
+        if process is not None and process.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"{texts!r} x{count} not in the log: " + path.read_text(errors="replace")[-3000:])
+
+
+def messages_checkpointed(checkpoint_dir) -> int:
+    checkpoint = CheckpointStore(checkpoint_dir, KEY.encode()).load_latest()
+    return 0 if checkpoint is None else checkpoint.state["counts"]["messages"]
+
+
+def load_final_state(checkpoint_dir):
+    store = CheckpointStore(checkpoint_dir, KEY.encode())
+    checkpoint = store.load_latest()
+    assert checkpoint is not None, f"no checkpoint in {checkpoint_dir}"
+    return checkpoint
