@@ -107,6 +107,8 @@ class _Slot:
         self.background: base.Classifier | None = None
         self.background_head = None
         self.background_learned = 0
+        self.background_hits = 0  # records the background learner got right since it started
+        self.main_hits = 0  # ... and the main learner, on the same records
         self.warning_at = 0
         self.install(model)
 
@@ -121,12 +123,18 @@ class _Slot:
     def start_background(self):
         self.background = self.model.clone()
         self.background_head = _split_featurizer(self.background)[1]
-        self.background_learned = 0
+        self.background_learned = self.background_hits = self.main_hits = 0
         self.warning_at = self.score.n
 
     def drop_background(self):
         self.background = self.background_head = None
-        self.background_learned = 0
+        self.background_learned = self.background_hits = self.main_hits = 0
+
+    @property
+    def background_wins(self) -> bool:
+        # Swap only for a challenger that did better on the very records both have seen:
+        # a drift signal alone does not prove that a fresh learner will do better.
+        return self.background_learned >= 30 and self.background_hits > self.main_hits
 
 
 class StreamProcessor:
@@ -144,7 +152,9 @@ class StreamProcessor:
         A detector name (see :data:`stream_learner.drift.DETECTORS`) or ``"none"``.
     drift_reaction
         ``"alert"`` (record only), ``"reset"`` (fresh clone) or ``"background"`` (train a
-        background learner from the warning, swap it in on drift).
+        background learner from the warning, or from a drift that came without one; it
+        replaces the learner at a drift, or after a whole window, if it predicted better on
+        the records both have seen).
     window
         Rolling-accuracy window, also the delay after which a drift event's
         ``accuracy_after`` is taken.
@@ -319,13 +329,16 @@ class StreamProcessor:
         failure = None
         for slot in self._slots:
             proba = probas.get(slot.name)
+            x = features.get(slot.key)
             if proba:
                 hit = slot.score.update(y, _argmax(proba), proba)
+                if slot.background_head is not None and x is not None:
+                    slot.main_hits += hit
+                    slot.background_hits += _argmax(slot.background_head.predict_proba_one(x)) == y
                 if slot.monitor is not None:
                     event = self._watch(slot, not hit, when)
                     if event is not None:
                         events.append(event)
-            x = features.get(slot.key)
             if x is None:
                 continue
             try:
@@ -361,17 +374,24 @@ class StreamProcessor:
             if reaction == "reset":
                 slot.install(slot.model.clone())
             elif reaction == "background":
-                if slot.background is not None and slot.background_learned > 0:
+                if slot.background is not None and slot.background_wins:
                     slot.install(slot.background)
+                    slot.drop_background()
                 else:
-                    slot.install(slot.model.clone())
-                slot.drop_background()
+                    # No warning came first, or its challenger learned the old concept too:
+                    # a fresh one competes from the drift on.
+                    slot.start_background()
             self.drift_events.append(event)
             self._awaiting_after.append((event, slot, slot.score.n + self.window))
             return event
         if reaction == "background":
             if signal == Signal.WARNING and slot.background is None:
                 slot.start_background()
+            elif slot.background_learned == self.window and slot.background_wins:
+                # A challenger that beat the learner over a whole window takes over.
+                slot.install(slot.background)
+                slot.drop_background()
+                slot.monitor.clear_warning()
             elif (
                 slot.background is not None
                 and slot.score.n - slot.warning_at > self.background_patience
