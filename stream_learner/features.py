@@ -48,6 +48,7 @@ def _url_tokens(match: re.Match) -> str:
     return f" __url__ __host_{_NON_WORD.sub('_', host)}__ "
 
 
+_KINDS = frozenset({"urls", "emails", "mentions", "numbers"})
 _MIX = 0x9E3779B1  # Knuth's multiplicative constant: spreads CRC-32 over the buckets.
 _MASK32 = 0xFFFFFFFF
 
@@ -79,6 +80,7 @@ class TextFeaturizer(base.Transformer):
     normalize
         Replace URLs, e-mail addresses, @mentions and numbers with the tokens ``__url__``,
         ``__email__``, ``__user__`` and ``__num__``; a URL's host is kept as ``__host_<host>__``.
+        True for all four, False for none, or some of them by name: ``"urls,mentions"``.
     punctuation
         Keep runs of punctuation (``!!!``, ``:)``) as tokens.
     binary
@@ -102,7 +104,7 @@ class TextFeaturizer(base.Transformer):
         n_buckets: int = 2**18,
         word_ngrams: int = 2,
         char_ngrams: tuple[int, int] | None = None,
-        normalize: bool = True,
+        normalize: bool | str = True,
         punctuation: bool = True,
         binary: bool = False,
         dense: bool = False,
@@ -139,6 +141,17 @@ class TextFeaturizer(base.Transformer):
         state["_hash_cache"] = {}
         return state
 
+    @property
+    def _normalized_kinds(self) -> frozenset:
+        if self.normalize is True:
+            return _KINDS
+        if not self.normalize:
+            return frozenset()
+        kinds = frozenset(k.strip() for k in self.normalize.split(","))
+        if not kinds <= _KINDS:
+            raise ValueError(f"normalize: unknown kinds {sorted(kinds - _KINDS)}; known {sorted(_KINDS)}")
+        return kinds
+
     def hashing_config(self) -> dict:
         """What decides bucket ids. Two featurizers with equal configs map text identically."""
         return {
@@ -157,13 +170,16 @@ class TextFeaturizer(base.Transformer):
             text = text.lower()  # what NFKC + casefold give for ASCII, at a fraction of the cost
         else:
             text = unicodedata.normalize("NFKC", text).casefold()
-        if self.normalize:
-            if "http" in text or "www." in text:
+        kinds = self._normalized_kinds
+        if kinds:
+            if "urls" in kinds and ("http" in text or "www." in text):
                 text = _URL.sub(_url_tokens, text)
             if "@" in text:
-                text = _EMAIL.sub(" __email__ ", text)
-                text = _MENTION.sub(" __user__ ", text)
-            if _DIGIT.search(text):
+                if "emails" in kinds:
+                    text = _EMAIL.sub(" __email__ ", text)
+                if "mentions" in kinds:
+                    text = _MENTION.sub(" __user__ ", text)
+            if "numbers" in kinds and _DIGIT.search(text):
                 text = _NUMBER.sub(" __num__ ", text)
         pattern = _WORD_AND_PUNCT if self.punctuation else _WORD_ONLY
         return pattern.findall(text)

@@ -104,8 +104,9 @@ def _load_plugins():
 
 def _counts(n_buckets: int) -> TextFeaturizer:
     # Naive Bayes multiplies the evidence of every feature: overlapping bigrams count each
-    # word twice and placeholders (__num__) blur what tells spam apart. Raw words do best.
-    return TextFeaturizer(n_buckets=n_buckets, word_ngrams=1, normalize=False)
+    # word twice, and placeholders for numbers, e-mails and mentions blur what tells spam
+    # apart. Words, with URLs reduced to their host, did best on all three datasets.
+    return TextFeaturizer(n_buckets=n_buckets, word_ngrams=1, normalize="urls")
 
 
 @register("nb", "Multinomial naive Bayes (River's, fast scoring) on hashed word counts")
