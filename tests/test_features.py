@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -128,3 +129,12 @@ def test_same_text_same_features_whatever_came_before(texts):
     for text in texts:
         featurizer.transform_one(text)
     assert featurizer.transform_one(texts[0]) == TextFeaturizer().transform_one(texts[0])
+
+
+def test_normalize_a_subset_of_kinds():
+    featurizer = TextFeaturizer(normalize="urls,numbers")
+    assert featurizer.tokens("see http://a.io 42 @bob") == [
+        "see", "__url__", "__host_a_io__", "__num__", "@", "bob",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="unknown kinds"):
+        TextFeaturizer(normalize="urls,hashtags").tokens("x")
