@@ -299,11 +299,15 @@ class Worker:
             try:
                 messages = source.poll(poll_timeout)
             except KafkaError as error:  # broker trouble: keep state, back off, try again
+                if self.readiness is not None:
+                    self.readiness.broker_reachable = False
                 log.warning("poll failed (%s); retrying in %.1f s", _describe(error), backoff)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 15.0)
                 continue
             backoff = 0.5
+            if self.readiness is not None:
+                self.readiness.broker_reachable = True
             if heartbeat is not None:
                 heartbeat.beat()
             self.process_batch(messages)
@@ -554,11 +558,8 @@ class _Watchdog:
 def _start_metrics(config: WorkerConfig):
     if config.metrics_port is None:
         return None, None, None, None
-    try:
-        from .metrics import HealthServer, Heartbeat, Readiness, StreamMetrics
-    except ImportError:  # metrics are optional; the worker runs without them
-        log.warning("metrics module unavailable; running without /metrics")
-        return None, None, None, None
+    from .metrics import HealthServer, Heartbeat, Readiness, StreamMetrics
+
     metrics = StreamMetrics(
         learners=config.learners,
         detector=config.drift_detector,
