@@ -21,6 +21,7 @@ True
 from __future__ import annotations
 
 import collections
+import functools
 import re
 import unicodedata
 import zlib
@@ -40,6 +41,19 @@ _DIGIT = re.compile(r"\d")
 _WORD_AND_PUNCT = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]+")
 _WORD_ONLY = re.compile(r"\w+(?:['’]\w+)*")
 
+
+
+@functools.lru_cache(maxsize=32)
+def _kinds(normalize: bool | str) -> frozenset:
+    """What ``normalize`` asks for (cached: it is read for every text)."""
+    if normalize is True:
+        return _KINDS
+    if not normalize:
+        return frozenset()
+    kinds = frozenset(k.strip() for k in normalize.split(","))
+    if not kinds <= _KINDS:
+        raise ValueError(f"normalize: unknown kinds {sorted(kinds - _KINDS)}; known {sorted(_KINDS)}")
+    return kinds
 
 
 def _url_tokens(match: re.Match) -> str:
@@ -143,14 +157,7 @@ class TextFeaturizer(base.Transformer):
 
     @property
     def _normalized_kinds(self) -> frozenset:
-        if self.normalize is True:
-            return _KINDS
-        if not self.normalize:
-            return frozenset()
-        kinds = frozenset(k.strip() for k in self.normalize.split(","))
-        if not kinds <= _KINDS:
-            raise ValueError(f"normalize: unknown kinds {sorted(kinds - _KINDS)}; known {sorted(_KINDS)}")
-        return kinds
+        return _kinds(self.normalize)
 
     def hashing_config(self) -> dict:
         """What decides bucket ids. Two featurizers with equal configs map text identically."""
