@@ -113,10 +113,6 @@ class PrequentialScore:
         return self._recent_correct / len(self._recent) if self._recent else 0.0
 
     @property
-    def rolling_count(self) -> int:
-        return len(self._recent)
-
-    @property
     def macro_f1(self) -> float:
         if not self.classes:
             return 0.0

@@ -215,10 +215,8 @@ class StreamProcessor:
         self.drift_events: list[DriftEvent] = []
         self._awaiting_after: list[tuple[DriftEvent, _Slot, int]] = []
         self.records_seen = 0
-        self.outcomes: collections.Counter[str] = collections.Counter()
         self.model_version = 0
         self.labelled = 0  # records learned from (with their own label or a joined one)
-        self.unjoinable = 0  # unlabelled records without an id: predicted, never learned
 
     # -- public views -------------------------------------------------------------------
 
@@ -254,9 +252,7 @@ class StreamProcessor:
             now = time.time()
         self.records_seen += 1
         if record.is_label_only:
-            result = self._join(record, now)
-            self.outcomes[result.outcome] += 1
-            return result
+            return self._join(record, now)
 
         text = record.text
         features: dict = {}
@@ -271,17 +267,14 @@ class StreamProcessor:
         served = self._serve(probas)
 
         if record.label is None:
+            # Without an id no label can find it later: it is predicted only.
             if record.id is not None:
                 self.labels.put(
                     record.id, features=features, predictions=probas, served=served, now=now
                 )
-            else:
-                self.unjoinable += 1
-            self.outcomes[Outcome.PREDICTED] += 1
             return ProcessResult(Outcome.PREDICTED, served)
 
         events = self._learn(features, probas, served, record.label, record.ts or now)
-        self.outcomes[Outcome.LEARNED] += 1
         return ProcessResult(Outcome.LEARNED, served, events)
 
     def _join(self, record: Record, now: float) -> ProcessResult:
