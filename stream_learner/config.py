@@ -26,6 +26,7 @@ from typing import Any
 __all__ = ["WorkerConfig", "ConfigError", "add_config_arguments", "config_from_args", "load_config", "ENV_PREFIX"]
 
 ENV_PREFIX = "STREAM_LEARNER_"
+CLIENTS = ("kafka-python", "confluent")
 
 
 class ConfigError(ValueError):
@@ -96,6 +97,14 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("dead_letter_topic", _optional_text, "dead-letter topic (default <input>.dlq; none: off)"),
     _Option("drift_topic", _optional_text, "drift-events topic (default: off)"),
     _Option("producer_process", _bool, "run the output producer in a child process (a second core for Kafka I/O)"),
+    _Option("client", str, "Kafka client library: kafka-python | confluent (librdkafka, pip install 'stream-learner[confluent]')"),
+    _Option("consumer_process", _bool, "run the kafka-python consumer in a child process (a second core for Kafka I/O)"),
+    _Option("worker_id", _optional_text, "stable name of this worker in its group (default: host name; --processes adds -0, -1, ...)"),
+    _Option("processes", int, "worker processes to start on this machine, each with its own checkpoint sub-directory"),
+    _Option("fusion", _optional_text, "share learners with the group's other workers through the model topic: on | off"),
+    _Option("models_topic", _optional_text, "compacted topic of learner snapshots (default <group>.models)"),
+    _Option("fusion_every_seconds", float, "publish a snapshot and fold in the peers' this often (at a checkpoint)"),
+    _Option("fusion_max_age", _optional_float, "ignore a peer's averaged/ensembled snapshot older than this many seconds (none: never)"),
     _Option("max_poll_records", int, "most records per poll (one batch)"),
     _Option("poll_timeout", float, "seconds one poll waits for records"),
     _Option("session_timeout_ms", int, "consumer-group session timeout, ms"),
@@ -143,6 +152,14 @@ class WorkerConfig:
     dead_letter_topic: str | None = ""
     drift_topic: str | None = None
     producer_process: bool = True
+    client: str = "kafka-python"
+    consumer_process: bool = False
+    worker_id: str | None = None
+    processes: int = 1
+    fusion: str | None = None
+    models_topic: str | None = ""  # "" means the default, <group>.models
+    fusion_every_seconds: float = 30.0
+    fusion_max_age: float | None = 600.0
     max_poll_records: int = 500
     poll_timeout: float = 1.0
     session_timeout_ms: int = 10_000
@@ -173,7 +190,15 @@ class WorkerConfig:
             object.__setattr__(self, "predictions_topic", f"{first}.predictions")
         if self.dead_letter_topic == "":
             object.__setattr__(self, "dead_letter_topic", f"{first}.dlq")
-        for name in ("checkpoint_every_records", "checkpoint_keep", "max_poll_records", "window"):
+        if self.models_topic == "":
+            object.__setattr__(self, "models_topic", f"{self.group_id}.models")
+        if self.client not in CLIENTS:
+            raise ConfigError(f"client must be one of {', '.join(CLIENTS)}, not {self.client!r}")
+        if self.fusion not in (None, "on", "off"):
+            raise ConfigError(f"fusion must be on or off, not {self.fusion!r}")
+        if self.fusion_every_seconds <= 0:
+            raise ConfigError("fusion_every_seconds must be positive")
+        for name in ("checkpoint_every_records", "checkpoint_keep", "max_poll_records", "window", "processes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.checkpoint_every_seconds <= 0 or self.poll_timeout <= 0:
@@ -183,6 +208,10 @@ class WorkerConfig:
         outputs = {self.predictions_topic, self.dead_letter_topic, self.drift_topic} - {None}
         if outputs & set(self.input_topics):
             raise ConfigError("an output topic is also an input topic: the worker would read its own output")
+
+    @property
+    def fusion_on(self) -> bool:
+        return self.fusion == "on"
 
     @property
     def input_topics(self) -> tuple[str, ...]:

@@ -375,6 +375,30 @@ def _event_time(record: Record, message: Message) -> float | None:
     return record.ts if record.ts is not None else message.timestamp
 
 
+def make_sink(config: WorkerConfig) -> Sink:
+    """The output producer of ``config.client``."""
+    from .sinks import KafkaSink, ProcessSink
+
+    sink_class = ProcessSink if config.producer_process else KafkaSink
+    return sink_class(bootstrap_servers=config.bootstrap_servers, client_options=config.client_options())
+
+
+def make_source(config: WorkerConfig, handler) -> Source:
+    """The group consumer of ``config.client``; ``handler`` gets the rebalance callbacks."""
+    from .sources import KafkaSource
+
+    return KafkaSource(
+        config.input_topics,
+        bootstrap_servers=config.bootstrap_servers,
+        group_id=config.group_id,
+        handler=handler,
+        max_poll_records=config.max_poll_records,
+        session_timeout_ms=config.session_timeout_ms,
+        auto_offset_reset=config.auto_offset_reset,
+        client_options=config.client_options(),
+    )
+
+
 def build_processor(config: WorkerConfig) -> StreamProcessor:
     return StreamProcessor(
         list(config.learners),
@@ -412,9 +436,6 @@ def run_worker(
     on_ready: Callable[[Worker], None] | None = None,
 ) -> int:
     """Run the worker until ``stop`` is set (or idle); returns the exit code."""
-    from .sinks import KafkaSink, ProcessSink
-    from .sources import KafkaSource
-
     stop = stop or threading.Event()
     try:
         lock = DirectoryLock(config.checkpoint_dir).acquire()
@@ -458,13 +479,7 @@ def run_worker(
         if readiness is not None:
             readiness.checkpoint_loaded = True
 
-        client = config.client_options()
-        sink_class = ProcessSink if config.producer_process else KafkaSink
-        sink = _with_retries(
-            "producer",
-            lambda: sink_class(bootstrap_servers=config.bootstrap_servers, client_options=client),
-            stop,
-        )
+        sink = _with_retries("producer", lambda: make_sink(config), stop)
         if sink is None:
             return 0
         outputs = Outputs(
@@ -484,20 +499,7 @@ def run_worker(
             metrics=metrics,
             readiness=readiness,
         )
-        source = _with_retries(
-            "consumer",
-            lambda: KafkaSource(
-                config.input_topics,
-                bootstrap_servers=config.bootstrap_servers,
-                group_id=config.group_id,
-                handler=worker,
-                max_poll_records=config.max_poll_records,
-                session_timeout_ms=config.session_timeout_ms,
-                auto_offset_reset=config.auto_offset_reset,
-                client_options=client,
-            ),
-            stop,
-        )
+        source = _with_retries("consumer", lambda: make_source(config, worker), stop)
         if source is None:
             sink.close()
             return 0
