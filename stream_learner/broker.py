@@ -162,9 +162,11 @@ def create_topics(
     bootstrap_servers: str,
     topics: Mapping[str, int],
     *,
+    configs: Mapping[str, str] | None = None,
     client_options: Mapping | None = None,
 ) -> list[str]:
-    """Create ``{name: partitions}`` topics that do not exist yet; returns the ones created."""
+    """Create ``{name: partitions}`` topics that do not exist yet (with topic ``configs``, e.g.
+    ``{"cleanup.policy": "compact"}``); returns the ones created."""
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
@@ -173,7 +175,7 @@ def create_topics(
     try:
         existing = set(admin.list_topics())
         wanted = [
-            NewTopic(name, num_partitions=int(partitions), replication_factor=1)
+            NewTopic(name, num_partitions=int(partitions), replication_factor=1, topic_configs=dict(configs or {}))
             for name, partitions in topics.items()
             if name not in existing
         ]

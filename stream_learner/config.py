@@ -101,9 +101,10 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("consumer_process", _bool, "run the kafka-python consumer in a child process (a second core for Kafka I/O)"),
     _Option("worker_id", _optional_text, "stable name of this worker in its group (default: host name; --processes adds -0, -1, ...)"),
     _Option("processes", int, "worker processes to start on this machine, each with its own checkpoint sub-directory"),
-    _Option("fusion", _optional_text, "share learners with the group's other workers through the model topic: on | off"),
+    _Option("fusion", _optional_text, "share learners with the group's other workers through the models topic: off | on | LEARNER=average|counts|ensemble|none,..."),
     _Option("models_topic", _optional_text, "compacted topic of learner snapshots (default <group>.models)"),
-    _Option("fusion_every_seconds", float, "publish a snapshot and fold in the peers' this often (at a checkpoint)"),
+    _Option("fusion_every_seconds", float, "publish what was learned since and fold in the peers' this often"),
+    _Option("fusion_full_every_seconds", float, "publish full snapshots (whole models, all counts) this often"),
     _Option("fusion_max_age", _optional_float, "ignore a peer's averaged/ensembled snapshot older than this many seconds (none: never)"),
     _Option("max_poll_records", int, "most records per poll (one batch)"),
     _Option("poll_timeout", float, "seconds one poll waits for records"),
@@ -158,7 +159,8 @@ class WorkerConfig:
     processes: int = 1
     fusion: str | None = None
     models_topic: str | None = ""  # "" means the default, <group>.models
-    fusion_every_seconds: float = 30.0
+    fusion_every_seconds: float = 5.0
+    fusion_full_every_seconds: float = 60.0
     fusion_max_age: float | None = 600.0
     max_poll_records: int = 500
     poll_timeout: float = 1.0
@@ -194,10 +196,14 @@ class WorkerConfig:
             object.__setattr__(self, "models_topic", f"{self.group_id}.models")
         if self.client not in CLIENTS:
             raise ConfigError(f"client must be one of {', '.join(CLIENTS)}, not {self.client!r}")
-        if self.fusion not in (None, "on", "off"):
-            raise ConfigError(f"fusion must be on or off, not {self.fusion!r}")
-        if self.fusion_every_seconds <= 0:
-            raise ConfigError("fusion_every_seconds must be positive")
+        from .fusion import FusionError, parse_rules
+
+        try:
+            parse_rules(self.fusion)
+        except FusionError as error:
+            raise ConfigError(str(error)) from None
+        if self.fusion_every_seconds <= 0 or self.fusion_full_every_seconds <= 0:
+            raise ConfigError("fusion_every_seconds and fusion_full_every_seconds must be positive")
         for name in ("checkpoint_every_records", "checkpoint_keep", "max_poll_records", "window", "processes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
@@ -210,8 +216,11 @@ class WorkerConfig:
             raise ConfigError("an output topic is also an input topic: the worker would read its own output")
 
     @property
-    def fusion_on(self) -> bool:
-        return self.fusion == "on"
+    def fusion_rules(self) -> dict[str, str] | None:
+        """None when fusion is off, else ``{learner: rule}`` overrides."""
+        from .fusion import parse_rules
+
+        return parse_rules(self.fusion)
 
     @property
     def input_topics(self) -> tuple[str, ...]:

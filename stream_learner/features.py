@@ -16,19 +16,31 @@ token → hash cache that is emptied when it reaches ``cache_size`` entries.
 >>> x == TextFeaturizer(n_buckets=2**10).transform_one("Good good movie")
 True
 
+A batch of texts is featurized in one pass by :meth:`TextFeaturizer.buckets_many`; its record
+``i`` holds exactly what ``transform_one`` gives for text ``i``:
+
+>>> batch = featurizer.buckets_many(["Good good movie", "", "bad"])
+>>> len(batch), batch.offsets.tolist()
+(3, [0, 5, 5, 6])
+>>> batch.record(0) == x
+True
+
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
+import itertools
 import re
 import unicodedata
 import zlib
 
+import numpy as np
 from river import base
 
-__all__ = ["TextFeaturizer", "stable_hash"]
+__all__ = ["BucketBatch", "TextFeaturizer", "stable_hash"]
 
 # A URL does not end in sentence punctuation: "see http://x.org, then" keeps the comma.
 _URL = re.compile(r"(?:https?://|www\.)[^\s<>\"']*[^\s<>\"'.,;:!?)\]]", re.IGNORECASE)
@@ -40,7 +52,13 @@ _NON_WORD = re.compile(r"\W+")
 _DIGIT = re.compile(r"\d")
 _WORD_AND_PUNCT = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]+")
 _WORD_ONLY = re.compile(r"\w+(?:['’]\w+)*")
-
+# Ends each text of a batch. Should a text hold the same chunk, buckets_many finds more ends
+# than texts and takes the per-text path instead.
+_SEPARATOR = "\x00\x00"
+# What the chunk caches give for the separator. A token whose hash it is (one in 2^32) would
+# add an end too many: that batch takes the per-text path.
+_NOT_A_HASH = 0xFFFFFFFF
+_NOT_A_HASH_BYTES = _NOT_A_HASH.to_bytes(4, "little")
 
 
 @functools.lru_cache(maxsize=32)
@@ -65,6 +83,42 @@ def _url_tokens(match: re.Match) -> str:
 _KINDS = frozenset({"urls", "emails", "mentions", "numbers"})
 _MIX = 0x9E3779B1  # Knuth's multiplicative constant: spreads CRC-32 over the buckets.
 _MASK32 = 0xFFFFFFFF
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketBatch:
+    """The features of a batch of records in compressed sparse row form.
+
+    Record ``i``'s bucket ids are ``ids[offsets[i]:offsets[i + 1]]``. With ``weights`` None
+    each entry weighs 1 and an id may repeat (its weight is its count, as in
+    :meth:`TextFeaturizer.buckets`); otherwise ``weights`` has one weight per entry and ids do
+    not repeat within a record. The order of the ids within a record carries no meaning.
+    :meth:`NeuralClassifier.learn_many <stream_learner.neural.NeuralClassifier.learn_many>`
+    and its ``predict_many`` take a BucketBatch directly (their fastest input).
+
+    >>> batch = BucketBatch(ids=np.array([3, 5, 3]), offsets=np.array([0, 2, 3]))
+    >>> [batch.record(i) for i in range(len(batch))]
+    [{3: 1, 5: 1}, {3: 1}]
+
+    """
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    weights: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def record(self, i: int) -> dict:
+        """Record ``i`` as the ``{bucket_id: weight}`` dict ``transform_one`` gives."""
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        ids = self.ids[start:end].tolist()
+        if self.weights is None:
+            return dict(collections.Counter(ids))
+        return dict(zip(ids, self.weights[start:end].tolist(), strict=True))
+
+
+_crc32 = zlib.crc32
 
 
 def stable_hash(token: str, seed: int = 0) -> int:
@@ -153,6 +207,7 @@ class TextFeaturizer(base.Transformer):
         # The cache is derived data: keep it out of pickles and checkpoints.
         state = self.__dict__.copy()
         state["_hash_cache"] = {}
+        state.pop("_chunk_caches", None)
         return state
 
     @property
@@ -177,6 +232,10 @@ class TextFeaturizer(base.Transformer):
             text = text.lower()  # what NFKC + casefold give for ASCII, at a fraction of the cost
         else:
             text = unicodedata.normalize("NFKC", text).casefold()
+        return self._split_tokens(text)
+
+    def _split_tokens(self, text: str) -> list[str]:
+        """``text`` (already lower-cased) → tokens: the normalizations, then the tokenizer."""
         kinds = self._normalized_kinds
         if kinds:
             if "urls" in kinds and ("http" in text or "www." in text):
@@ -240,6 +299,165 @@ class TextFeaturizer(base.Transformer):
             out.extend(h % n for h in self._hashes(grams))
         return out
 
+    def buckets_many(self, xs) -> BucketBatch:
+        """The features of a batch of records in one pass, as a :class:`BucketBatch` whose
+        record ``i`` holds exactly what ``transform_one(xs[i])`` gives (same bucket ids, same
+        weights). On batches of a hundred or more it costs a fraction of one ``transform_one``
+        per record: the batch is lower-cased text by text, then split on whitespace once;
+        each distinct whitespace-free chunk is normalized, tokenized and hashed once and kept
+        in a cache (bounded by ``cache_size``, like the token cache), and the word n-grams of
+        the whole batch are combined in numpy.
+
+        >>> featurizer = TextFeaturizer(n_buckets=2**10, binary=True)
+        >>> batch = featurizer.buckets_many(["a a b", "b"])
+        >>> batch.record(0) == featurizer.transform_one("a a b")
+        True
+
+        """
+        if self.dense:
+            raise ValueError("buckets_many gives sparse features: use transform_one with dense=True")
+        on = self.on
+        texts = [x[on] for x in xs] if on is not None else list(xs)
+        n = len(texts)
+        end = f" {_SEPARATOR} "
+        try:
+            joined = end.join(texts) + end
+        except TypeError:  # transform_one gives {} for what is not a string
+            texts = [t if isinstance(t, str) else "" for t in texts]
+            joined = end.join(texts) + end
+        # What tokens() starts with, text by text (NFKC + casefold may put a space anywhere).
+        if joined.isascii():
+            joined = joined.lower()
+        else:
+            joined = end.join(
+                t.lower() if t.isascii() else unicodedata.normalize("NFKC", t).casefold()
+                for t in texts
+            ) + end
+        # Every match of the tokenizer and of the normalizations lies inside a whitespace-free
+        # chunk (none spans whitespace; their look-arounds read whitespace as a text's end), so a
+        # text's tokens are its chunks' tokens in order: tokenize each distinct chunk once.
+        chunks = joined.split()
+        word_cache, gram_cache = self._chunk_caches_for(chunks)
+        hashes = np.frombuffer(b"".join(map(word_cache.__getitem__, chunks)), dtype=np.uint32)
+        ends = np.flatnonzero(hashes == _NOT_A_HASH)  # where each record's chunks end
+        grams = None
+        if self.char_ngrams:
+            grams = np.frombuffer(b"".join(map(gram_cache.__getitem__, chunks)), dtype=np.uint32)
+        if ends.size != n or (grams is not None and np.count_nonzero(grams == _NOT_A_HASH) != n):
+            lists = [self.buckets(t) if isinstance(t, str) else [] for t in texts]
+            return self._weigh(*_concatenate(lists))
+        ids, offsets = self._word_features(hashes, ends)
+        if grams is not None:
+            ids, offsets = self._add_char_features(ids, offsets, grams)
+        return self._weigh(ids, offsets)
+
+    def _chunk_caches_for(self, chunks: list[str]):
+        """The chunk → token hashes and chunk → character n-gram hashes caches. A chunk missing
+        from the first is tokenized and hashed on lookup (and entered in both)."""
+        caches = getattr(self, "_chunk_caches", None)
+        if caches is None or len(caches[0]) + len(chunks) > self.cache_size:
+            # Emptied when full, as the token cache: memory stays bounded on a stream.
+            word_cache = _ChunkCache(self)
+            word_cache[_SEPARATOR] = _NOT_A_HASH_BYTES
+            caches = self._chunk_caches = (word_cache, {_SEPARATOR: _NOT_A_HASH_BYTES})
+        return caches
+
+    def _chunk_entry(self, chunk: str) -> bytes:
+        tokens = self._split_tokens(chunk)
+        seed = self.seed & _MASK32
+        if self.char_ngrams:
+            self._chunk_caches[1][chunk] = _hash_bytes(self._char_grams(tokens), seed)
+        return _hash_bytes(tokens, seed)
+
+    def _char_grams(self, tokens: list[str]) -> list[str]:
+        low, high = self.char_ngrams
+        grams = []
+        for token in tokens:
+            word = f"<{token}>"
+            for size in range(low, high + 1):
+                grams.extend(word[i : i + size] for i in range(len(word) - size + 1))
+        return grams
+
+    def _word_features(self, hashes: np.ndarray, ends: np.ndarray):
+        """Word n-gram bucket ids of the records whose token hashes are ``hashes`` (uint32),
+        each record's followed by ``_NOT_A_HASH`` (at ``ends``) → (ids, offsets). The arithmetic
+        of :meth:`buckets` for all n-grams of the batch at once: uint32 products wrap around
+        as its ``& _MASK32`` does."""
+        n_grams = max(self.word_ngrams, 1)
+        length = hashes.size
+        is_end = np.zeros(length, dtype=bool)
+        is_end[ends] = True
+        prime, mix = np.uint32(0x01000193), np.uint32(_MIX)
+        features = np.zeros((length, n_grams), dtype=np.uint32)
+        valid = np.zeros((length, n_grams), dtype=bool)
+        features[:, 0] = self._bucket_of_hash(hashes)
+        np.logical_not(is_end, out=valid[:, 0])
+        for size in range(2, n_grams + 1):
+            count = length - size + 1
+            if count <= 0:
+                break
+            combined = hashes[:count]
+            for offset in range(1, size):
+                combined = (combined * prime) ^ hashes[offset : offset + count] ^ np.uint32(size)
+            features[:count, size - 1] = self._bucket_of_hash(combined * mix)
+            # An n-gram is a feature when none of its words is a record's end.
+            np.logical_and(valid[:count, size - 2], ~is_end[size - 1 :], out=valid[:count, size - 1])
+        ids = features[valid].astype(np.int64)
+        ends_at = np.cumsum(valid.sum(axis=1))
+        offsets = np.zeros(ends.size + 1, dtype=np.int64)
+        offsets[1:] = ends_at[ends]
+        return ids, offsets
+
+    def _bucket_of_hash(self, hashes: np.ndarray) -> np.ndarray:
+        """``hash % n_buckets`` of uint32 hashes."""
+        n = self.n_buckets
+        if n >= 2**32:
+            return hashes
+        if n & (n - 1) == 0:
+            return hashes & np.uint32(n - 1)
+        return hashes % np.uint32(n)
+
+    def _add_char_features(self, ids, offsets, hashes):
+        """Append each record's character n-gram ids (``hashes``: their hashes, each record's
+        followed by ``_NOT_A_HASH``) to its word features."""
+        is_end = hashes == _NOT_A_HASH
+        ends = np.flatnonzero(is_end)
+        gram_ids = self._bucket_of_hash(hashes[~is_end]).astype(np.int64)
+        gram_offsets = np.zeros(offsets.size, dtype=np.int64)
+        gram_offsets[1:] = ends - np.arange(ends.size)
+        merged = np.empty(ids.size + gram_ids.size, dtype=np.int64)
+        records = np.arange(offsets.size - 1)
+        # Record r: its word features after all earlier records' features, then its grams.
+        word_record = np.repeat(records, np.diff(offsets))
+        merged[np.arange(ids.size) + gram_offsets[word_record]] = ids
+        gram_record = np.repeat(records, np.diff(gram_offsets))
+        merged[np.arange(gram_ids.size) + offsets[gram_record + 1]] = gram_ids
+        return merged, offsets + gram_offsets
+
+    def _weigh(self, ids: np.ndarray, offsets: np.ndarray) -> BucketBatch:
+        """Ids with repeats → the batch transform_one's weights describe."""
+        if not (self.binary or self.norm == "l2") or not ids.size:
+            return BucketBatch(ids=ids, offsets=offsets)
+        n = offsets.size - 1
+        records = np.repeat(np.arange(n, dtype=np.int64), np.diff(offsets))
+        keys = records * self.n_buckets + ids  # sorted: by record, then by bucket
+        keys.sort()
+        first = np.ones(keys.size, dtype=bool)
+        np.not_equal(keys[1:], keys[:-1], out=first[1:])
+        starts = np.flatnonzero(first)
+        counts = np.diff(starts, append=keys.size).astype(np.float64)
+        records, ids = np.divmod(keys[starts], self.n_buckets)
+        offsets = np.searchsorted(records, np.arange(n + 1))
+        if self.binary:
+            weights = np.ones(starts.size)
+        else:
+            # The scale in Python floats, as transform_one computes it (numpy's power may
+            # round differently).
+            squares = np.bincount(records, weights=counts * counts, minlength=n)
+            scale = np.array([s ** -0.5 if s else 0.0 for s in squares.tolist()])
+            weights = counts * scale[records]
+        return BucketBatch(ids=ids, offsets=offsets.astype(np.int64), weights=weights)
+
     def transform_one(self, x) -> dict[int, float]:
         text = x[self.on] if self.on is not None else x
         if not isinstance(text, str):
@@ -255,3 +473,62 @@ class TextFeaturizer(base.Transformer):
         if self.dense:
             return {**dict.fromkeys(range(self.n_buckets), 0), **x}
         return x
+
+
+def _concatenate(lists: list[list[int]]):
+    offsets = np.zeros(len(lists) + 1, dtype=np.int64)
+    np.cumsum([len(x) for x in lists], out=offsets[1:])
+    return np.fromiter(itertools.chain.from_iterable(lists), np.int64, count=int(offsets[-1])), offsets
+
+
+
+class _ChunkCache(dict):
+    """chunk → the uint32 bytes of its tokens' hashes, computed on a miss."""
+
+    __slots__ = ("_featurizer", "_seed", "_punctuation", "_simple")
+
+    def __init__(self, featurizer: TextFeaturizer):
+        super().__init__()
+        self._featurizer = featurizer
+        self._seed = featurizer.seed & _MASK32
+        self._punctuation = featurizer.punctuation
+        self._simple = not featurizer.char_ngrams
+
+    def __missing__(self, chunk: str) -> bytes:
+        # Most chunks are a word, maybe with an apostrophe inside or a punctuation mark before
+        # or after it. Letters are \w; a non-\w character next to letters is punctuation that no
+        # normalization takes (mentions need "@", e-mails "@" and \w after it, numbers digits).
+        seed = self._seed
+        if self._simple:
+            if chunk.isalpha() or (
+                chunk.replace("'", "").isalpha()
+                and "''" not in chunk
+                and chunk[0] != "'"
+                and chunk[-1] != "'"
+            ):
+                value = self[chunk] = (
+                    (_crc32(chunk.encode("utf-8", "surrogatepass"), seed) * _MIX) & _MASK32
+                ).to_bytes(4, "little")
+                return value
+            head, tail = chunk[:-1], chunk[-1]
+            if head.isalpha() and not (tail.isalnum() or tail == "_" or tail == "@"):
+                tokens = (head, tail) if self._punctuation else (head,)
+                value = self[chunk] = _hash_bytes(tokens, seed)
+                return value
+            head, tail = chunk[0], chunk[1:]
+            if tail.isalpha() and not (head.isalnum() or head == "_" or head == "@"):
+                tokens = (head, tail) if self._punctuation else (tail,)
+                value = self[chunk] = _hash_bytes(tokens, seed)
+                return value
+        value = self[chunk] = self._featurizer._chunk_entry(chunk)
+        return value
+
+
+def _hash_bytes(tokens, seed: int) -> bytes:
+    """The mixed hashes of ``tokens`` (what ``_hashes`` gives) as the bytes of a uint32 array."""
+    return b"".join(
+        [
+            ((zlib.crc32(t.encode("utf-8", "surrogatepass"), seed) * _MIX) & _MASK32).to_bytes(4, "little")
+            for t in tokens
+        ]
+    )

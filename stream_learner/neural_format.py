@@ -109,6 +109,18 @@ def save(model, path, *, hashing: dict | None = None) -> None:
     pipeline; the pipeline's hashing configuration goes into the header. For a bare learner,
     pass the ``hashing`` configuration of the featurizer that feeds it, if known.
     """
+    data = dumps(model, hashing=hashing)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def dumps(model, *, hashing: dict | None = None) -> bytes:
+    """The bytes :func:`save` writes (for sending a model over Kafka, say)."""
     featurizer, learner = _parts(model)
     if featurizer is not None:
         hashing = featurizer.hashing_config()
@@ -137,14 +149,9 @@ def save(model, path, *, hashing: dict | None = None) -> None:
     header["arrays"] = sorted(arrays)
     header["checksum"] = _digest(header, arrays)
     blob = np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **{_HEADER: blob}, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **{_HEADER: blob}, **arrays)
+    return buffer.getvalue()
 
 
 def _featurizer_params(featurizer: TextFeaturizer) -> dict:
@@ -169,6 +176,10 @@ def _read(path) -> tuple[dict, dict[str, np.ndarray]]:
         data = path.read_bytes()
     except OSError as error:
         raise NeuralFormatError(f"cannot read model file {path}: {error}") from error
+    return _parse(data, path)
+
+
+def _parse(data: bytes, path) -> tuple[dict, dict[str, np.ndarray]]:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             names = set(npz.files)
@@ -208,9 +219,17 @@ def load(path, expected_hashing: dict | None = None):
     ``expected_hashing``: the hashing configuration of the featurizer that will feed the
     learner; a file made under another one (other bucket ids) is refused.
     """
+    return _build(*_read(path), path, expected_hashing)
+
+
+def loads(data: bytes, expected_hashing: dict | None = None, *, source: str = "model bytes"):
+    """:func:`load` from the bytes of :func:`dumps`; ``source`` names them in errors."""
+    return _build(*_parse(data, source), source, expected_hashing)
+
+
+def _build(header: dict, arrays: dict[str, np.ndarray], path, expected_hashing: dict | None):
     from .neural import NeuralClassifier
 
-    header, arrays = _read(path)
     hashing = header.get("hashing")
     if expected_hashing is not None:
         if hashing is None:

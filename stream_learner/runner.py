@@ -98,6 +98,9 @@ def _argmax(proba: dict):
 class _Slot:
     """One learner on the stream, with its scores, drift monitor and background learner."""
 
+    peers: list = ()  # for slots pickled before fusion existed
+    journal: list | None = None  # (x, y) learned, while fusion collects increments
+
     def __init__(self, name: str, model: base.Classifier, window: int, detector: str | None, seed):
         self.name = name
         self.score = PrequentialScore(window=window)
@@ -110,6 +113,7 @@ class _Slot:
         self.background_hits = 0  # records the background learner got right since it started
         self.main_hits = 0  # ... and the main learner, on the same records
         self.warning_at = 0
+        self.peers: list[tuple[float, base.Classifier]] = []  # fused peers' snapshots
         self.install(model)
 
     def install(self, model: base.Classifier):
@@ -119,6 +123,22 @@ class _Slot:
 
     def features(self, text: str):
         return self.featurizer.transform_one(text) if self.featurizer is not None else text
+
+    def predict_proba(self, x) -> dict:
+        proba = self.head.predict_proba_one(x)
+        if not self.peers:
+            return proba
+        # Ensemble fusion: weigh each model by the records it learned.
+        combined: dict = {}
+        total = 0.0
+        for weight, head in [(self.learned, None), *self.peers]:
+            p = proba if head is None else head.predict_proba_one(x)
+            if not p or weight <= 0:
+                continue
+            total += weight
+            for label, value in p.items():
+                combined[label] = combined.get(label, 0.0) + weight * value
+        return {label: value / total for label, value in combined.items()} if total else proba
 
     def start_background(self):
         self.background = self.model.clone()
@@ -245,6 +265,33 @@ class StreamProcessor:
     def label_buffer_stats(self) -> dict[str, int]:
         return self.labels.stats()
 
+    # -- fusion hooks (see stream_learner.fusion) ------------------------------------------
+
+    def heads(self) -> dict[str, tuple]:
+        """``{name: (featurizer or None, classifier)}``: what each learner learns with."""
+        return {slot.name: (slot.featurizer, slot.head) for slot in self._slots}
+
+    def replace_head(self, name: str, head: base.Classifier) -> None:
+        """Put ``head`` in place of learner ``name``'s classifier (same featurizer)."""
+        slot = self._slot(name)
+        slot.install(compose.Pipeline(slot.featurizer, head) if slot.featurizer is not None else head)
+
+    def set_peers(self, name: str, peers: list[tuple[float, base.Classifier]]) -> None:
+        """Learner ``name`` predicts with these ``(records, classifier)`` too, weighted."""
+        self._slot(name).peers = list(peers)
+
+    def journal(self, name: str) -> list:
+        """From now on, learner ``name`` appends each ``(x, y)`` it learns to the returned list."""
+        slot = self._slot(name)
+        slot.journal = []
+        return slot.journal
+
+    def _slot(self, name: str) -> _Slot:
+        for slot in self._slots:
+            if slot.name == name:
+                return slot
+        raise KeyError(f"no learner named {name!r}")
+
     # -- the loop -----------------------------------------------------------------------
 
     def process(self, record: Record, now: float | None = None) -> ProcessResult:
@@ -261,7 +308,7 @@ class StreamProcessor:
             try:
                 if slot.key not in features:
                     features[slot.key] = slot.features(text)
-                probas[slot.name] = slot.head.predict_proba_one(features[slot.key])
+                probas[slot.name] = slot.predict_proba(features[slot.key])
             except Exception as error:
                 raise LearnerFailure(slot.name, error) from error
         served = self._serve(probas)
@@ -336,6 +383,8 @@ class StreamProcessor:
                 continue
             try:
                 slot.head.learn_one(x, y)
+                if slot.journal is not None:
+                    slot.journal.append((x, y))
                 if slot.background_head is not None:
                     slot.background_head.learn_one(x, y)
                     slot.background_learned += 1

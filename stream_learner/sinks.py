@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -331,17 +332,18 @@ class Outputs:
     ) -> None:
         if not self.predictions_topic:
             return
-        value = {
-            "id": record_id,
-            "label": prediction.label,
-            "proba": {str(label): round(float(p), 6) for label, p in (prediction.proba or {}).items()},
-            "learner": prediction.learner,
-            "model_version": model_version,
-            "latency_ms": round(latency_seconds * 1000.0, 3),
-            "source": {"topic": message.topic, "partition": message.partition, "offset": message.offset},
-        }
+        # The bytes json.dumps gives for {"id", "label", "proba", "learner", "model_version",
+        # "latency_ms", "source"}, written directly: a third of the cost, once per record.
+        rounded = {str(label): round(float(p), 6) for label, p in (prediction.proba or {}).items()}
+        proba = ", ".join(f"{_string(label)}: {_number(p)}" for label, p in rounded.items())
+        value = (
+            f'{{"id": {_scalar(record_id)}, "label": {_scalar(prediction.label)}, "proba": {{{proba}}}, '
+            f'"learner": {_scalar(prediction.learner)}, "model_version": {_scalar(model_version)}, '
+            f'"latency_ms": {_number(round(latency_seconds * 1000.0, 3))}, "source": {{"topic": '
+            f'{_scalar(message.topic)}, "partition": {_scalar(message.partition)}, "offset": {_scalar(message.offset)}}}}}'
+        )
         self.sink.send(
-            self.predictions_topic, record_id.encode("utf-8"), _json(value), partition_hint=message.partition
+            self.predictions_topic, record_id.encode("utf-8"), value.encode("utf-8"), partition_hint=message.partition
         )
         self.predictions += 1
 
@@ -381,6 +383,23 @@ _ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)  # one encoder, not
 
 def _json(value: Mapping[str, Any]) -> bytes:
     return _ENCODER.encode(value).encode("utf-8")
+
+
+_string = json.encoder.encode_basestring  # what _ENCODER writes for a str (ensure_ascii off)
+
+
+def _scalar(value) -> str:
+    """``_ENCODER.encode(value)``, quicker for the common str and int."""
+    kind = type(value)
+    if kind is str:
+        return _string(value)
+    if kind is int:
+        return int.__repr__(value)
+    return _ENCODER.encode(value)
+
+
+def _number(value: float) -> str:
+    return float.__repr__(value) if math.isfinite(value) else _ENCODER.encode(value)
 
 
 if __name__ == "__main__":  # the producer process of ProcessSink

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
@@ -29,7 +30,9 @@ __all__ = [
     "Source",
     "MemorySource",
     "KafkaSource",
+    "ProcessSource",
     "SourceUnavailable",
+    "SourceError",
 ]
 
 log = logging.getLogger(__name__)
@@ -319,3 +322,439 @@ def _fmt(offsets) -> str:
         topic, partition = (tp.topic, tp.partition) if hasattr(tp, "topic") else tp
         items.append(f"{topic}[{partition}]={offset}")
     return ", ".join(items) or "-"
+
+
+class SourceError(RuntimeError):
+    """The source cannot go on (its consumer process has died); restart from the checkpoint."""
+
+
+class ProcessSource:
+    """A :class:`KafkaSource` running in a child process, so consuming uses the second core.
+
+    kafka-python parses every fetched record in Python and runs its network loop on a thread
+    of its own; in the worker's process both take GIL time from the learners. Here a child
+    interpreter owns the consumer: it polls ahead (at most ``prefetch`` batches the worker has
+    not taken yet) and sends each batch as plain tuples down a socket pair.
+
+    The semantics are :class:`KafkaSource`'s. Commits are manual: :meth:`commit` asks the
+    child to commit. The child forwards every rebalance callback in order with the batches and
+    waits for the answer: the worker first takes every batch sent before the callback, then its
+    handler checkpoints (revoke) or says where to start (assign), and the child commits or seeks.
+    Records of a revoked or lost partition that were fetched ahead but not yet handed to the
+    worker are dropped, never processed after the revoke: the offsets the worker commits on
+    revoke (its processed position) make the next owner read them again.
+
+    :meth:`lag` and :meth:`assignment` answer from what the child last sent (highwater marks
+    with every batch, the assignment as the callbacks arrive). If the child dies, :meth:`poll`
+    raises :class:`SourceError`; nothing more can be committed and a restart resumes from the
+    last checkpoint.
+    """
+
+    def __init__(
+        self,
+        topics: Iterable[str],
+        *,
+        bootstrap_servers: str,
+        group_id: str,
+        handler: RebalanceHandler,
+        max_poll_records: int = 500,
+        session_timeout_ms: int = 10_000,
+        auto_offset_reset: str = "earliest",
+        client_options: Mapping | None = None,
+        prefetch: int = 2,
+        startup_timeout: float = 120.0,
+    ):
+        import collections
+        import socket
+        import subprocess
+        import sys
+        from multiprocessing.connection import Connection
+
+        self.topics = list(topics)
+        self.handler = handler
+        self.prefetch = prefetch
+        self._inbox: collections.deque = collections.deque()
+        self._assignment: set[Partition] = set()
+        self._highwaters: dict[Partition, int] = {}
+        self._resume: dict[Partition, int] = {}
+        self._closed = False
+        self._failed: str | None = None
+        # A plain child interpreter (not multiprocessing's spawn, which re-imports the
+        # caller's __main__) talking over a socket pair.
+        ours, theirs = socket.socketpair()
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "stream_learner.sources", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        options = {
+            "topics": self.topics,
+            "bootstrap_servers": bootstrap_servers,
+            "group_id": group_id,
+            "max_poll_records": max_poll_records,
+            "session_timeout_ms": session_timeout_ms,
+            "auto_offset_reset": auto_offset_reset,
+            "client_options": dict(client_options or {}),
+        }
+        try:
+            self._conn.send((options, prefetch, logging.getLogger().level))
+            reply = self._conn.recv() if self._conn.poll(startup_timeout) else ("error", None)
+        except (OSError, EOFError):
+            reply = ("error", None)
+        if reply[0] != "ready":
+            self._stop_process(timeout=1.0)
+            error = reply[1]
+            if isinstance(error, BaseException):
+                raise error  # e.g. NoBrokersAvailable: the caller retries
+            raise SourceError(f"the consumer process did not start ({error or self._exit_status()})")
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    # -- the worker's side of the pipe -------------------------------------------------
+
+    def _exit_status(self) -> str:
+        code = self._process.poll()
+        return "still running" if code is None else f"exit code {code}"
+
+    def _died(self) -> SourceError:
+        self._failed = self._failed or f"the consumer process has stopped ({self._exit_status()})"
+        return SourceError(f"{self._failed}; restart the worker: it resumes from its last checkpoint")
+
+    def _send(self, message) -> None:
+        try:
+            self._conn.send(message)
+        except (OSError, EOFError, ValueError):
+            raise self._died() from None
+
+    def _read_available(self, timeout: float) -> None:
+        """Move what the child sent into the inbox, waiting up to ``timeout`` for the first."""
+        try:
+            ready = self._conn.poll(timeout)
+            while ready:
+                self._receive(self._conn.recv())
+                ready = self._conn.poll(0)
+        except (OSError, EOFError, ValueError):
+            raise self._died() from None
+
+    def _receive(self, item) -> None:
+        kind = item[0]
+        if kind in ("revoked", "lost"):
+            # Fetched ahead, not handed to the worker yet: never processed after the revoke.
+            gone = item[1]
+            for index, queued in enumerate(self._inbox):
+                if queued[0] != "batch":
+                    continue
+                kept = []
+                for group in queued[1]:
+                    tp = (group[0], group[1])
+                    if tp not in gone:
+                        kept.append(group)
+                    elif kind == "revoked" and group[2]:
+                        # kafka-python keeps the position of a partition assigned again
+                        # right away; it must go back to the first record dropped.
+                        self._resume.setdefault(tp, group[2][0][0])
+                self._inbox[index] = ("batch", kept, queued[2])
+        self._inbox.append(item)
+
+    def poll(self, timeout: float) -> list[Message]:
+        if self._closed:
+            raise RuntimeError("source is closed")
+        if self._failed:
+            raise self._died()
+        deadline = time.monotonic() + timeout
+        self._read_available(0)
+        while True:
+            while self._inbox:
+                item = self._inbox.popleft()
+                if item[0] == "batch":
+                    self._send(("ack",))  # a credit: the child may fetch one more batch
+                    self._highwaters.update(item[2])
+                    messages = [
+                        Message(topic, partition, offset, key, value, timestamp, headers)
+                        for topic, partition, records in item[1]
+                        for offset, key, value, timestamp, headers in records
+                    ]
+                    if messages:
+                        return messages
+                else:
+                    self._callback(item)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            self._read_available(remaining)
+
+    def _callback(self, item) -> None:
+        kind, argument = item[0], item[1]
+        if kind == "state":
+            self._highwaters.update(argument)
+            return
+        if kind == "error":  # the child's poll failed (broker trouble): the worker backs off
+            raise argument
+        answer = None
+        try:
+            if kind == "revoked":
+                self._assignment -= argument
+                answer = dict(self.handler.partitions_revoked(argument) or {})
+            elif kind == "assigned":
+                self._assignment |= argument
+                answer = dict(self.handler.partitions_assigned(argument, item[2]) or {})
+                for tp, offset in self._resume.items():
+                    if tp in argument:
+                        answer.setdefault(tp, offset)  # the handler's seek knows better
+                self._resume.clear()
+            elif kind == "lost":
+                self._assignment -= argument
+                self.handler.partitions_lost(argument)
+        except Exception:  # as kafka-python does with a failing listener: log, go on
+            log.exception("rebalance handler failed on %s %s", kind, sorted(argument))
+        self._send(("answer", answer))
+
+    def commit(self, offsets: Mapping[Partition, int]) -> None:
+        """Ask the child to commit (it commits only partitions it owns, as KafkaSource does)."""
+        if self._failed:
+            return  # poll has said so: nothing can be committed any more
+        if self._closed:
+            raise RuntimeError("source is closed")
+        if offsets:
+            self._send(("commit", dict(offsets)))
+
+    def assignment(self) -> set[Partition]:
+        return set(self._assignment)
+
+    def lag(self, positions: Mapping[Partition, int]) -> dict[Partition, int]:
+        return {
+            tp: max(0, self._highwaters[tp] - positions[tp])
+            for tp in self._assignment
+            if tp in positions and self._highwaters.get(tp) is not None
+        }
+
+    def close(self, timeout: float = 60.0) -> None:
+        """The child closes its consumer: the revoke comes back to the handler, which commits."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._failed:
+            deadline = time.monotonic() + timeout
+            try:
+                self._conn.send(("close",))
+                while time.monotonic() < deadline:
+                    if self._inbox:
+                        item = self._inbox.popleft()
+                    elif self._conn.poll(max(0.0, deadline - time.monotonic())):
+                        item = self._conn.recv()
+                    else:
+                        break
+                    if item[0] == "closed":
+                        break
+                    if item[0] in ("revoked", "lost", "assigned"):
+                        self._callback(item)
+                    # batches fetched ahead are dropped: the revoke commits what was processed
+            except (OSError, EOFError, ValueError):
+                pass
+        self._stop_process(timeout=10.0)
+
+    def _stop_process(self, timeout: float) -> None:
+        import subprocess
+
+        self._conn.close()
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+class _ForwardingHandler:
+    """In the consumer process: each rebalance callback goes to the worker, which answers."""
+
+    def __init__(self, child: _ConsumerProcess):
+        self.child = child
+
+    def partitions_revoked(self, partitions):
+        return self.child.ask(("revoked", set(partitions))) or {}
+
+    def partitions_assigned(self, partitions, committed):
+        return self.child.ask(("assigned", set(partitions), dict(committed))) or {}
+
+    def partitions_lost(self, partitions):
+        self.child.ask(("lost", set(partitions)))
+
+
+class _ConsumerProcess:
+    """The child of :class:`ProcessSource`: a KafkaSource driven by messages on a socket.
+
+    Its main thread polls the consumer and sends batches; a reader thread takes the worker's
+    messages (credits, commits, close, answers to callbacks). Callbacks run on kafka-python's
+    IO thread while the main thread is inside ``poll`` or ``close``; they send their question
+    and wait for the answer.
+    """
+
+    _EOF = ("eof",)
+
+    def __init__(self, conn):
+        import queue
+
+        self.conn = conn
+        self.commands: queue.Queue = queue.Queue()
+        self.answers: queue.Queue = queue.Queue()
+        self.send_lock = threading.Lock()
+        self.worker_gone = False
+
+    def send(self, message) -> bool:
+        if self.worker_gone:
+            return False
+        try:
+            with self.send_lock:
+                self.conn.send(message)
+            return True
+        except (OSError, EOFError, ValueError):
+            self.worker_gone = True
+            return False
+
+    def ask(self, question):
+        if not self.send(question):
+            return None  # the worker is gone: commit nothing, seek nowhere
+        answer = self.answers.get()
+        return None if answer is self._EOF else answer[1]
+
+    def read(self) -> None:
+        while True:
+            try:
+                item = self.conn.recv()
+            except (OSError, EOFError):
+                self.worker_gone = True
+                self.answers.put(self._EOF)
+                self.commands.put(self._EOF)
+                return
+            (self.answers if item[0] == "answer" else self.commands).put(item)
+
+    def run(self, options: dict, prefetch: int) -> None:
+        import queue
+
+        from kafka.errors import KafkaError
+
+        try:
+            source = KafkaSource(handler=_ForwardingHandler(self), **options)
+        except Exception as error:
+            self.send(("error", _picklable(error)))
+            return
+        self.send(("ready", None))
+        threading.Thread(target=self.read, name="stream-learner-worker-pipe", daemon=True).start()
+        consumer = source.consumer
+        in_flight = 0  # batches sent that the worker has not taken yet
+        backoff, retry_at = 0.5, 0.0
+        last_state = time.monotonic()
+        while True:
+            now = time.monotonic()
+            full = in_flight >= prefetch
+            wait = 0.5 if full else max(0.0, retry_at - now)
+            try:  # the worker's messages first; block only while there is nothing to fetch
+                command = self.commands.get(timeout=wait) if wait > 0 else self.commands.get_nowait()
+            except queue.Empty:
+                command = None
+            if command is not None:
+                if command[0] == "ack":
+                    in_flight -= 1
+                elif command[0] == "commit":
+                    try:
+                        source.commit(command[1])
+                    except Exception as error:  # the checkpoint holds them: commit next time
+                        log.warning("offset commit failed (will retry at the next checkpoint): %s", error)
+                elif command[0] in ("close", "eof"):
+                    try:
+                        source.close()  # the revoke goes to the worker (if alive), which commits
+                    finally:
+                        self.send(("closed", None))
+                    return
+                continue
+            if full or time.monotonic() < retry_at:
+                continue
+            try:
+                batches = consumer.poll(timeout_ms=100)
+            except KafkaError as error:  # broker trouble: tell the worker, back off, try again
+                self.send(("error", _picklable(error)))
+                retry_at = time.monotonic() + backoff
+                backoff = min(backoff * 2, 15.0)
+                continue
+            backoff = 0.5
+            now = time.monotonic()
+            if batches:
+                self.send(("batch", _as_tuples(batches), self._highwaters(consumer)))
+                in_flight += 1
+                last_state = now
+            elif now - last_state >= 1.0:  # idle: keep the worker's lag figures current
+                self.send(("state", self._highwaters(consumer)))
+                last_state = now
+
+    @staticmethod
+    def _highwaters(consumer) -> dict[Partition, int]:
+        marks = {}
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                marks[(tp.topic, tp.partition)] = highwater
+        return marks
+
+
+def _as_tuples(batches) -> list:
+    """kafka-python's records as ``[(topic, partition, [(offset, key, value, ts, headers)])]``."""
+    groups = []
+    for tp in sorted(batches, key=lambda tp: (tp.topic, tp.partition)):
+        records = [
+            (
+                r.offset,
+                r.key,
+                r.value,
+                r.timestamp / 1000.0 if r.timestamp is not None and r.timestamp >= 0 else None,
+                tuple((k, v) for k, v in (r.headers or ())),
+            )
+            for r in batches[tp]
+        ]
+        groups.append((tp.topic, tp.partition, records))
+    return groups
+
+
+def _picklable(error: BaseException) -> BaseException:
+    """The error itself if it survives the pipe, else a KafkaError saying what it was."""
+    import pickle
+
+    from kafka.errors import KafkaError
+
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return KafkaError(f"{type(error).__name__}: {error}")
+
+
+def _consumer_process(fd: int) -> None:
+    import signal as signal_module
+    from multiprocessing.connection import Connection
+
+    conn = Connection(fd)
+    try:
+        options, prefetch, log_level = conn.recv()
+    except (EOFError, OSError):
+        return
+    # Ctrl-C and SIGTERM are for the worker, which closes us in order.
+    signal_module.signal(signal_module.SIGINT, signal_module.SIG_IGN)
+    signal_module.signal(signal_module.SIGTERM, signal_module.SIG_IGN)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if log_level > logging.DEBUG:  # as the worker does: our log lines say what went wrong
+        logging.getLogger("kafka").setLevel(logging.WARNING)
+        for name in ("kafka.net", "kafka.cluster", "kafka.producer.sender"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    _ConsumerProcess(conn).run(options, prefetch)
+
+
+if __name__ == "__main__":  # the consumer process of ProcessSource
+    import sys
+
+    # From the module by its own name, so log lines say stream_learner.sources, not __main__.
+    from stream_learner.sources import _consumer_process as run_consumer_process
+
+    run_consumer_process(int(sys.argv[1]))

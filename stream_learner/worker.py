@@ -45,13 +45,14 @@ from .config import ConfigError, WorkerConfig, add_config_arguments, config_from
 from .records import DecodeError, Decoder, Reason, Record
 from .runner import LearnerFailure, Outcome, StreamProcessor
 from .sinks import Outputs, Sink, SinkError
-from .sources import Message, Partition, Source
+from .sources import Message, Partition, Source, SourceError, SourceUnavailable
 
 __all__ = ["Worker", "build_processor", "run_worker", "add_run_parser"]
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
+_FUSION_STRIDE = 50  # records between two looks at the fusion clock inside a batch
 
 
 class _NoMetrics:
@@ -93,6 +94,10 @@ class Worker:
         flush_timeout: float = 10.0,
         metrics=None,
         readiness=None,
+        fusion=None,
+        model_feed=None,
+        models_topic: str | None = None,
+        fusion_start_wait: float = 15.0,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.processor = processor
@@ -106,6 +111,11 @@ class Worker:
         self.flush_timeout = flush_timeout
         self.metrics = metrics or _NoMetrics()
         self.readiness = readiness
+        self.fusion = fusion
+        self.model_feed = model_feed
+        self.models_topic = models_topic
+        self.fusion_start_wait = fusion_start_wait
+        self._peers_logged: dict | None = None
         self.clock = clock
         self.source: Source | None = None
         self.metrics_url: str | None = None
@@ -113,6 +123,7 @@ class Worker:
         self.owned: set[Partition] = set()
         self._handed_over: set[Partition] = set()
         self._since_checkpoint = 0
+        self._folded = False
         self._last_checkpoint = clock()
         self._checkpointed_offsets: dict[Partition, int] = dict(self.offsets)
 
@@ -176,8 +187,17 @@ class Worker:
         started = time.perf_counter()
         before = collections.Counter(self.counts)
         predictions_before = self.outputs.predictions
-        for message in messages:
-            self.handle(message)
+        if self.fusion is None:
+            for message in messages:
+                self.handle(message)
+        else:
+            # Fusion rounds may fall inside a batch: how far peers lag behind is bounded by
+            # the cadence, not by the batch size.
+            for start in range(0, len(messages), _FUSION_STRIDE):
+                for message in messages[start : start + _FUSION_STRIDE]:
+                    self.handle(message)
+                if self.fusion.due():
+                    self.fusion_round()
         self.outputs.sink.dispatch()
         seconds = time.perf_counter() - started
         if messages:
@@ -207,7 +227,7 @@ class Worker:
             log.warning("checkpoint (%s) postponed: %s", reason, error)
             self.metrics.checkpoint_failed()
             return False
-        if self.store is not None and (self._since_checkpoint or not self.store.paths()):
+        if self.store is not None and (self._since_checkpoint or self._folded or not self.store.paths()):
             try:
                 path = self.store.save(self.state(), self.offsets, info={"reason": reason, "messages": self.counts["messages"]})
             except Exception as error:  # disk full, a learner that cannot be pickled, ...
@@ -218,8 +238,45 @@ class Worker:
             self.metrics.checkpoint_succeeded(time.perf_counter() - started, time.time())
         self._checkpointed_offsets = dict(self.offsets)
         self._since_checkpoint = 0
+        self._folded = False
         self._last_checkpoint = self.clock()
+        if self.fusion is not None and reason == "shutdown":
+            # The last snapshot is the checkpoint's state: it covers exactly the offsets committed.
+            self.publish_snapshots(full=True)
         return True
+
+    # -- fusion (see stream_learner.fusion) ----------------------------------------------
+
+    def fusion_round(self) -> None:
+        """Publish what we learned since the last round, fold in what the peers published."""
+        self.publish_snapshots()
+        self.fold()
+
+    def publish_snapshots(self, full: bool | None = None) -> None:
+        try:
+            messages = self.fusion.snapshots(self.processor, full=full)
+        except Exception as error:  # a learner that cannot be snapshot must not stop learning
+            log.error("cannot publish learner snapshots: %s", _describe(error))
+            return
+        for key, value, headers in messages:
+            self.outputs.sink.send(self.models_topic, key, value, headers)
+        self.outputs.sink.dispatch()
+
+    def fold(self) -> None:
+        if self.model_feed is None:
+            return
+        peers = self.model_feed.latest()
+        try:
+            used = self.fusion.fold(self.processor, peers)
+        except Exception as error:
+            log.error("folding the peers' snapshots failed (learners unchanged where it failed): %s", _describe(error))
+            return
+        if any(used.values()):
+            self._folded = True  # state changed: the next checkpoint saves it
+            self.processor.model_version += 1
+        if used != self._peers_logged:
+            self._peers_logged = used
+            log.info("fused with peers: %s", "; ".join(f"{name} <- {','.join(w) or '-'}" for name, w in used.items()))
 
     def commit(self) -> None:
         """Commit the checkpointed offsets of the partitions we own (never more)."""
@@ -232,7 +289,10 @@ class Worker:
             log.warning("offset commit failed (will retry at the next checkpoint): %s", _describe(error))
 
     def state(self) -> dict:
-        return {"format": STATE_FORMAT, "processor": self.processor, "counts": dict(self.counts)}
+        state = {"format": STATE_FORMAT, "processor": self.processor, "counts": dict(self.counts)}
+        if self.fusion is not None:
+            state["fusion"] = self.fusion.state()
+        return state
 
     # -- rebalance handler (runs while the main loop waits inside poll) ------------------
 
@@ -294,11 +354,18 @@ class Worker:
         last_progress = self.clock()
         from kafka.errors import KafkaError
 
+        if self.fusion is not None:
+            self.fusion.attach(self.processor)
+        if self.fusion is not None and self.model_feed is not None:
+            # A worker that joins late starts from what its peers learned, not from scratch.
+            if not self.model_feed.wait_caught_up(self.fusion_start_wait):
+                log.warning("models topic not read to its end within %.0f s; starting without it", self.fusion_start_wait)
+            self.fold()
         backoff = 0.5
         while not stop.is_set():
             try:
                 messages = source.poll(poll_timeout)
-            except KafkaError as error:  # broker trouble: keep state, back off, try again
+            except (KafkaError, SourceUnavailable) as error:  # broker trouble: keep state, back off, retry
                 if self.readiness is not None:
                     self.readiness.broker_reachable = False
                 log.warning("poll failed (%s); retrying in %.1f s", _describe(error), backoff)
@@ -316,6 +383,8 @@ class Worker:
                 last_message = now
             if self.checkpoint_due() and self.checkpoint():
                 self.commit()
+            if self.fusion is not None and self.fusion.due():
+                self.fusion_round()
             if now - last_progress >= progress_every:
                 last_progress = now
                 self._report(source)
@@ -377,6 +446,10 @@ def _event_time(record: Record, message: Message) -> float | None:
 
 def make_sink(config: WorkerConfig) -> Sink:
     """The output producer of ``config.client``."""
+    if config.client == "confluent":  # librdkafka produces on its own threads: in-process
+        return _confluent().ConfluentSink(
+            bootstrap_servers=config.bootstrap_servers, client_options=config.client_options()
+        )
     from .sinks import KafkaSink, ProcessSink
 
     sink_class = ProcessSink if config.producer_process else KafkaSink
@@ -385,9 +458,22 @@ def make_sink(config: WorkerConfig) -> Sink:
 
 def make_source(config: WorkerConfig, handler) -> Source:
     """The group consumer of ``config.client``; ``handler`` gets the rebalance callbacks."""
-    from .sources import KafkaSource
+    if config.client == "confluent":
+        return _confluent().ConfluentSource(
+            config.input_topics,
+            bootstrap_servers=config.bootstrap_servers,
+            group_id=config.group_id,
+            handler=handler,
+            max_poll_records=config.max_poll_records,
+            session_timeout_ms=config.session_timeout_ms,
+            auto_offset_reset=config.auto_offset_reset,
+            client_options=config.client_options(),
+        )
+    from .sources import KafkaSource, ProcessSource
 
-    return KafkaSource(
+    # In a child process the consumer parses records on the second core, not the learners'.
+    source_class = ProcessSource if config.consumer_process else KafkaSource
+    return source_class(
         config.input_topics,
         bootstrap_servers=config.bootstrap_servers,
         group_id=config.group_id,
@@ -397,6 +483,18 @@ def make_source(config: WorkerConfig, handler) -> Source:
         auto_offset_reset=config.auto_offset_reset,
         client_options=config.client_options(),
     )
+
+
+def _confluent():
+    try:
+        import confluent_kafka  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "--client confluent needs confluent-kafka: pip install 'stream-learner[confluent]'"
+        ) from None
+    from . import confluent
+
+    return confluent
 
 
 def build_processor(config: WorkerConfig) -> StreamProcessor:
@@ -466,8 +564,10 @@ def run_worker(
                 )
                 return 2
             offsets, counts = checkpoint.offsets, state.get("counts", {})
+            fusion_state = state.get("fusion")
             log.info("resuming after %d messages", counts.get("messages", 0))
         else:
+            fusion_state = None
             try:
                 processor = build_processor(config)
             except (ValueError, ImportError) as error:
@@ -479,8 +579,23 @@ def run_worker(
         if readiness is not None:
             readiness.checkpoint_loaded = True
 
-        sink = _with_retries("producer", lambda: make_sink(config), stop)
+        fusion = feed = None
+        if config.fusion_rules is not None:
+            fusion, feed = _start_fusion(config, key, fusion_state, stop)
+            if fusion is None:
+                return 0
+        try:
+            sink = _with_retries("producer", lambda: make_sink(config), stop)
+        except (ConfigError, ValueError) as error:  # a client that cannot be built as configured
+            log.error("%s", error)
+            if feed is not None:
+                feed.stop()
+            if server is not None:
+                server.stop()
+            return 2
         if sink is None:
+            if feed is not None:
+                feed.stop()
             return 0
         outputs = Outputs(
             sink,
@@ -498,10 +613,15 @@ def run_worker(
             checkpoint_every_seconds=config.checkpoint_every_seconds,
             metrics=metrics,
             readiness=readiness,
+            fusion=fusion,
+            model_feed=feed,
+            models_topic=config.models_topic,
         )
         source = _with_retries("consumer", lambda: make_source(config, worker), stop)
         if source is None:
             sink.close()
+            if feed is not None:
+                feed.stop()
             return 0
         if readiness is not None:
             readiness.broker_reachable = True
@@ -512,6 +632,7 @@ def run_worker(
         )
         if on_ready is not None:
             on_ready(worker)
+        source_failed = False
         try:
             worker.run(
                 source,
@@ -522,21 +643,72 @@ def run_worker(
                 progress_every=progress_every,
                 heartbeat=heartbeat,
             )
+        except SourceError as error:  # the consumer process died: nothing more to commit
+            log.error("%s", error)
+            source_failed = True
         finally:
             watchdog = _Watchdog(config.shutdown_timeout)
             try:
                 clean = worker.shutdown(source, sink)
             finally:
                 watchdog.cancel()
+                if feed is not None:
+                    feed.stop()
                 if heartbeat is not None:
                     heartbeat.stop("worker stopped")
                 if server is not None:
                     server.stop()
         summary = worker.summary()
         log.info("stopped: %s", ", ".join(f"{k} {v:,}" for k, v in summary.items()))
-        return 0 if clean else 1
+        return 0 if clean and not source_failed else 1
     finally:
         lock.release()
+
+
+def worker_id(config: WorkerConfig) -> str:
+    """This worker's name in its group: ``--worker-id``, else the host name (stable in a
+    Kubernetes StatefulSet)."""
+    import socket
+
+    return config.worker_id or socket.gethostname()
+
+
+def _start_fusion(config: WorkerConfig, key: bytes, state, stop: threading.Event):
+    """The fusion rules and the thread reading the models topic (created, compacted, if new)."""
+    from .broker import create_topics
+    from .fusion import Fusion, ModelFeed
+
+    created = _with_retries(
+        "models topic",
+        lambda: create_topics(
+            config.bootstrap_servers,
+            {config.models_topic: 1},
+            configs={"cleanup.policy": "compact"},
+            client_options=config.client_options(),
+        ),
+        stop,
+    )
+    if created is None:
+        return None, None
+    name = worker_id(config)
+    fusion = Fusion(
+        name,
+        config.fusion_rules,
+        key=key,
+        every_seconds=config.fusion_every_seconds,
+        full_every_seconds=config.fusion_full_every_seconds,
+        max_age=config.fusion_max_age,
+    )
+    fusion.restore(state)
+    feed = ModelFeed(
+        config.models_topic,
+        bootstrap_servers=config.bootstrap_servers,
+        worker_id=name,
+        key=key,
+        client_options=config.client_options(),
+    ).start()
+    log.info("fusion on as worker %s: snapshots every %.0f s on %s", name, config.fusion_every_seconds, config.models_topic)
+    return fusion, feed
 
 
 class _Watchdog:
@@ -604,6 +776,13 @@ def _run(args) -> int:
     except ConfigError as error:
         log.error("%s", error)
         return 2
+    if config.processes > 1:
+        from .supervisor import run_processes
+
+        raw = getattr(args, "raw_argv", None) or []
+        run_argv = raw[raw.index("run") + 1 :] if "run" in raw else []
+        os.environ.setdefault("STREAM_LEARNER_LOG_LEVEL", logging.getLevelName(logging.getLogger().getEffectiveLevel()))
+        return run_processes(config, run_argv)
     stop = threading.Event()
 
     def request_stop(signum, _frame):

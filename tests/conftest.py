@@ -49,3 +49,12 @@ def fetched_dataset():
             pytest.skip(f"dataset {name} unavailable: {error}")
 
     return get
+
+
+@pytest.fixture(params=["kafka-python", "confluent"])
+def kafka_client(request):
+    """The Kafka client library the worker uses (``--client``): every Kafka worker test runs
+    against both."""
+    if request.param == "confluent":
+        pytest.importorskip("confluent_kafka")
+    return request.param

@@ -18,6 +18,8 @@ VOCABULARY = {
     "news": ["election", "market", "storm", "league", "minister", "court", "weather", "score", "vote", "bank"],
 }
 SHARED = ["the", "a", "and", "to", "of", "in", "is", "for", "on", "with"]
+# The log line of a worker that got partitions, whichever client (or consumer process) logs it.
+ASSIGNED = "assigned [('"
 
 
 def synthetic_records(n: int, seed: int = 0, prefix: str = "r") -> list[Record]:
@@ -69,7 +71,7 @@ def read_topic(bootstrap: str, topic: str, expected: int | None = None, timeout:
         consumer.close()
 
 
-def start_worker_process(broker, names, checkpoint_dir, log_path, *extra, group=None):
+def start_worker_process(broker, names, checkpoint_dir, log_path, *extra, group=None, client="kafka-python"):
     env = dict(os.environ, STREAM_LEARNER_CHECKPOINT_KEY=KEY, PYTHONUNBUFFERED="1")
     command = [
         sys.executable, "-m", "stream_learner.cli", "run",
@@ -78,6 +80,7 @@ def start_worker_process(broker, names, checkpoint_dir, log_path, *extra, group=
         "--group-id", group or f"{names}-group",
         "--checkpoint-dir", str(checkpoint_dir),
         "--session-timeout-ms", "3000",
+        "--client", client,
         *extra,
     ]
     with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor

@@ -2,11 +2,13 @@
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 
+import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from stream_learner.features import TextFeaturizer
@@ -138,3 +140,86 @@ def test_normalize_a_subset_of_kinds():
     ]  # fmt: skip
     with pytest.raises(ValueError, match="unknown kinds"):
         TextFeaturizer(normalize="urls,hashtags").tokens("x")
+
+
+# --- batches: buckets_many ------------------------------------------------------------------------
+
+BATCH_CONFIGS = [
+    {},
+    {"n_buckets": 1000, "word_ngrams": 3, "seed": 7},
+    {"word_ngrams": 1, "char_ngrams": (2, 4), "norm": "l2"},
+    {"char_ngrams": (3, 5), "punctuation": False, "binary": True},
+    {"normalize": False, "norm": "l2"},
+    {"normalize": "urls,numbers", "word_ngrams": 0, "cache_size": 8},
+]
+
+# Pieces that exercise the tokenizer and the normalizations, mixed with arbitrary unicode.
+_PIECES = st.sampled_from(
+    [
+        " ", "\t", "\n", "\x1c", "\xa0", "'", "’", "''", "don't", "it's!", "@bob", "@", "a@b.co",
+        "http://x.org/a,", "www.y.com", "3.14", "42", "#tag", "(word", "word)", "!!!", ":)",
+        "_", "__num__", "Straße", "ＨＥＬＬＯ", "İ", "q\u0303", "日本語", "\x00\x00", "\x00",
+        "\ud800", "ǅ", "Σς", "x\u00a8y",
+    ]
+)  # fmt: skip
+_MIXED = st.lists(st.one_of(_PIECES, _PIECES, st.text(max_size=5)), max_size=12)
+_TEXTS = st.one_of(st.text(max_size=60), _MIXED.map(" ".join), _MIXED.map("".join))
+
+
+TRICKY = [
+    "x @bob y", "a''b it's! 'quoted' don't dogs' ’tis", "#tag (word) word) !!! :) @", "mail a@b.co now",
+    "see http://x.org/a, www.y.com 3.14 42 7-10 #1", "Straße ＨＥＬＬＯ İ Σς ǅ", "_ __num__ x_y",
+    "q\u0303 x\u00a8y \ud800 \x00", "bob@ @@bob @bob. (@bob", "",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("config", BATCH_CONFIGS, ids=str)
+@settings(max_examples=80, deadline=None)
+@given(texts=st.lists(_TEXTS, max_size=8))
+@example(texts=TRICKY)
+@example(texts=[*TRICKY, "a \x00\x00 b"])  # the separator in a text: the per-text path
+def test_a_batch_gives_each_text_what_transform_one_gives(config, texts):
+    batched = TextFeaturizer(**config)
+    single = TextFeaturizer(**config)
+    for _ in range(2):  # the second pass reads the chunk caches the first filled
+        batch = batched.buckets_many(texts)
+        assert len(batch) == len(texts)
+        assert batch.ids.dtype == np.int64 and batch.offsets[0] == 0 and batch.offsets[-1] == batch.ids.size
+        for i, text in enumerate(texts):
+            assert batch.record(i) == single.transform_one(text)
+            start, end = batch.offsets[i], batch.offsets[i + 1]
+            if batch.weights is None:  # the entries are the buckets, with repeats
+                assert sorted(batch.ids[start:end].tolist()) == sorted(single.buckets(text))
+
+
+def test_a_batch_handles_what_transform_one_handles():
+    featurizer = TextFeaturizer(n_buckets=2**10)
+    texts = ["Good good movie", None, "", "a \x00\x00 b", "ok"]  # the separator chunk, too
+    batch = featurizer.buckets_many(texts)
+    assert [batch.record(i) for i in range(len(texts))] == [featurizer.transform_one(t) for t in texts]
+    assert len(featurizer.buckets_many([])) == 0
+    on = TextFeaturizer(n_buckets=2**10, on="body")
+    assert on.buckets_many([{"body": "hi there"}]).record(0) == featurizer.transform_one("hi there")
+    with pytest.raises(ValueError, match="dense"):
+        TextFeaturizer(n_buckets=16, dense=True).buckets_many(["a"])
+
+
+def test_the_chunk_cache_stays_bounded_on_a_stream():
+    featurizer = TextFeaturizer(cache_size=64)
+    fresh = TextFeaturizer()
+    for i in range(300):
+        texts = [f"w{i}x{j} v{i}y{j}, z{i}!" for j in range(4)]  # every chunk new
+        batch = featurizer.buckets_many(texts)
+        assert [batch.record(j) for j in range(4)] == [fresh.transform_one(t) for t in texts]
+        assert len(featurizer._chunk_caches[0]) <= 64
+
+
+def test_pickled_featurizer_leaves_its_caches_behind_and_maps_alike():
+    featurizer = TextFeaturizer(char_ngrams=(3, 4))
+    texts = ["stable hashing matters", "again, stable"]
+    before = featurizer.buckets_many(texts)
+    copy = pickle.loads(pickle.dumps(featurizer))
+    assert not hasattr(copy, "_chunk_caches")
+    after = copy.buckets_many(texts)
+    assert [after.record(i) for i in range(2)] == [before.record(i) for i in range(2)]
+    assert sorted(before.record(0)) == sorted(TextFeaturizer(char_ngrams=(3, 4)).transform_one(texts[0]))

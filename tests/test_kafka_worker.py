@@ -13,6 +13,7 @@ import time
 
 import pytest
 from kafka_helpers import (
+    ASSIGNED,
     KEY,
     load_final_state,
     messages_checkpointed,
@@ -33,7 +34,7 @@ from stream_learner.worker import run_worker
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 
-def worker_config(broker, names, tmp_path, *extra, idle="3"):
+def worker_config(client, broker, names, tmp_path, *extra, idle="3"):
     return load_config(
         [
             "--topic", f"{names}-in",
@@ -42,6 +43,7 @@ def worker_config(broker, names, tmp_path, *extra, idle="3"):
             "--checkpoint-dir", str(tmp_path / "ckpt"),
             "--session-timeout-ms", "3000",
             "--stop-when-idle", idle,
+            "--client", client,
             *extra,
         ],
         environ={"STREAM_LEARNER_CHECKPOINT_KEY": KEY},
@@ -64,13 +66,13 @@ def nb_parameters(processor):
 # -- end to end ------------------------------------------------------------------------
 
 
-def test_end_to_end_predictions_match_evaluate_on_the_same_records(kafka_broker, kafka_names, tmp_path):
+def test_end_to_end_predictions_match_evaluate_on_the_same_records(kafka_broker, kafka_names, tmp_path, kafka_client):
     records = synthetic_records(3000, seed=1)
     topic = f"{kafka_names}-in"
     create_topics(kafka_broker.bootstrap_servers, {topic: 1, f"{topic}.predictions": 1, f"{topic}.dlq": 1})
     produce_records(records, bootstrap_servers=kafka_broker.bootstrap_servers, topic=topic)
 
-    code, worker = run_in_process(worker_config(kafka_broker, kafka_names, tmp_path, "--learners", "nb,pa"))
+    code, worker = run_in_process(worker_config(kafka_client, kafka_broker, kafka_names, tmp_path, "--learners", "nb,pa"))
     assert code == 0
     predictions = read_topic(kafka_broker.bootstrap_servers, f"{topic}.predictions", expected=3000)
     values = [json.loads(m.value) for m in predictions]
@@ -90,13 +92,13 @@ def test_end_to_end_predictions_match_evaluate_on_the_same_records(kafka_broker,
     assert worker.summary()["learned"] == 3000
 
 
-def test_delayed_labels_in_the_same_topic_are_joined_like_evaluate(kafka_broker, kafka_names, tmp_path):
+def test_delayed_labels_in_the_same_topic_are_joined_like_evaluate(kafka_broker, kafka_names, tmp_path, kafka_client):
     records = synthetic_records(1500, seed=2)
     topic = f"{kafka_names}-in"
     create_topics(kafka_broker.bootstrap_servers, {topic: 1})
     produce_records(records, bootstrap_servers=kafka_broker.bootstrap_servers, topic=topic, labels_delay=40)
 
-    code, worker = run_in_process(worker_config(kafka_broker, kafka_names, tmp_path))
+    code, worker = run_in_process(worker_config(kafka_client, kafka_broker, kafka_names, tmp_path))
     assert code == 0
     summary = worker.summary()
     assert summary["predicted"] == 1500 and summary["label_joined"] == 1500
@@ -108,13 +110,13 @@ def test_delayed_labels_in_the_same_topic_are_joined_like_evaluate(kafka_broker,
     assert nb_parameters(worker.processor) == nb_parameters(reference)
 
 
-def test_labels_from_a_separate_topic_are_joined_by_id(kafka_broker, kafka_names, tmp_path):
+def test_labels_from_a_separate_topic_are_joined_by_id(kafka_broker, kafka_names, tmp_path, kafka_client):
     records = synthetic_records(800, seed=3)
     topic, labels_topic = f"{kafka_names}-in", f"{kafka_names}-labels"
     create_topics(kafka_broker.bootstrap_servers, {topic: 2, labels_topic: 2})
     unlabelled = [Record(r.id, r.text) for r in records]
     produce_records(unlabelled, bootstrap_servers=kafka_broker.bootstrap_servers, topic=topic)
-    config = worker_config(kafka_broker, kafka_names, tmp_path, "--labels-topic", labels_topic, idle="6")
+    config = worker_config(kafka_client, kafka_broker, kafka_names, tmp_path, "--labels-topic", labels_topic, idle="6")
 
     def send_labels_once_predicted():
         read_topic(kafka_broker.bootstrap_servers, f"{topic}.predictions", expected=800, timeout=60)
@@ -148,7 +150,7 @@ MALFORMED = {
 }
 
 
-def test_bad_input_is_dead_lettered_with_reason_and_original_bytes(kafka_broker, kafka_names, tmp_path):
+def test_bad_input_is_dead_lettered_with_reason_and_original_bytes(kafka_broker, kafka_names, tmp_path, kafka_client):
     rng = random.Random(4)
     good = synthetic_records(2000, seed=4)
     bad = []
@@ -169,7 +171,7 @@ def test_bad_input_is_dead_lettered_with_reason_and_original_bytes(kafka_broker,
     ]
     produce_messages(messages, bootstrap_servers=kafka_broker.bootstrap_servers)
 
-    code, worker = run_in_process(worker_config(kafka_broker, kafka_names, tmp_path))
+    code, worker = run_in_process(worker_config(kafka_client, kafka_broker, kafka_names, tmp_path))
     assert code == 0
     dead = read_topic(kafka_broker.bootstrap_servers, f"{topic}.dlq", expected=len(bad))
     assert len(dead) == len(bad)
@@ -205,7 +207,7 @@ def test_bad_input_is_dead_lettered_with_reason_and_original_bytes(kafka_broker,
 # -- crashes ---------------------------------------------------------------------------
 
 
-def test_kill_9_five_times_every_record_learned_exactly_once(kafka_broker, kafka_names, tmp_path):
+def test_kill_9_five_times_every_record_learned_exactly_once(kafka_broker, kafka_names, tmp_path, kafka_client):
     n = 20_000
     records = synthetic_records(n, seed=5)
     topic = f"{kafka_names}-in"
@@ -224,9 +226,9 @@ def test_kill_9_five_times_every_record_learned_exactly_once(kafka_broker, kafka
     kills = 0
     sizes_at_kill = []
     while kills < 5:
-        process = start_worker_process(kafka_broker, kafka_names, checkpoint_dir, log_path, *cadence)
+        process = start_worker_process(kafka_broker, kafka_names, checkpoint_dir, log_path, *cadence, client=kafka_client)
         # Kill at a random moment once it is consuming (after it joined the group).
-        wait_for_log(log_path, "sources: assigned", count=kills + 1, process=process)
+        wait_for_log(log_path, ASSIGNED, count=kills + 1, process=process)
         time.sleep(rng.uniform(0.3, 2.5))
         assert process.poll() is None, log_path.read_text()[-3000:]
         process.send_signal(signal.SIGKILL)
@@ -235,7 +237,7 @@ def test_kill_9_five_times_every_record_learned_exactly_once(kafka_broker, kafka
         sizes_at_kill.append(messages_checkpointed(checkpoint_dir))
     producer.join()
     process = start_worker_process(
-        kafka_broker, kafka_names, checkpoint_dir, log_path, *cadence, "--stop-when-idle", "4"
+        kafka_broker, kafka_names, checkpoint_dir, log_path, *cadence, "--stop-when-idle", "4", client=kafka_client
     )
     assert process.wait(timeout=120) == 0, log_path.read_text()[-3000:]
 
@@ -262,7 +264,7 @@ def test_kill_9_five_times_every_record_learned_exactly_once(kafka_broker, kafka
 # -- shutdown, rebalance, broker outage -----------------------------------------------
 
 
-def test_sigterm_finishes_the_batch_checkpoints_commits_and_exits_0(kafka_broker, kafka_names, tmp_path):
+def test_sigterm_finishes_the_batch_checkpoints_commits_and_exits_0(kafka_broker, kafka_names, tmp_path, kafka_client):
     n = 6000
     records = synthetic_records(n, seed=6)
     topic = f"{kafka_names}-in"
@@ -277,8 +279,8 @@ def test_sigterm_finishes_the_batch_checkpoints_commits_and_exits_0(kafka_broker
     checkpoint_dir, log_path = tmp_path / "ckpt", tmp_path / "worker.log"
     # A long checkpoint cadence: only the shutdown can have written the checkpoint.
     slow = ["--checkpoint-every-records", "1000000", "--checkpoint-every-seconds", "3600"]
-    process = start_worker_process(kafka_broker, kafka_names, checkpoint_dir, log_path, *slow)
-    wait_for_log(log_path, "sources: assigned", process=process)
+    process = start_worker_process(kafka_broker, kafka_names, checkpoint_dir, log_path, *slow, client=kafka_client)
+    wait_for_log(log_path, ASSIGNED, process=process)
     time.sleep(2.0)
     assert process.poll() is None, log_path.read_text()[-3000:]
     process.send_signal(signal.SIGTERM)
@@ -298,7 +300,7 @@ def test_sigterm_finishes_the_batch_checkpoints_commits_and_exits_0(kafka_broker
 
     producer.join()
     process = start_worker_process(
-        kafka_broker, kafka_names, checkpoint_dir, log_path, *slow, "--stop-when-idle", "3"
+        kafka_broker, kafka_names, checkpoint_dir, log_path, *slow, "--stop-when-idle", "3", client=kafka_client
     )
     assert process.wait(timeout=60) == 0, log_path.read_text()[-3000:]
     final = load_final_state(checkpoint_dir)
@@ -306,7 +308,7 @@ def test_sigterm_finishes_the_batch_checkpoints_commits_and_exits_0(kafka_broker
     assert final.state["processor"].learner_stats()["nb"]["learned"] == n
 
 
-def test_two_workers_split_partitions_and_skip_nothing(kafka_broker, kafka_names, tmp_path):
+def test_two_workers_split_partitions_and_skip_nothing(kafka_broker, kafka_names, tmp_path, kafka_client):
     n = 8000
     records = synthetic_records(n, seed=7)
     topic = f"{kafka_names}-in"
@@ -320,11 +322,11 @@ def test_two_workers_split_partitions_and_skip_nothing(kafka_broker, kafka_names
     producer.start()
     cadence = ["--checkpoint-every-seconds", "2"]
     first = start_worker_process(
-        kafka_broker, kafka_names, tmp_path / "a", tmp_path / "a.log", *cadence, "--stop-when-idle", "5"
+        kafka_broker, kafka_names, tmp_path / "a", tmp_path / "a.log", *cadence, "--stop-when-idle", "5", client=kafka_client
     )
-    wait_for_log(tmp_path / "a.log", "sources: assigned", process=first)
-    second = start_worker_process(kafka_broker, kafka_names, tmp_path / "b", tmp_path / "b.log", *cadence)
-    wait_for_log(tmp_path / "b.log", "sources: assigned", process=second)
+    wait_for_log(tmp_path / "a.log", ASSIGNED, process=first)
+    second = start_worker_process(kafka_broker, kafka_names, tmp_path / "b", tmp_path / "b.log", *cadence, client=kafka_client)
+    wait_for_log(tmp_path / "b.log", ASSIGNED, process=second)
     time.sleep(3.0)
     # The second worker leaves mid-stream: its partitions go back to the first.
     second.send_signal(signal.SIGTERM)
@@ -341,11 +343,11 @@ def test_two_workers_split_partitions_and_skip_nothing(kafka_broker, kafka_names
     assert {m.key.decode() for m in predictions} == {r.id for r in records}
 
 
-def test_worker_waits_for_an_unreachable_broker_and_then_works(kafka_names, tmp_path):
+def test_worker_waits_for_an_unreachable_broker_and_then_works(kafka_names, tmp_path, kafka_client):
     port = free_port()
     log_path = tmp_path / "worker.log"
     late = EmbeddedBroker(port=port)
-    process = start_worker_process(late, kafka_names, tmp_path / "ckpt", log_path, "--stop-when-idle", "3")
+    process = start_worker_process(late, kafka_names, tmp_path / "ckpt", log_path, "--stop-when-idle", "3", client=kafka_client)
     try:
         wait_for_log(log_path, "broker unreachable", count=2, process=process)
         assert process.poll() is None, log_path.read_text()[-3000:]
@@ -361,7 +363,7 @@ def test_worker_waits_for_an_unreachable_broker_and_then_works(kafka_names, tmp_
             process.kill()
 
 
-def test_the_metrics_endpoint_counts_what_the_worker_did(kafka_broker, kafka_names, tmp_path):
+def test_the_metrics_endpoint_counts_what_the_worker_did(kafka_broker, kafka_names, tmp_path, kafka_client):
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -374,7 +376,7 @@ def test_the_metrics_endpoint_counts_what_the_worker_did(kafka_broker, kafka_nam
     messages = [(topic, r.id.encode(), Decoder().encode(r)) for r in good]
     messages += [(topic, b"bad", b"{not json")] * 40
     produce_messages(messages, bootstrap_servers=kafka_broker.bootstrap_servers)
-    config = worker_config(kafka_broker, kafka_names, tmp_path, "--metrics-port", "0")
+    config = worker_config(kafka_client, kafka_broker, kafka_names, tmp_path, "--metrics-port", "0")
     scraped, ready = {}, []
 
     def scrape_at_the_end(worker):

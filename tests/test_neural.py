@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from river import checks
 
-from stream_learner.features import TextFeaturizer
+from stream_learner.features import BucketBatch, TextFeaturizer
 from stream_learner.learners import make_learner
 from stream_learner.neural import NeuralClassifier, fuse, neural_step
 
@@ -411,3 +411,114 @@ def test_a_refused_record_does_not_add_its_label():
     with pytest.raises(ValueError):
         model.learn_many([{1: float("nan")}], ["never"])
     assert model.classes == ["a"]
+
+
+# --- mini-batches of bucket ids (BucketBatch) ---------------------------------------------------
+
+
+def _texts_and_labels(stream):
+    return [text for text, _ in stream], [label for _, label in stream]
+
+
+def test_bucket_batches_learn_what_lists_of_bucket_ids_learn():
+    texts, labels = _texts_and_labels(make_stream(96))
+    batch = FEATURIZER.buckets_many(texts)
+    from_batch, from_lists, from_dicts = small(), small(), small()
+    from_batch.learn_many(batch, labels)
+    from_lists.learn_many([FEATURIZER.buckets(t) for t in texts], labels)
+    from_dicts.learn_many([FEATURIZER.transform_one(t) for t in texts], labels)
+    np.testing.assert_array_equal(from_batch.embeddings, from_lists.embeddings)
+    # A dict holds each bucket once with its count: the same bag, summed in another order.
+    np.testing.assert_allclose(from_batch.embeddings, from_dicts.embeddings, atol=1e-6)
+    assert from_batch.n_seen == 96 and from_batch.n_updates == 1
+
+
+def test_bucket_batch_predictions_match_per_record_predictions():
+    texts, labels = _texts_and_labels(make_stream(400))
+    model = small()
+    for start in range(0, 320, 32):
+        model.learn_many(FEATURIZER.buckets_many(texts[start : start + 32]), labels[start : start + 32])
+    held_out = texts[320:]
+    batch = FEATURIZER.buckets_many(held_out)
+    frame = model.predict_proba_many(batch)
+    assert list(frame.columns) == model.classes and len(frame) == len(held_out)
+    for i, text in enumerate(held_out):
+        one = model.predict_proba_one(FEATURIZER.transform_one(text))
+        assert all(math.isclose(one[c], frame.iloc[i][c], rel_tol=1e-4, abs_tol=1e-6) for c in one)
+    predicted = model.predict_many(batch)
+    assert predicted == [model.predict_one(FEATURIZER.transform_one(t)) for t in held_out]
+    accuracy = np.mean([p == y for p, y in zip(predicted, labels[320:], strict=True)])
+    assert accuracy > 0.8
+
+
+@pytest.mark.parametrize("params", [{}, {"optimizer": "adam", "hidden": 8, "l2": 1e-4}, {"bag": "sum", "optimizer": "sgd"}])
+def test_predicting_a_batch_first_does_not_change_what_it_teaches(params):
+    texts, labels = _texts_and_labels(make_stream(64))
+    first, second = _texts_and_labels(make_stream(64, seed=2))
+    direct, after_predict = small(**params), small(**params)
+    for model in (direct, after_predict):
+        model.learn_many(FEATURIZER.buckets_many(first), second)
+    batch = FEATURIZER.buckets_many(texts)
+    after_predict.predict_many(batch)  # its forward pass is reused by learn_many
+    after_predict.learn_many(batch, labels)
+    direct.learn_many(FEATURIZER.buckets_many(texts), labels)
+    for name, array in direct.parameters().items():
+        np.testing.assert_array_equal(after_predict.parameters()[name], array)
+
+
+def test_a_batch_changed_in_place_after_predicting_is_learned_as_it_is_now():
+    texts, labels = _texts_and_labels(make_stream(32))
+    changed = FEATURIZER.buckets_many(texts)
+    model, reference = small(), small()
+    for m in (model, reference):
+        m.learn_many(FEATURIZER.buckets_many(texts), labels)
+    model.predict_many(changed)
+    changed.ids[:] = (changed.ids + 1) % 2**12  # the caller reuses its arrays
+    model.learn_many(changed, labels)
+    reference.learn_many(BucketBatch(changed.ids.copy(), changed.offsets.copy()), labels)
+    np.testing.assert_array_equal(model.embeddings, reference.embeddings)
+
+
+def test_weighted_bucket_batches_follow_the_featurizer_weights():
+    featurizer = TextFeaturizer(n_buckets=2**12, norm="l2")
+    texts, labels = _texts_and_labels(make_stream(64))
+    batch = featurizer.buckets_many(texts)
+    assert batch.weights is not None
+    from_batch, from_dicts = small(), small()
+    from_batch.learn_many(batch, labels)
+    from_dicts.learn_many([featurizer.transform_one(t) for t in texts], labels)
+    np.testing.assert_allclose(from_batch.embeddings, from_dicts.embeddings, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        BucketBatch(np.array([1, 2, 3]), np.array([0, 2])),  # offsets stop short of the ids
+        BucketBatch(np.array([1, 2, 3]), np.array([0, 2, 1, 3])),  # offsets go back
+        BucketBatch(np.array([1, 2]), np.array([0, 1, 2]), np.array([1.0, float("nan")])),
+        BucketBatch(np.array([1, 2]), np.array([0, 1, 2]), np.array([1.0])),
+        BucketBatch(np.array(["a", "b"]), np.array([0, 1, 2])),
+    ],
+)
+def test_bad_bucket_batches_are_refused_and_change_nothing(batch):
+    model = small()
+    model.learn_many(FEATURIZER.buckets_many(["goal match", "code bug"]), ["sport", "tech"])
+    before = {name: array.copy() for name, array in model.parameters().items()}
+    labels = ["sport", "never"][: len(batch)] if len(batch) <= 2 else ["sport"] * len(batch)
+    with pytest.raises(ValueError):
+        model.learn_many(batch, labels)
+    for name, array in model.parameters().items():
+        np.testing.assert_array_equal(array, before[name])
+    assert model.classes == ["sport", "tech"] and model.n_seen == 2
+
+
+def test_empty_records_and_out_of_range_ids_in_a_bucket_batch():
+    model = small()
+    batch = BucketBatch(np.array([5, 5, 2**12 + 7, -1]), np.array([0, 0, 3, 3, 4]))
+    model.learn_many(batch, ["a", "b", "a", "b"])
+    assert model.n_seen == 4 and model.classes == ["a", "b"]
+    # Ids wrap around the table as for learn_one: 2**12 + 7 is bucket 7, -1 bucket 4095.
+    wrapped = small()
+    wrapped.learn_many(BucketBatch(np.array([5, 5, 7, 4095]), np.array([0, 0, 3, 3, 4])), ["a", "b", "a", "b"])
+    np.testing.assert_array_equal(model.embeddings, wrapped.embeddings)
+    assert model.predict_many(BucketBatch(np.array([], dtype=np.int64), np.array([0, 0, 0]))) in (["a", "a"], ["b", "b"])

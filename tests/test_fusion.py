@@ -1,0 +1,302 @@
+"""Fusion rules on known snapshots, and the snapshot wire format (no broker)."""
+
+from __future__ import annotations
+
+import pickle
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kafka_helpers import synthetic_records
+
+from stream_learner.fusion import (
+    CountTable,
+    Fusion,
+    FusionError,
+    ModelFeed,
+    SnapshotAssembler,
+    encode_snapshot,
+    parse_rules,
+)
+from stream_learner.runner import StreamProcessor
+
+KEY = b"fusion-test-key-0123456789abcdef"
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1_000.0
+
+    def __call__(self):
+        return self.now
+
+
+_FEEDS: dict = {}
+
+
+def _worker(name: str, learners, clock, rules=None):
+    processor = StreamProcessor(list(learners), drift_detector="none")
+    fusion = Fusion(name, rules, key=KEY, every_seconds=10, clock=clock)
+    fusion.attach(processor)
+    _FEEDS[id(fusion)] = ModelFeed("models", bootstrap_servers="unused", worker_id=name, key=KEY)
+    return processor, fusion
+
+
+def _exchange(workers, clock, full=None):
+    """Every worker publishes; every worker folds in the others' snapshots (via the feed code)."""
+    clock.now += 1
+    per_worker = [fusion.snapshots(processor, full=full) for processor, fusion in workers]
+    # Workers' messages interleave in any order; each worker's own stay in order.
+    rng = random.Random(clock.now)
+    messages = []
+    while any(per_worker):
+        queue = rng.choice([q for q in per_worker if q])
+        messages.append(queue.pop(0))
+    for processor, fusion in workers:
+        feed = _FEEDS[id(fusion)]
+        for key, value, headers in messages:
+            feed.feed(key, value, headers)
+        fusion.fold(processor, feed.latest())
+
+
+def _nb_probabilities(processor, texts):
+    featurizer, head = processor.heads()["nb"]
+    return [head.predict_proba_one(featurizer.transform_one(t)) for t in texts]
+
+
+def test_naive_bayes_counts_merge_exactly_into_one_learner_of_all_records():
+    records = synthetic_records(900, seed=3)
+    clock = Clock()
+    a, b, c = (_worker(name, ["nb"], clock) for name in "abc")
+    single = StreamProcessor(["nb"], drift_detector="none")
+    for round_start in range(0, 900, 300):  # three rounds: learn apart, exchange
+        for i, record in enumerate(records[round_start : round_start + 300]):
+            (a, b, c)[i % 3][0].process(record)
+            single.process(record)
+        _exchange([a, b, c], clock)
+        expected = CountTable.of(single.heads()["nb"][1])
+        for processor, _ in (a, b, c):
+            got = CountTable.of(processor.heads()["nb"][1])
+            assert got.tables == expected.tables
+            assert got.features == expected.features
+    texts = [r.text for r in synthetic_records(20, seed=99)]
+    for processor, _ in (a, b, c):
+        for got, want in zip(_nb_probabilities(processor, texts), _nb_probabilities(single, texts), strict=True):
+            assert got.keys() == want.keys()
+            assert all(abs(got[k] - want[k]) < 1e-12 for k in want)
+
+
+def test_counts_published_are_the_workers_own_records_only():
+    clock = Clock()
+    a, b = _worker("a", ["nb"], clock), _worker("b", ["nb"], clock)
+    records = synthetic_records(200, seed=5)
+    for record in records[:100]:
+        a[0].process(record)
+    for record in records[100:]:
+        b[0].process(record)
+    _exchange([a, b], clock)
+    _exchange([a, b], clock)  # a second exchange must not count the peers' records twice
+    total = sum(sum(CountTable.of(p.heads()["nb"][1]).tables["class_counts"].values()) for p, _ in (a, b))
+    assert total == 400  # each of the two holds all 200 records, once
+    own = [m for m in a[1].snapshots(a[0], full=True) if m[0].startswith(b"nb/a/")]
+    snapshot = SnapshotAssembler()
+    for key, value, headers in own:
+        result = snapshot.add(key, value, headers)
+    assert sum(CountTable.from_bytes(result.payload).tables["class_counts"].values()) == 100
+    assert result.records == 100
+
+
+def test_average_weights_by_the_records_each_worker_learned():
+    clock = Clock()
+    a, b = _worker("a", ["neural"], clock), _worker("b", ["neural"], clock)
+    records = synthetic_records(400, seed=7)
+    for record in records[:300]:
+        a[0].process(record)
+    for record in records[300:]:
+        b[0].process(record)
+    emb_a = np.array(a[0].heads()["neural"][1].embeddings, dtype=np.float64)
+    emb_b = np.array(b[0].heads()["neural"][1].embeddings, dtype=np.float64)
+    n_seen_a = a[0].heads()["neural"][1].n_seen
+    _exchange([a, b], clock)
+    fused_a = a[0].heads()["neural"][1]
+    fused_b = b[0].heads()["neural"][1]
+    expected = (300 * emb_a + 100 * emb_b) / 400
+    np.testing.assert_allclose(fused_a.embeddings, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fused_b.embeddings, expected, rtol=1e-5, atol=1e-6)
+    assert fused_a.n_seen == n_seen_a  # its own count: the learning-rate schedule goes on
+    assert a[0].learner_stats()["neural"]["learned"] == 300
+
+
+def test_ensemble_mixes_the_peers_probabilities_weighted_by_records():
+    clock = Clock()
+    a, b = _worker("a", ["softmax"], clock), _worker("b", ["softmax"], clock)
+    records = synthetic_records(300, seed=11)
+    for record in records[:200]:
+        a[0].process(record)
+    for record in records[200:]:
+        b[0].process(record)
+    x_text = records[0].text
+    featurizer, head_a = a[0].heads()["softmax"]
+    own = head_a.predict_proba_one(featurizer.transform_one(x_text))
+    peer = b[0].heads()["softmax"][1].predict_proba_one(featurizer.transform_one(x_text))
+    _exchange([a, b], clock)
+    served = a[0].process(type(records[0])(id="q", text=x_text)).prediction.proba
+    for label in own:
+        assert served[label] == pytest.approx((200 * own[label] + 100 * peer.get(label, 0.0)) / 300)
+
+
+def test_a_late_joiner_starts_from_its_peers():
+    clock = Clock()
+    a, late = _worker("a", ["nb", "neural"], clock), _worker("late", ["nb", "neural"], clock)
+    for record in synthetic_records(300, seed=2):
+        a[0].process(record)
+    _exchange([a, late], clock)
+    probe = synthetic_records(30, seed=8)
+    for name in ("nb", "neural"):
+        featurizer_a, head_a = a[0].heads()[name]
+        featurizer_l, head_l = late[0].heads()[name]
+        for record in probe:
+            want = head_a.predict_proba_one(featurizer_a.transform_one(record.text))
+            got = head_l.predict_proba_one(featurizer_l.transform_one(record.text))
+            assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < 1e-6 for k in want)
+
+
+def test_ensemble_snapshots_need_the_shared_key():
+    clock = Clock()
+    processor, fusion = _worker("a", ["softmax"], clock)
+    for record in synthetic_records(50):
+        processor.process(record)
+    messages = fusion.snapshots(processor)
+    stranger = ModelFeed("models", bootstrap_servers="unused", worker_id="b", key=b"another-key-0123456789abcdef")
+    for key, value, headers in messages:
+        stranger.feed(key, value, headers)
+    assert stranger.latest() == {} and stranger.errors == 1
+    # A pickle that was not signed at all is refused the same way, before it is unpickled.
+    forged = encode_snapshot("softmax", "x", "ensemble", pickle.dumps(object()), records=1, hashing="", created=5.0)
+    for key, value, headers in forged:
+        stranger.feed(key, value, headers)
+    assert stranger.latest() == {} and stranger.errors == 2
+
+
+def test_fusion_state_and_peers_survive_a_checkpoint():
+    clock = Clock()
+    a, b = _worker("a", ["nb", "softmax"], clock), _worker("b", ["nb", "softmax"], clock)
+    for i, record in enumerate(synthetic_records(200, seed=4)):
+        (a, b)[i % 2][0].process(record)
+    _exchange([a, b], clock)
+    restored = pickle.loads(pickle.dumps({"processor": a[0], "fusion": a[1].state()}))
+    fusion = Fusion("a", key=KEY, clock=clock)
+    fusion.restore(restored["fusion"])
+    assert fusion.peer_counts["nb"]["b"].tables == a[1].peer_counts["nb"]["b"].tables
+    probe = synthetic_records(10, seed=6)
+    for record in probe:
+        assert restored["processor"].process(record).prediction == a[0].process(record).prediction
+
+
+def test_rules_are_configuration():
+    assert parse_rules("nb=ensemble") == {"nb": "ensemble"}
+    clock = Clock()
+    processor, fusion = _worker("a", ["nb", "softmax"], clock, rules={"softmax": "none"})
+    for record in synthetic_records(20):
+        processor.process(record)
+    learners = {key.split(b"/")[0] for key, _, _ in fusion.snapshots(processor)}
+    assert learners == {b"nb"}
+    with pytest.raises(FusionError, match="naive Bayes"):
+        Fusion("a", {"softmax": "counts"}).snapshots(processor)
+    with pytest.raises(FusionError, match="LEARNER=RULE"):
+        parse_rules("nb")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 70), min_size=1, max_size=4),
+    seed=st.integers(0, 2**16),
+    drop_old_parts=st.booleans(),
+)
+def test_assembler_returns_each_complete_snapshot_and_never_an_older_one(sizes, seed, drop_old_parts):
+    rng = random.Random(seed)
+    snapshots = [
+        (bytes(rng.getrandbits(8) for _ in range(size)), 100.0 + i) for i, size in enumerate(sizes)
+    ]
+    stream = []
+    for seq, (payload, created) in enumerate(snapshots, start=1):
+        stream.extend(
+            encode_snapshot(
+                "nb", "w1", "counts", payload, records=len(payload), hashing="", created=created,
+                epoch=7, seq=seq, part_bytes=16,
+            )
+        )
+    if drop_old_parts:  # compaction: only the newest message of each key survives, in offset order
+        newest = {key: index for index, (key, _, _) in enumerate(stream)}
+        stream = [m for index, m in enumerate(stream) if newest[m[0]] == index]
+    assembler = SnapshotAssembler()
+    complete = [s for m in stream if (s := assembler.add(*m)) is not None]
+    created = [s.created for s in complete]
+    assert created == sorted(set(created))  # only ever newer
+    assert complete and complete[-1].created == snapshots[-1][1]  # the newest always arrives whole
+    payloads = dict((c, p) for p, c in snapshots)
+    assert all(s.payload == payloads[s.created] for s in complete)
+
+
+def test_assembler_refuses_damaged_and_foreign_parts():
+    assembler = SnapshotAssembler()
+    (key, value, headers), = encode_snapshot("nb", "w", "counts", b"payload", records=1, hashing="", created=1.0)
+    with pytest.raises(FusionError, match="checksum"):
+        assembler.add(key, value + b"!", headers)
+    with pytest.raises(FusionError, match="wire format"):
+        assembler.add(key, value, [])
+    bad = [(name, b"x" if name == "parts" else raw) for name, raw in headers]
+    with pytest.raises(FusionError, match="bad headers"):
+        assembler.add(key, value, bad)
+    with pytest.raises(FusionError, match="damaged count snapshot"):
+        CountTable.from_bytes(b"not zlib")
+
+
+def _kinds(messages):
+    return {dict(headers)["kind"] for _, _, headers in messages}
+
+
+def test_rounds_publish_increments_between_full_snapshots():
+    clock = Clock()
+    processor, fusion = _worker("a", ["nb"], clock)
+    records = synthetic_records(300, seed=12)
+    for record in records[:200]:
+        processor.process(record)
+    assert _kinds(fusion.snapshots(processor)) == {b"full"}  # the first round of a run
+    for record in records[200:]:
+        processor.process(record)
+    clock.now += 1
+    increment = fusion.snapshots(processor)
+    assert _kinds(increment) == {b"increment"}
+    assembler = SnapshotAssembler()
+    (snapshot,) = [s for m in increment if (s := assembler.add(*m)) is not None]
+    assert sum(CountTable.from_bytes(snapshot.payload).tables["class_counts"].values()) == 100
+    clock.now += 61  # full_every_seconds later
+    assert _kinds(fusion.snapshots(processor)) == {b"full"}
+
+
+def test_a_restarted_peer_is_replaced_by_its_full_snapshot_not_counted_twice():
+    clock = Clock()
+    a, b = _worker("a", ["nb"], clock), _worker("b", ["nb"], clock)
+    records = synthetic_records(600, seed=13)
+    for record in records[:200]:
+        b[0].process(record)
+    _exchange([a, b], clock)
+    checkpoint = pickle.dumps((b[0], b[1].state()))  # b checkpoints after 200 records
+    for record in records[200:300]:
+        b[0].process(record)
+    _exchange([a, b], clock)  # a folds in the increment of records 200..300
+    # b crashes; it restarts from its checkpoint (a new run: a new epoch) and re-learns 200..300.
+    processor, state = pickle.loads(checkpoint)
+    clock.now += 1
+    restarted = Fusion("b", key=KEY, every_seconds=10, clock=clock)
+    restarted.restore(state)
+    restarted.attach(processor)
+    _FEEDS[id(restarted)] = _FEEDS[id(b[1])]
+    for record in records[200:300]:
+        processor.process(record)
+    _exchange([a, (processor, restarted)], clock)
+    total = sum(CountTable.of(a[0].heads()["nb"][1]).tables["class_counts"].values())
+    assert total == 300  # b's 300 records, once: its full snapshot replaced the old series
