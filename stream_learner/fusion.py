@@ -664,10 +664,14 @@ class Fusion:
                         peer_counts[worker] = table
                     else:
                         table = peer_counts[worker]
-                        for increment in history.increments:
-                            if increment.version > have:
-                                delta.add(increment.model)
-                                table.add(increment.model)
+                        fresh = []
+                        for increment in reversed(history.increments):  # the new ones are last
+                            if increment.version <= have:
+                                break
+                            fresh.append(increment)
+                        for increment in reversed(fresh):
+                            increment.model.apply_to(head)
+                            table.add(increment.model)
                     folded[worker] = history.version
                 delta.apply_to(head)
             elif rule == "average":
@@ -736,8 +740,10 @@ class ModelFeed:
         worker_id: str,
         key: bytes | None = None,
         client_options: Mapping | None = None,
+        client: str = "kafka-python",
     ):
         self.topic = topic
+        self.client = client
         self.bootstrap_servers = bootstrap_servers
         self.worker_id = worker_id
         self.key = key
@@ -792,6 +798,9 @@ class ModelFeed:
         return snapshot
 
     def _run(self) -> None:
+        if self.client == "confluent":
+            self._run_confluent()
+            return
         from kafka import KafkaConsumer, TopicPartition
 
         consumer = None
@@ -824,6 +833,55 @@ class ModelFeed:
                     positions = {tp: consumer.position(tp) for tp in consumer.assignment()}
                     highwaters = {tp: consumer.highwater(tp) for tp in positions}
                     if all(h is not None and positions[tp] >= h for tp, h in highwaters.items()):
+                        self._caught_up.set()
+            except Exception as error:  # broker away: keep what we have, try again
+                log.warning("model topic %s: %s; retrying", self.topic, error)
+                if consumer is not None:
+                    with contextlib.suppress(Exception):
+                        consumer.close()
+                    consumer = None
+                self._stop.wait(2.0)
+        if consumer is not None:
+            consumer.close()
+
+    def _run_confluent(self) -> None:
+        # librdkafka fetches on its own C threads: between messages this thread costs nothing.
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+        from .confluent import librdkafka_options
+
+        consumer = None
+        while not self._stop.is_set():
+            try:
+                if consumer is None:
+                    options = librdkafka_options(self.client_options)
+                    options.update({
+                        "bootstrap.servers": self.bootstrap_servers,
+                        "group.id": f"{self.topic}.reader",  # required; never joined or committed
+                        "enable.auto.commit": False,
+                        "fetch.wait.max.ms": 20,
+                        "logger": log,
+                    })
+                    consumer = Consumer(options)
+                    metadata = consumer.list_topics(self.topic, timeout=5)
+                    partitions = metadata.topics[self.topic].partitions
+                    if not partitions:
+                        consumer.close()
+                        consumer = None
+                        self._stop.wait(1.0)
+                        continue
+                    tps = [TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in sorted(partitions)]
+                    consumer.assign(tps)
+                for message in consumer.consume(num_messages=100, timeout=0.2):
+                    if message.error() is None:
+                        self.feed(message.key(), message.value(), message.headers() or ())
+                if not self._caught_up.is_set():
+                    positions = consumer.position([TopicPartition(self.topic, tp.partition) for tp in consumer.assignment()])
+                    done = True
+                    for tp in positions:
+                        low, high = consumer.get_watermark_offsets(tp, timeout=5)
+                        done = done and (high <= low or (tp.offset >= 0 and tp.offset >= high))
+                    if done:
                         self._caught_up.set()
             except Exception as error:  # broker away: keep what we have, try again
                 log.warning("model topic %s: %s; retrying", self.topic, error)

@@ -706,6 +706,7 @@ def _start_fusion(config: WorkerConfig, key: bytes, state, stop: threading.Event
         worker_id=name,
         key=key,
         client_options=config.client_options(),
+        client=config.client,
     ).start()
     log.info("fusion on as worker %s: snapshots every %.0f s on %s", name, config.fusion_every_seconds, config.models_topic)
     return fusion, feed
