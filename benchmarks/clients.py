@@ -26,8 +26,11 @@ import argparse
 import os
 import statistics
 import time
+from pathlib import Path
 
 from stream_learner.broker import EmbeddedBroker, create_topics
+
+RESULTS = Path(__file__).parent / "results"
 
 
 def _cpu() -> float:
@@ -145,15 +148,26 @@ def main(argv=None) -> int:
                     results.setdefault((level, client), []).append((rate, cpu, seconds))
                     print(f"repeat {repeat} {level:6} {client:12} {rate:12,.0f} records/s  "
                           f"{cpu / args.messages * 1e5:6.2f} CPU s / 100k", flush=True)
-    print(f"\n{args.messages:,} messages of {args.size} B, {args.partitions} partitions, "
-          f"median of {args.repeats}; ratio = records/s against kafka-python in the same run")
-    print(f"{'level':8}{'client':14}{'records/s':>12}{'CPU s/100k':>12}{'ratio':>8}")
+    lines = [
+        "# Kafka clients side by side",
+        "",
+        f"{args.messages:,} messages of {args.size} B, {args.partitions} partitions, embedded Tansu broker; "
+        f"median of {args.repeats}; ratio = records/s against kafka-python in the same run. "
+        f"Load average {os.getloadavg()[0]:.1f} at the end. Reproduce: `.venv/bin/python -m benchmarks.clients"
+        f" --messages {args.messages} --repeats {args.repeats}` (the module docstring explains the levels).",
+        "",
+        "| level | client | records/s | CPU s per 100k | ratio |",
+        "|---|---|---:|---:|---:|",
+    ]
     for level in ("bare", "source"):
         anchor = statistics.median(r for r, _, _ in results[(level, "kafka-python")])
         for client in ("kafka-python", "confluent"):
             rate = statistics.median(r for r, _, _ in results[(level, client)])
             cpu = statistics.median(c for _, c, _ in results[(level, client)]) / args.messages * 1e5
-            print(f"{level:8}{client:14}{rate:12,.0f}{cpu:12.2f}{rate / anchor:8.2f}")
+            lines.append(f"| {level} | {client} | {rate:,.0f} | {cpu:.2f} | {rate / anchor:.2f} |")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "clients.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
     return 0
 
 
