@@ -304,11 +304,14 @@ def test_sink_resends_outputs_whose_delivery_failed_and_loses_none(kafka_names, 
             try:
                 for i in range(50):
                     sink.send(topic, f"b{i}".encode(), b"during", partition_hint=i)
-                with pytest.raises(SinkError, match="50 outputs not confirmed"):
+                with pytest.raises(SinkError, match=r"\d+ outputs not confirmed") as raised:
                     sink.flush(3)
-                # librdkafka reported each as failed; each was sent again, and is still kept.
-                assert "re-sending 50 outputs that were not delivered" in caplog.text
-                assert len(sink._unconfirmed) == 50
+                # librdkafka reported them as failed; they were sent again, and are still kept.
+                # (Under load a partition's batch may still get its answer before the freeze.)
+                kept = int(str(raised.value).split()[0])
+                assert 0 < kept <= 50
+                assert "outputs that were not delivered" in caplog.text
+                assert len(sink._unconfirmed) == kept
             finally:
                 broker._process.send_signal(signal.SIGCONT)
             sink.flush(30)
