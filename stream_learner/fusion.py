@@ -38,6 +38,7 @@ models topic; folding happens between two batches.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -143,34 +144,21 @@ class CountTable:
         features = {f: dict(counts) for f, counts in model.feature_counts.items()}
         return cls(tables, features)
 
+    def copy(self) -> CountTable:
+        return CountTable(
+            {name: dict(table) for name, table in self.tables.items()},
+            {f: dict(counts) for f, counts in self.features.items()},
+        )
+
     def __add__(self, other: CountTable) -> CountTable:
-        return self._combine(other, 1.0)
+        return self.copy().add(other)
 
     def __sub__(self, other: CountTable) -> CountTable:
-        return self._combine(other, -1.0)
-
-    def _combine(self, other: CountTable, sign: float) -> CountTable:
-        tables = {name: dict(table) for name, table in self.tables.items()}
-        for name, table in other.tables.items():
-            _add_into(tables.setdefault(name, {}), table, sign)
-        features = {f: dict(counts) for f, counts in self.features.items()}
-        for f, counts in other.features.items():
-            target = features.setdefault(f, {})
-            _add_into(target, counts, sign)
-            if not target:
-                del features[f]
-        return CountTable(tables, features)
+        return self.copy().add(other, -1.0)
 
     def add(self, other: CountTable, sign: float = 1.0) -> CountTable:
         """Add ``other`` (times ``sign``) to this table in place; returns it."""
-        for name, table in other.tables.items():
-            _add_into(self.tables.setdefault(name, {}), table, sign)
-        features = self.features
-        for f, counts in other.features.items():
-            target = features.setdefault(f, {})
-            _add_into(target, counts, sign)
-            if not target:
-                del features[f]
+        _add_counts(other, sign, lambda name: self.tables.setdefault(name, {}), self.features, dict)
         return self
 
     @classmethod
@@ -204,21 +192,10 @@ class CountTable:
             tables["feature_totals"] = feature_totals
         return cls(tables, features)
 
-    @property
-    def is_empty(self) -> bool:
-        return not self.features and not any(self.tables.values())
-
     def apply_to(self, model) -> None:
         """Add these counts to ``model`` in place (negative counts remove what was added)."""
-        for name, table in self.tables.items():
-            counter = getattr(model, name)
-            _add_into(counter, table, 1.0)
-        feature_counts = model.feature_counts
-        for f, counts in self.features.items():
-            target = feature_counts[f]
-            _add_into(target, counts, 1.0)
-            if not target:
-                del feature_counts[f]  # the vocabulary size enters the likelihoods
+        # Rows left empty are deleted: the vocabulary size enters the likelihoods.
+        _add_counts(self, 1.0, lambda name: getattr(model, name), model.feature_counts, collections.Counter)
 
     def to_bytes(self) -> bytes:
         """A compact, code-free encoding: sparse (feature, label, count) arrays in an ``.npz``."""
@@ -290,6 +267,20 @@ class CountTable:
 
 def _number(value: float):
     return int(value) if value.is_integer() else value
+
+
+def _add_counts(other: CountTable, sign: float, table_of, features: dict, new_row) -> None:
+    """Add ``other``'s counts (times ``sign``) into named tables and feature rows, dropping
+    rows that become empty; shared by tables and naive Bayes models."""
+    for name, table in other.tables.items():
+        _add_into(table_of(name), table, sign)
+    for f, counts in other.features.items():
+        row = features.get(f)
+        if row is None:
+            row = features[f] = new_row()
+        _add_into(row, counts, sign)
+        if not row:
+            del features[f]
 
 
 def _add_into(target: dict, source: Mapping, sign: float) -> None:
@@ -530,8 +521,6 @@ class Fusion:
         self.last_full = None  # None: the next round publishes full snapshots
         self.epoch = int(clock() * 1e6)  # a new run starts a new series of increments
         self.seq = 0
-        self.folds = 0
-        self.peers_used: dict[str, list[str]] = {}
         self._journals: dict[str, list] = {}
         self._heads: dict[str, int] = {}
 
@@ -684,8 +673,6 @@ class Fusion:
             else:
                 processor.set_peers(name, [(h.full.records, h.full.model) for h in histories])
             used[name] = [h.full.worker for h in histories]
-        self.folds += 1
-        self.peers_used = used
         return used
 
 
@@ -798,97 +785,108 @@ class ModelFeed:
         return snapshot
 
     def _run(self) -> None:
-        if self.client == "confluent":
-            self._run_confluent()
-            return
-        from kafka import KafkaConsumer, TopicPartition
-
-        consumer = None
+        open_reader = _ConfluentReader if self.client == "confluent" else _KafkaPythonReader
+        reader = None
         while not self._stop.is_set():
             try:
-                if consumer is None:
-                    consumer = KafkaConsumer(
-                        bootstrap_servers=self.bootstrap_servers,
-                        group_id=None,
-                        enable_auto_commit=False,
-                        fetch_max_bytes=64 * 1024 * 1024,
-                        fetch_max_wait_ms=20,  # peers' increments are small and wanted soon
-                        max_partition_fetch_bytes=8 * 1024 * 1024,
-                        **self.client_options,
-                    )
-                    partitions = consumer.partitions_for_topic(self.topic)
-                    if not partitions:
-                        consumer.close()
-                        consumer = None
+                if reader is None:
+                    reader = open_reader(self)
+                    if not reader.partitions:  # the topic is not there yet
+                        reader.close()
+                        reader = None
                         self._stop.wait(1.0)
                         continue
-                    tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-                    consumer.assign(tps)
-                    consumer.seek_to_beginning(*tps)
-                batches = consumer.poll(timeout_ms=200)
-                for records in batches.values():
-                    for record in records:
-                        self.feed(record.key, record.value, record.headers)
-                if not self._caught_up.is_set():
-                    positions = {tp: consumer.position(tp) for tp in consumer.assignment()}
-                    highwaters = {tp: consumer.highwater(tp) for tp in positions}
-                    if all(h is not None and positions[tp] >= h for tp, h in highwaters.items()):
-                        self._caught_up.set()
+                for key, value, headers in reader.read():
+                    self.feed(key, value, headers)
+                if not self._caught_up.is_set() and reader.at_end():
+                    self._caught_up.set()
             except Exception as error:  # broker away: keep what we have, try again
                 log.warning("model topic %s: %s; retrying", self.topic, error)
-                if consumer is not None:
+                if reader is not None:
                     with contextlib.suppress(Exception):
-                        consumer.close()
-                    consumer = None
+                        reader.close()
+                    reader = None
                 self._stop.wait(2.0)
-        if consumer is not None:
-            consumer.close()
+        if reader is not None:
+            reader.close()
 
-    def _run_confluent(self) -> None:
-        # librdkafka fetches on its own C threads: between messages this thread costs nothing.
+
+class _KafkaPythonReader:
+    """The models topic from its start, with kafka-python (no group, nothing committed)."""
+
+    def __init__(self, feed: ModelFeed):
+        from kafka import KafkaConsumer, TopicPartition
+
+        self._consumer = KafkaConsumer(
+            bootstrap_servers=feed.bootstrap_servers,
+            group_id=None,
+            enable_auto_commit=False,
+            fetch_max_bytes=64 * 1024 * 1024,
+            fetch_max_wait_ms=20,  # peers' increments are small and wanted soon
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+            **feed.client_options,
+        )
+        self.partitions = sorted(self._consumer.partitions_for_topic(feed.topic) or ())
+        if self.partitions:
+            tps = [TopicPartition(feed.topic, p) for p in self.partitions]
+            self._consumer.assign(tps)
+            self._consumer.seek_to_beginning(*tps)
+
+    def read(self):
+        for records in self._consumer.poll(timeout_ms=200).values():
+            for record in records:
+                yield record.key, record.value, record.headers
+
+    def at_end(self) -> bool:
+        consumer = self._consumer
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            if highwater is None or consumer.position(tp) < highwater:
+                return False
+        return True
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+class _ConfluentReader:
+    """The same with librdkafka, which fetches on its own C threads: between messages this
+    costs the worker's process nothing."""
+
+    def __init__(self, feed: ModelFeed):
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
         from .confluent import librdkafka_options
 
-        consumer = None
-        while not self._stop.is_set():
-            try:
-                if consumer is None:
-                    options = librdkafka_options(self.client_options)
-                    options.update({
-                        "bootstrap.servers": self.bootstrap_servers,
-                        "group.id": f"{self.topic}.reader",  # required; never joined or committed
-                        "enable.auto.commit": False,
-                        "fetch.wait.max.ms": 20,
-                        "logger": log,
-                    })
-                    consumer = Consumer(options)
-                    metadata = consumer.list_topics(self.topic, timeout=5)
-                    partitions = metadata.topics[self.topic].partitions
-                    if not partitions:
-                        consumer.close()
-                        consumer = None
-                        self._stop.wait(1.0)
-                        continue
-                    tps = [TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in sorted(partitions)]
-                    consumer.assign(tps)
-                for message in consumer.consume(num_messages=100, timeout=0.2):
-                    if message.error() is None:
-                        self.feed(message.key(), message.value(), message.headers() or ())
-                if not self._caught_up.is_set():
-                    positions = consumer.position([TopicPartition(self.topic, tp.partition) for tp in consumer.assignment()])
-                    done = True
-                    for tp in positions:
-                        low, high = consumer.get_watermark_offsets(tp, timeout=5)
-                        done = done and (high <= low or (tp.offset >= 0 and tp.offset >= high))
-                    if done:
-                        self._caught_up.set()
-            except Exception as error:  # broker away: keep what we have, try again
-                log.warning("model topic %s: %s; retrying", self.topic, error)
-                if consumer is not None:
-                    with contextlib.suppress(Exception):
-                        consumer.close()
-                    consumer = None
-                self._stop.wait(2.0)
-        if consumer is not None:
-            consumer.close()
+        options = librdkafka_options(feed.client_options)
+        options.update({
+            "bootstrap.servers": feed.bootstrap_servers,
+            "group.id": f"{feed.topic}.reader",  # required; never joined or committed
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 20,
+            "logger": log,
+        })
+        self._consumer = Consumer(options)
+        self._topic = feed.topic
+        metadata = self._consumer.list_topics(feed.topic, timeout=5)
+        self.partitions = sorted(metadata.topics[feed.topic].partitions)
+        if self.partitions:
+            self._consumer.assign([TopicPartition(feed.topic, p, OFFSET_BEGINNING) for p in self.partitions])
+
+    def read(self):
+        for message in self._consumer.consume(num_messages=100, timeout=0.2):
+            if message.error() is None:
+                yield message.key(), message.value(), message.headers() or ()
+
+    def at_end(self) -> bool:
+        from confluent_kafka import TopicPartition
+
+        consumer = self._consumer
+        for tp in consumer.position([TopicPartition(self._topic, p) for p in self.partitions]):
+            low, high = consumer.get_watermark_offsets(tp, timeout=5)
+            if high > low and (tp.offset < 0 or tp.offset < high):
+                return False
+        return True
+
+    def close(self) -> None:
+        self._consumer.close()

@@ -124,11 +124,9 @@ class _Slot:
     def features(self, text: str):
         return self.featurizer.transform_one(text) if self.featurizer is not None else text
 
-    def predict_proba(self, x) -> dict:
-        proba = self.head.predict_proba_one(x)
-        if not self.peers:
-            return proba
-        # Ensemble fusion: weigh each model by the records it learned.
+    def with_peers(self, x, proba: dict) -> dict:
+        """Ensemble fusion: ``proba`` mixed with the peers', each model weighted by the
+        records it learned."""
         combined: dict = {}
         total = 0.0
         for weight, head in [(self.learned, None), *self.peers]:
@@ -308,7 +306,8 @@ class StreamProcessor:
             try:
                 if slot.key not in features:
                     features[slot.key] = slot.features(text)
-                probas[slot.name] = slot.predict_proba(features[slot.key])
+                proba = slot.head.predict_proba_one(features[slot.key])
+                probas[slot.name] = slot.with_peers(features[slot.key], proba) if slot.peers else proba
             except Exception as error:
                 raise LearnerFailure(slot.name, error) from error
         served = self._serve(probas)

@@ -459,20 +459,12 @@ def make_sink(config: WorkerConfig) -> Sink:
 def make_source(config: WorkerConfig, handler) -> Source:
     """The group consumer of ``config.client``; ``handler`` gets the rebalance callbacks."""
     if config.client == "confluent":
-        return _confluent().ConfluentSource(
-            config.input_topics,
-            bootstrap_servers=config.bootstrap_servers,
-            group_id=config.group_id,
-            handler=handler,
-            max_poll_records=config.max_poll_records,
-            session_timeout_ms=config.session_timeout_ms,
-            auto_offset_reset=config.auto_offset_reset,
-            client_options=config.client_options(),
-        )
-    from .sources import KafkaSource, ProcessSource
+        source_class = _confluent().ConfluentSource
+    else:
+        from .sources import KafkaSource, ProcessSource
 
-    # In a child process the consumer parses records on the second core, not the learners'.
-    source_class = ProcessSource if config.consumer_process else KafkaSource
+        # In a child process the consumer parses records on the second core, not the learners'.
+        source_class = ProcessSource if config.consumer_process else KafkaSource
     return source_class(
         config.input_topics,
         bootstrap_servers=config.bootstrap_servers,
