@@ -84,6 +84,14 @@ def test_a_late_joiner_continues_from_the_fused_model(kafka_broker, kafka_names,
     assert sum(nb.class_counts.values()) == 2000
 
 
+def _kill_tree(supervisor):
+    """A failed run must not leave workers behind (they run in sessions of their own)."""
+    if supervisor.poll() is None:
+        for child in psutil.Process(supervisor.pid).children():
+            child.kill()
+        supervisor.kill()
+
+
 def _produce_in_background(records, broker, topic, rate):
     thread = threading.Thread(
         target=produce_records,
@@ -108,15 +116,20 @@ def test_three_workers_one_killed_nothing_lost_and_they_fuse(kafka_broker, kafka
             kafka_broker, kafka_names, tmp_path / name, tmp_path / f"{name}.log", *flags, "--worker-id", name,
             client=kafka_client,
         )
-    for name, process in workers.items():
-        wait_for_log(tmp_path / f"{name}.log", ASSIGNED, process=process)
-    producer = _produce_in_background(records, kafka_broker, topic, rate=1000)  # records flow for 6 s
-    time.sleep(2.0)
-    workers["b"].kill()  # SIGKILL mid-stream: no revoke, no final checkpoint
-    workers["b"].wait(timeout=10)
-    producer.join()
-    for name in "ac":
-        assert workers[name].wait(timeout=120) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    try:
+        for name, process in workers.items():
+            wait_for_log(tmp_path / f"{name}.log", ASSIGNED, process=process)
+        producer = _produce_in_background(records, kafka_broker, topic, rate=1000)  # records flow for 6 s
+        time.sleep(2.0)
+        workers["b"].kill()  # SIGKILL mid-stream: no revoke, no final checkpoint
+        workers["b"].wait(timeout=10)
+        producer.join()
+        for name in "ac":
+            assert workers[name].wait(timeout=120) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    finally:
+        for process in workers.values():  # a failed run must not leave workers behind
+            if process.poll() is None:
+                process.kill()
 
     predictions = read_topic(kafka_broker.bootstrap_servers, f"{topic}.predictions", expected=n)
     assert {m.key.decode() for m in predictions} >= {r.id for r in records}  # at-least-once across workers
@@ -165,8 +178,7 @@ def test_run_processes_restarts_a_killed_worker_and_loses_nothing(kafka_broker, 
         producer.join()
         assert supervisor.wait(timeout=180) == 0, log_path.read_text()[-4000:]
     finally:
-        if supervisor.poll() is None:
-            supervisor.kill()
+        _kill_tree(supervisor)
     predictions = read_topic(kafka_broker.bootstrap_servers, f"{topic}.predictions", expected=n)
     assert {m.key.decode() for m in predictions} >= {r.id for r in records}
     for index in (0, 1):
@@ -187,9 +199,12 @@ def test_sigterm_stops_every_worker_process_cleanly(kafka_broker, kafka_names, t
     ]
     with open(log_path, "ab") as log:
         supervisor = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    wait_for_log(log_path, ASSIGNED, count=2, process=supervisor)
-    supervisor.send_signal(signal.SIGTERM)
-    assert supervisor.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+    try:
+        wait_for_log(log_path, ASSIGNED, count=2, process=supervisor)
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+    finally:
+        _kill_tree(supervisor)
     assert log_path.read_text().count("stopped: messages") == 2
     learned = sum(load_final_state(tmp_path / "ckpt" / f"worker-{i}").state["counts"]["learned"] for i in (0, 1))
     assert learned == 500
