@@ -26,9 +26,11 @@ import numpy as np
 
 from benchmarks.anchors import prequential, run_river, run_sklearn, run_vw
 from stream_learner.datasets import dataset_meta, load_records
+from stream_learner.evaluate import evaluate
 from stream_learner.features import TextFeaturizer
 from stream_learner.learners import make_learner
 from stream_learner.neural import NeuralClassifier, load, neural_step, save
+from stream_learner.runner import StreamProcessor
 
 STREAMS = ("spamassassin", "vader", "healthtweets")
 RIVER_CANDIDATES = ("nb", "cnb", "logreg", "pa", "softmax")
@@ -201,6 +203,13 @@ def section_speed(results):
         _, steady_cpu = minibatch_learner_only(batches, labels)
     with _Clock() as minibatch_dicts:
         minibatch_prequential_dicts(texts, labels)
+    # The product's paths: the stream processor (scores, serving, per-record results) that
+    # `evaluate` and the Kafka worker run, one record at a time and with --mini-batch.
+    records = load_records("vader")
+    with _Clock() as processor_per_sample:
+        evaluate(records, StreamProcessor(["neural"], drift_detector="none"))
+    with _Clock() as processor_minibatch:
+        evaluate(records, StreamProcessor(["neural"], drift_detector="none"), mini_batch=BATCH)
     vw_runs += [run_vw(texts, labels) for _ in range(2)]
     # The best of five VW runs: the anchor at its fastest.
     vw_wall = max(r.records_per_second for r in vw_runs)
@@ -214,6 +223,8 @@ def section_speed(results):
         "minibatch": minibatch,
         "minibatch_learner_only": minibatch_learner,
         "minibatch_dicts": minibatch_dicts,
+        "processor_per_sample": processor_per_sample,
+        "processor_minibatch": processor_minibatch,
     }
     speed = {
         "records": n,
@@ -491,6 +502,8 @@ def _markdown(r) -> str:
                 "predict_many / learn_many on lists of dicts",
                 "minibatch_dicts",
             ),
+            ("`stream-learner evaluate -m neural` (the stream processor: scores, serving), one record at a time", "processor_per_sample"),
+            (f"`stream-learner evaluate -m neural --mini-batch {BATCH}` (`StreamProcessor.process_many`)", "processor_minibatch"),
         ]
         for label, key in rows:
             if key + "_cpu" not in s:

@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import secrets
 import subprocess
 import sys
@@ -91,7 +92,10 @@ def run_configuration(broker, records, *, name, client, processes, fusion, fusio
     command += list(extra or ())
     env = dict(os.environ, STREAM_LEARNER_CHECKPOINT_KEY=secrets.token_hex(32))
     started = time.monotonic()
+    broker_cpu, workers_cpu = process_cpu_seconds(broker.pid), children_cpu_seconds()
     code = subprocess.run(command, env=env, timeout=1800).returncode
+    broker_cpu = process_cpu_seconds(broker.pid) - broker_cpu
+    workers_cpu = children_cpu_seconds() - workers_cpu
     wall = time.monotonic() - started
     if code != 0:
         raise RuntimeError(f"{name}: the workers exited with {code}")
@@ -114,7 +118,24 @@ def run_configuration(broker, records, *, name, client, processes, fusion, fusio
         "steady_records_per_s": steady,
         "accuracy": 100.0 * hits / len(records),
         "wall_seconds": wall,
+        # CPU of everything `run` started (supervisor, workers, producer processes), start-up
+        # and idle wait included, and of the broker while they ran.
+        "workers_cpu_us_per_record": 1e6 * workers_cpu / len(records),
+        "broker_cpu_us_per_record": 1e6 * broker_cpu / len(records),
     }
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's finished children and their waited-for
+    descendants."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main(argv=None):
@@ -126,6 +147,7 @@ def main(argv=None):
     parser.add_argument("--fusion-every", type=float, default=2.0)
     parser.add_argument("--repeats", type=int, default=2, help="throughput runs per configuration (best kept)")
     parser.add_argument("--worker-flags", default="", help="more `stream-learner run` flags for every configuration")
+    parser.add_argument("--output", default="scaling", help="results file stem in benchmarks/results/")
     args = parser.parse_args(argv)
 
     records = [r for r in datasets.load_records(args.dataset, limit=args.limit) if r.label is not None]
@@ -163,13 +185,15 @@ def _find(runs, client, processes, fusion):
 
 def write_results(runs, args, records, load_before):
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "scaling.json").write_text(json.dumps({"runs": runs, "args": vars(args)}, indent=2))
+    (RESULTS / f"{args.output}.json").write_text(json.dumps({"runs": runs, "args": vars(args)}, indent=2))
     clients = sorted({r["client"] for r in runs}, key=["kafka-python", "confluent"].index)
     lines = [
         "# Scale-out: worker processes, clients and fusion",
         "",
         f"Stream: `{args.dataset}`, {len(records):,} labelled records, keyed by id on a {PARTITIONS}-partition topic "
-        f"of the embedded Tansu broker; learner `{args.learner}`, drift detection off. Every configuration is "
+        f"of the embedded Tansu broker; learner `{args.learner}`"
+        + (f" with `{args.worker_flags}`" if args.worker_flags else "")
+        + ", drift detection off. Every configuration is "
         "`stream-learner run --processes P` from a fresh group, run to the end of the stream. "
         f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared by the broker, the workers and their "
         f"producer processes), Python {platform.python_version()}; load average {load_before:.1f} at the start.",
@@ -177,10 +201,16 @@ def write_results(runs, args, records, load_before):
         "Reproduce: `.venv/bin/python -m benchmarks.scaling"
         + (f" --limit {args.limit}" if args.limit else "")
         + (f" --learner {args.learner}" if args.learner != "nb" else "")
-        + f" --repeats {args.repeats}`",
+        + (f' --worker-flags="{args.worker_flags}"' if args.worker_flags else "")
+        + (f" --output {args.output}" if args.output != "scaling" else "")
+        + f" --fusion-every {args.fusion_every:g} --repeats {args.repeats}`",
         "",
-        "| client | processes | fusion | records/s (first to last) | steady records/s | steady × 1 process | prequential accuracy % | records predicted |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "CPU columns: CPU time per record of everything `run` started (workers, supervisor, producer processes; "
+        "start-up and the final idle wait included) and of the broker while they ran. With 2 cores for all of it, "
+        "records/s is bounded by 2 cores ÷ their sum.",
+        "",
+        "| client | processes | fusion | records/s (first to last) | steady records/s | steady × 1 process | prequential accuracy % | records predicted | workers CPU µs/record | broker CPU µs/record |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     every = f"every {args.fusion_every:g} s"
     for client in clients:
@@ -192,7 +222,8 @@ def write_results(runs, args, records, load_before):
                 f"| {client} | {run['processes']} | {every if run['fusion'] else 'off'} "
                 f"| {run['records_per_s']:,.0f} | {run['steady_records_per_s']:,.0f} "
                 f"| {run['steady_records_per_s'] / one['steady_records_per_s']:.2f} "
-                f"| {run['accuracy']:.2f} | {run['predicted']:,} |"
+                f"| {run['accuracy']:.2f} | {run['predicted']:,} "
+                f"| {run.get('workers_cpu_us_per_record', float('nan')):.0f} | {run.get('broker_cpu_us_per_record', float('nan')):.0f} |"
             )
     lines += ["", "## Figures against the targets", ""]
     verdicts = []
@@ -218,9 +249,19 @@ def write_results(runs, args, records, load_before):
                 f"* {processes} process{'es' if processes > 1 else ''}: confluent-kafka = **{ratio:.2f}×** "
                 f"kafka-python end to end (target ≥ 2): {'PASS' if ratio >= 2 else 'FAIL'}."
             )
+        a, b = _find(runs, "kafka-python", 1, False), _find(runs, "confluent", 1, False)
+        if "workers_cpu_us_per_record" in a and "workers_cpu_us_per_record" in b:
+            total_a = a["workers_cpu_us_per_record"] + a["broker_cpu_us_per_record"]
+            total_b = b["workers_cpu_us_per_record"] + b["broker_cpu_us_per_record"]
+            verdicts.append(
+                f"* CPU per record, 1 process: kafka-python {a['workers_cpu_us_per_record']:.0f} µs in the workers + "
+                f"{a['broker_cpu_us_per_record']:.0f} µs in the broker = {total_a:.0f} µs; confluent "
+                f"{b['workers_cpu_us_per_record']:.0f} + {b['broker_cpu_us_per_record']:.0f} = {total_b:.0f} µs. "
+                f"Where every process shares the same cores, records/s can rise by about their ratio at most: {total_a / total_b:.2f}×."
+            )
     lines += verdicts
-    (RESULTS / "scaling.md").write_text("\n".join(lines) + "\n")
-    plot(runs, clients, RESULTS / "scaling.png")
+    (RESULTS / f"{args.output}.md").write_text("\n".join(lines) + "\n")
+    plot(runs, clients, RESULTS / f"{args.output}.png")
     print("\n".join(lines))
 
 

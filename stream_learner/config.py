@@ -107,6 +107,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("fusion_full_every_seconds", float, "publish full snapshots (whole models, all counts) this often"),
     _Option("fusion_max_age", _optional_float, "ignore a peer's averaged/ensembled snapshot older than this many seconds (none: never)"),
     _Option("max_poll_records", int, "most records per poll (one batch)"),
+    _Option("mini_batch", int, "predict, then learn, this many records at a time (numpy learners learn them in one step; 0: one record at a time)"),
     _Option("poll_timeout", float, "seconds one poll waits for records"),
     _Option("session_timeout_ms", int, "consumer-group session timeout, ms"),
     _Option("auto_offset_reset", str, "where a new group starts: earliest | latest"),
@@ -163,6 +164,7 @@ class WorkerConfig:
     fusion_full_every_seconds: float = 60.0
     fusion_max_age: float | None = 600.0
     max_poll_records: int = 500
+    mini_batch: int = 0
     poll_timeout: float = 1.0
     session_timeout_ms: int = 10_000
     auto_offset_reset: str = "earliest"
@@ -207,6 +209,8 @@ class WorkerConfig:
         for name in ("checkpoint_every_records", "checkpoint_keep", "max_poll_records", "window", "processes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.mini_batch < 0:
+            raise ConfigError("mini_batch must be 0 (off) or more")
         if self.checkpoint_every_seconds <= 0 or self.poll_timeout <= 0:
             raise ConfigError("checkpoint_every_seconds and poll_timeout must be positive")
         if self.auto_offset_reset not in ("earliest", "latest"):

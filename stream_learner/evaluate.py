@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import os
 import sys
 import time
@@ -68,13 +69,28 @@ def evaluate(
     *,
     progress=None,
     progress_every: int = 500,
+    mini_batch: int = 0,
 ) -> EvaluationResult:
     """Run ``processor`` over ``records``; ``progress(n, seconds, processor)`` is called every
-    ``progress_every`` records."""
-    process = processor.process
+    ``progress_every`` records. With ``mini_batch`` above 1, records go through
+    :meth:`StreamProcessor.process_many <stream_learner.runner.StreamProcessor.process_many>`
+    that many at a time (each batch predicted before it is learned)."""
     learner_errors = 0
     n = 0
     start = time.perf_counter()
+    if mini_batch > 1:
+        iterator = iter(records)
+        while batch := list(itertools.islice(iterator, mini_batch)):
+            results = processor.process_many(batch, [record.ts for record in batch])
+            for result in results:
+                n += 1
+                if isinstance(result, LearnerFailure):
+                    learner_errors += 1
+                    print(f"record {n}: {result}", file=sys.stderr)
+            if progress is not None and n // progress_every != (n - len(batch)) // progress_every:
+                progress(n, time.perf_counter() - start, processor)
+        return EvaluationResult(processor, n, time.perf_counter() - start, learner_errors)
+    process = processor.process
     for n, record in enumerate(records, 1):
         try:
             process(record, now=record.ts)
@@ -179,6 +195,13 @@ def add_evaluate_parser(subparsers) -> None:
         help="hold each label back N records and send it as a label-only record (delayed labels)",
     )
     parser.add_argument("--limit", type=int, default=None, help="stop after N records")
+    parser.add_argument(
+        "--mini-batch",
+        type=int,
+        default=0,
+        metavar="N",
+        help="predict, then learn, N records at a time (numpy learners learn them in one step)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--format",
@@ -243,9 +266,9 @@ def _run(args) -> int:
                 bar = None
         if bar is not None:
             with bar:
-                result = evaluate(records, processor, progress=bar)
+                result = evaluate(records, processor, progress=bar, mini_batch=args.mini_batch)
         else:
-            result = evaluate(records, processor)
+            result = evaluate(records, processor, mini_batch=args.mini_batch)
     except DatasetError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -117,6 +117,25 @@ class BucketBatch:
             return dict(collections.Counter(ids))
         return dict(zip(ids, self.weights[start:end].tolist(), strict=True))
 
+    def take(self, records) -> BucketBatch:
+        """The batch of records ``records`` (positions), in that order.
+
+        >>> batch = BucketBatch(ids=np.array([3, 5, 3, 7]), offsets=np.array([0, 2, 3, 4]))
+        >>> part = batch.take([2, 0])
+        >>> [part.record(i) for i in range(len(part))]
+        [{7: 1}, {3: 1, 5: 1}]
+
+        """
+        records = np.asarray(records, dtype=np.intp)
+        starts = self.offsets[records]
+        lengths = self.offsets[records + 1] - starts
+        offsets = np.zeros(records.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        # Entry k of the new batch is entry (k - its record's new start + its old start).
+        entries = np.arange(offsets[-1]) + np.repeat(starts - offsets[:-1], lengths)
+        weights = None if self.weights is None else self.weights[entries]
+        return BucketBatch(ids=self.ids[entries], offsets=offsets, weights=weights)
+
 
 _crc32 = zlib.crc32
 
@@ -510,18 +529,28 @@ class _ChunkCache(dict):
                     (_crc32(chunk.encode("utf-8", "surrogatepass"), seed) * _MIX) & _MASK32
                 ).to_bytes(4, "little")
                 return value
+            # Two tokens at most: concatenated, without _hash_bytes' list and join.
             head, tail = chunk[:-1], chunk[-1]
             if head.isalpha() and not (tail.isalnum() or tail == "_" or tail == "@"):
-                tokens = (head, tail) if self._punctuation else (head,)
-                value = self[chunk] = _hash_bytes(tokens, seed)
+                value = _hash4(head, seed)
+                if self._punctuation:
+                    value += _hash4(tail, seed)
+                self[chunk] = value
                 return value
             head, tail = chunk[0], chunk[1:]
             if tail.isalpha() and not (head.isalnum() or head == "_" or head == "@"):
-                tokens = (head, tail) if self._punctuation else (tail,)
-                value = self[chunk] = _hash_bytes(tokens, seed)
+                value = _hash4(tail, seed)
+                if self._punctuation:
+                    value = _hash4(head, seed) + value
+                self[chunk] = value
                 return value
         value = self[chunk] = self._featurizer._chunk_entry(chunk)
         return value
+
+
+def _hash4(token: str, seed: int) -> bytes:
+    """The mixed hash of ``token`` (what ``_hashes`` gives) as 4 little-endian bytes."""
+    return ((_crc32(token.encode("utf-8", "surrogatepass"), seed) * _MIX) & _MASK32).to_bytes(4, "little")
 
 
 def _hash_bytes(tokens, seed: int) -> bytes:

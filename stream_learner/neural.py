@@ -662,6 +662,16 @@ class NeuralClassifier(base.MiniBatchClassifier):
             return pd.DataFrame(index=index)
         return pd.DataFrame(self._predict_proba_array(X), columns=self.classes, index=index)
 
+    def predict_proba_rows(self, X) -> list[dict]:
+        """Class probabilities of a batch in one forward pass, one ``{label: probability}``
+        dict per record (what :meth:`predict_proba_one` gives); ``X`` as for :meth:`learn_many`.
+        The stream processor's mini-batch mode reads these."""
+        batch = self._batch_of(X)
+        if not getattr(self, "_classes", None):
+            return [{} for _ in range(len(batch))]
+        classes = self._classes
+        return [dict(zip(classes, row, strict=True)) for row in self._predict_proba_array(batch).tolist()]
+
     def predict_many(self, X):
         """Labels of a batch: a pandas Series for a DataFrame, otherwise a list. ``X`` as for
         :meth:`learn_many`."""

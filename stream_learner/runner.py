@@ -25,6 +25,7 @@ import dataclasses
 import enum
 import math
 import time
+from collections.abc import Sequence
 
 from river import base, compose
 
@@ -323,6 +324,169 @@ class StreamProcessor:
         events = self._learn(features, probas, served, record.label, record.ts or now)
         return ProcessResult(Outcome.LEARNED, served, events)
 
+    def process_many(
+        self, records: Sequence[Record], times: Sequence[float | None] | None = None
+    ) -> list[ProcessResult | LearnerFailure]:
+        """Process ``records`` as one mini-batch: each is predicted before any of them is
+        learned, then the labelled ones are learned, in one ``learn_many`` step for learners
+        that have it (the numpy learner: featurized by ``buckets_many``, one forward pass, one
+        update) and record by record for the others. Scores, drift detection and serving go
+        record by record in order, as in :meth:`process`.
+
+        What differs from calling :meth:`process` on each record: a record is predicted
+        without the records just before it in its batch, and a mini-batch update is close to,
+        not equal to, per-record updates. A drift reaction inside a batch replaces the learner
+        before that batch is learned. Label-only records are joined one by one, between the
+        runs of records around them. ``times`` are the records' times (``now`` of
+        :meth:`process`). One result per record, in order: a :class:`ProcessResult`, or the
+        :class:`LearnerFailure` that :meth:`process` would have raised for it.
+        """
+        results: list = [None] * len(records)
+        times = list(times) if times is not None else [None] * len(records)
+        run: list[int] = []
+        for i, record in enumerate(records):
+            if record.is_label_only:
+                self._process_run(records, times, run, results)
+                run = []
+                results[i] = self._process_or_failure(record, times[i])
+            else:
+                run.append(i)
+        self._process_run(records, times, run, results)
+        return results
+
+    def _process_or_failure(self, record: Record, now) -> ProcessResult | LearnerFailure:
+        try:
+            return self.process(record, now=now)
+        except LearnerFailure as failure:
+            return failure
+
+    def _batchable(self, slot: _Slot) -> bool:
+        return (
+            isinstance(slot.featurizer, TextFeaturizer)
+            and not slot.featurizer.dense
+            and hasattr(slot.head, "predict_proba_rows")
+            and hasattr(slot.head, "learn_many")
+        )
+
+    def _process_run(self, records, times, run: list[int], results: list) -> None:
+        """Records ``run`` (indices, all with text) as one mini-batch."""
+        if not run:
+            return
+        if len(run) == 1:
+            results[run[0]] = self._process_or_failure(records[run[0]], times[run[0]])
+            return
+        texts = [records[i].text for i in run]
+        try:
+            batches, features, probas = self._predict_run(texts)
+        except Exception:
+            # Predicting changes no learner: redo the run record by record, which singles out
+            # the records a learner fails on.
+            for i in run:
+                results[i] = self._process_or_failure(records[i], times[i])
+            return
+        learn: list[int] = []  # positions in the run of the labelled records
+        for j, i in enumerate(run):
+            record = records[i]
+            now = times[i] if times[i] is not None else time.time()
+            self.records_seen += 1
+            probas_j = {name: rows[j] for name, rows in probas.items()}
+            served = self._serve(probas_j)
+            if record.label is None:
+                if record.id is not None:
+                    self.labels.put(
+                        record.id,
+                        features=self._record_features(batches, features, j),
+                        predictions=probas_j,
+                        served=served,
+                        now=now,
+                    )
+                results[i] = ProcessResult(Outcome.PREDICTED, served)
+                continue
+            events = []
+            for slot in self._slots:
+                x = None
+                if slot.background_head is not None:  # scoring it needs this record's features
+                    x = self._record_features(batches, features, j).get(slot.key)
+                event = self._score(slot, probas_j.get(slot.name), x, record.label, record.ts or now)
+                if event is not None:
+                    events.append(event)
+            self._scored(served, record.label)
+            results[i] = ProcessResult(Outcome.LEARNED, served, events)
+            learn.append(j)
+        if not learn:
+            return
+        labels = [records[run[j]].label for j in learn]
+        for slot in self._slots:
+            if slot.key in batches:
+                failed = self._learn_batch(slot, batches[slot.key], learn, labels)
+            else:
+                xs = features[slot.key]
+                failed = {}
+                for j, y in zip(learn, labels, strict=True):
+                    try:
+                        self._learn_one(slot, xs[j], y)
+                    except Exception as error:
+                        failed[j] = LearnerFailure(slot.name, error)
+            for j, failure in failed.items():
+                if not isinstance(results[run[j]], LearnerFailure):  # the first learner's, as process()
+                    results[run[j]] = failure
+
+    def _predict_run(self, texts: list[str]):
+        """Every learner's predictions for ``texts``: (BucketBatch per featurizer key of the
+        batch learners, features per key of the others, probability dicts per learner)."""
+        batches: dict = {}
+        features: dict = {}
+        probas: dict = {}
+        for slot in self._slots:
+            key = slot.key
+            if self._batchable(slot):
+                if key not in batches:
+                    batches[key] = slot.featurizer.buckets_many(texts)
+                rows = slot.head.predict_proba_rows(batches[key])
+                if slot.peers:
+                    batch = batches[key]
+                    rows = [slot.with_peers(batch.record(j), p) for j, p in enumerate(rows)]
+            else:
+                if key not in features:
+                    features[key] = [slot.features(text) for text in texts]
+                rows = [slot.head.predict_proba_one(x) for x in features[key]]
+                if slot.peers:
+                    rows = [slot.with_peers(x, p) for x, p in zip(features[key], rows, strict=True)]
+            probas[slot.name] = rows
+        return batches, features, probas
+
+    @staticmethod
+    def _record_features(batches: dict, features: dict, j: int) -> dict:
+        """Record ``j``'s features per featurizer key, as :meth:`process` keeps them."""
+        own = {key: xs[j] for key, xs in features.items()}
+        own.update((key, batch.record(j)) for key, batch in batches.items())
+        return own
+
+    def _learn_batch(self, slot: _Slot, batch, learn: list[int], labels: list) -> dict:
+        """``slot`` learns records ``learn`` of ``batch`` in one step, or, if the step fails,
+        one record at a time. → {position: LearnerFailure} of the records it could not learn."""
+        part = batch if len(learn) == len(batch) else batch.take(learn)
+        try:
+            slot.head.learn_many(part, labels)  # checks the whole batch before changing anything
+        except Exception:
+            failed = {}
+            for j, y in zip(learn, labels, strict=True):
+                try:
+                    self._learn_one(slot, batch.record(j), y)
+                except Exception as error:
+                    failed[j] = LearnerFailure(slot.name, error)
+            return failed
+        slot.learned += len(learn)
+        if slot.journal is not None:
+            slot.journal.extend((batch.record(j), y) for j, y in zip(learn, labels, strict=True))
+        if slot.background_head is not None:
+            try:
+                slot.background_head.learn_many(part, labels)
+                slot.background_learned += len(learn)
+            except Exception:  # a challenger that cannot learn is no challenger
+                slot.drop_background()
+        return {}
+
     def _join(self, record: Record, now: float) -> ProcessResult:
         pending = self.labels.pop(record.id, now=now)
         if pending is None:
@@ -367,37 +531,49 @@ class StreamProcessor:
         events: list[DriftEvent] = []
         failure = None
         for slot in self._slots:
-            proba = probas.get(slot.name)
             x = features.get(slot.key)
-            if proba:
-                hit = slot.score.update(y, _argmax(proba), proba)
-                if slot.background_head is not None and x is not None:
-                    slot.main_hits += hit
-                    slot.background_hits += _argmax(slot.background_head.predict_proba_one(x)) == y
-                if slot.monitor is not None:
-                    event = self._watch(slot, not hit, when)
-                    if event is not None:
-                        events.append(event)
+            event = self._score(slot, probas.get(slot.name), x, y, when)
+            if event is not None:
+                events.append(event)
             if x is None:
                 continue
             try:
-                slot.head.learn_one(x, y)
-                if slot.journal is not None:
-                    slot.journal.append((x, y))
-                if slot.background_head is not None:
-                    slot.background_head.learn_one(x, y)
-                    slot.background_learned += 1
+                self._learn_one(slot, x, y)
             except Exception as error:
                 failure = failure or LearnerFailure(slot.name, error)
-                continue
-            slot.learned += 1
+        self._scored(served, y)
+        if failure is not None:
+            raise failure
+        return events
+
+    def _score(self, slot: _Slot, proba, x, y, when) -> DriftEvent | None:
+        """Score one prediction of ``slot`` and watch its error stream (which may replace
+        the learner)."""
+        if not proba:
+            return None
+        hit = slot.score.update(y, _argmax(proba), proba)
+        if slot.background_head is not None and x is not None:
+            slot.main_hits += hit
+            slot.background_hits += _argmax(slot.background_head.predict_proba_one(x)) == y
+        if slot.monitor is not None:
+            return self._watch(slot, not hit, when)
+        return None
+
+    @staticmethod
+    def _learn_one(slot: _Slot, x, y) -> None:
+        slot.head.learn_one(x, y)
+        if slot.journal is not None:
+            slot.journal.append((x, y))
+        if slot.background_head is not None:
+            slot.background_head.learn_one(x, y)
+            slot.background_learned += 1
+        slot.learned += 1
+
+    def _scored(self, served, y) -> None:
         if served is not None and served.proba:
             self._served.update(y, served.label, served.proba)
         self.model_version += 1
         self._after_learning()
-        if failure is not None:
-            raise failure
-        return events
 
     def _watch(self, slot: _Slot, error: bool, when: float) -> DriftEvent | None:
         signal = slot.monitor.update(error)

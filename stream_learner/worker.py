@@ -77,6 +77,9 @@ class Worker:
         Checkpoint store, or None for no checkpoints (tests of the loop alone).
     offsets, counts
         Restored from a checkpoint.
+    mini_batch
+        Above 1: records go through the processor this many at a time
+        (:meth:`~stream_learner.runner.StreamProcessor.process_many`), for throughput.
 
     """
 
@@ -98,6 +101,7 @@ class Worker:
         model_feed=None,
         models_topic: str | None = None,
         fusion_start_wait: float = 15.0,
+        mini_batch: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.processor = processor
@@ -115,6 +119,7 @@ class Worker:
         self.model_feed = model_feed
         self.models_topic = models_topic
         self.fusion_start_wait = fusion_start_wait
+        self.mini_batch = mini_batch
         self._peers_logged: dict | None = None
         self.clock = clock
         self.source: Source | None = None
@@ -138,25 +143,67 @@ class Worker:
         except DecodeError as error:
             self._dead_letter(message, error.reason, error.detail)
         except LearnerFailure as failure:
-            log.warning("learner error at %s[%d]@%d: %s", message.topic, message.partition, message.offset, failure.detail)
-            self._dead_letter(message, failure.reason, failure.detail)
+            self._learner_failed(message, failure)
         except Exception as error:  # a bug or an odd record: keep the stream going, keep it
-            log.exception("unexpected error at %s[%d]@%d", message.topic, message.partition, message.offset)
-            self._dead_letter(message, Reason.LEARNER_ERROR, f"{type(error).__name__}: {error}")
+            self._unexpected(message, error)
         else:
-            self.counts[str(result.outcome)] += 1
-            if result.prediction is not None and result.outcome in (Outcome.LEARNED, Outcome.PREDICTED):
-                self.outputs.prediction(
-                    record.id,
-                    result.prediction,
-                    model_version=self.processor.model_version,
-                    latency_seconds=time.perf_counter() - started,
-                    message=message,
-                )
-            for event in result.drift_events:
-                log.info("drift: learner %s at record %d (%s)", event.learner, event.position, event.detector)
-                self.outputs.drift_event(event, message=message)
-                self.metrics.drift_detected(event.learner, event.detector, event.time)
+            self._emit(message, record, result, started)
+        self._done(message)
+
+    def handle_many(self, messages: list[Message]) -> None:
+        """Decode, process and emit messages as one mini-batch (``StreamProcessor.process_many``:
+        all predicted, then the labelled ones learned), then advance their offsets."""
+        started = time.perf_counter()
+        decoded: list[tuple[Message, Record]] = []
+        for message in messages:
+            try:
+                decoded.append((message, self._record(message)))
+            except DecodeError as error:
+                self._dead_letter(message, error.reason, error.detail)
+        try:
+            results = self.processor.process_many(
+                [record for _, record in decoded],
+                [_event_time(record, message) for message, record in decoded],
+            )
+        except Exception as error:  # a bug: keep the stream going, keep the records
+            results = [error] * len(decoded)
+        for (message, record), result in zip(decoded, results, strict=True):
+            if isinstance(result, LearnerFailure):
+                self._learner_failed(message, result)
+            elif isinstance(result, Exception):
+                self._unexpected(message, result)
+            else:
+                self._emit(message, record, result, started)
+        for message in messages:
+            self._done(message)
+
+    def _emit(self, message: Message, record: Record, result, started: float) -> None:
+        self.counts[str(result.outcome)] += 1
+        if result.prediction is not None and result.outcome in (Outcome.LEARNED, Outcome.PREDICTED):
+            self.outputs.prediction(
+                record.id,
+                result.prediction,
+                model_version=self.processor.model_version,
+                latency_seconds=time.perf_counter() - started,
+                message=message,
+            )
+        for event in result.drift_events:
+            log.info("drift: learner %s at record %d (%s)", event.learner, event.position, event.detector)
+            self.outputs.drift_event(event, message=message)
+            self.metrics.drift_detected(event.learner, event.detector, event.time)
+
+    def _learner_failed(self, message: Message, failure: LearnerFailure) -> None:
+        log.warning("learner error at %s[%d]@%d: %s", message.topic, message.partition, message.offset, failure.detail)
+        self._dead_letter(message, failure.reason, failure.detail)
+
+    def _unexpected(self, message: Message, error: BaseException) -> None:
+        log.error(
+            "unexpected error at %s[%d]@%d", message.topic, message.partition, message.offset,
+            exc_info=(type(error), error, error.__traceback__),
+        )
+        self._dead_letter(message, Reason.LEARNER_ERROR, f"{type(error).__name__}: {error}")
+
+    def _done(self, message: Message) -> None:
         self.counts["messages"] += 1
         self.offsets[message.tp] = message.offset + 1  # the NEXT message to read
         self._since_checkpoint += 1
@@ -187,16 +234,22 @@ class Worker:
         started = time.perf_counter()
         before = collections.Counter(self.counts)
         predictions_before = self.outputs.predictions
-        if self.fusion is None:
+        size = self.mini_batch if self.mini_batch > 1 else None
+        if self.fusion is None and size is None:
             for message in messages:
                 self.handle(message)
         else:
             # Fusion rounds may fall inside a batch: how far peers lag behind is bounded by
             # the cadence, not by the batch size.
-            for start in range(0, len(messages), _FUSION_STRIDE):
-                for message in messages[start : start + _FUSION_STRIDE]:
-                    self.handle(message)
-                if self.fusion.due():
+            stride = size or _FUSION_STRIDE
+            for start in range(0, len(messages), stride):
+                part = messages[start : start + stride]
+                if size is None:
+                    for message in part:
+                        self.handle(message)
+                else:
+                    self.handle_many(part)
+                if self.fusion is not None and self.fusion.due():
                     self.fusion_round()
         self.outputs.sink.dispatch()
         seconds = time.perf_counter() - started
@@ -608,6 +661,7 @@ def run_worker(
             fusion=fusion,
             model_feed=feed,
             models_topic=config.models_topic,
+            mini_batch=config.mini_batch,
         )
         source = _with_retries("consumer", lambda: make_source(config, worker), stop)
         if source is None:

@@ -92,6 +92,25 @@ def test_end_to_end_predictions_match_evaluate_on_the_same_records(kafka_broker,
     assert worker.summary()["learned"] == 3000
 
 
+def test_mini_batches_predict_and_learn_every_record(kafka_broker, kafka_names, tmp_path, kafka_client):
+    records = synthetic_records(2000, seed=4)
+    topic = f"{kafka_names}-in"
+    create_topics(kafka_broker.bootstrap_servers, {topic: 2, f"{topic}.predictions": 2, f"{topic}.dlq": 1})
+    produce_records(records, bootstrap_servers=kafka_broker.bootstrap_servers, topic=topic)
+
+    config = worker_config(kafka_client, kafka_broker, kafka_names, tmp_path, "--learners", "nb,neural", "--mini-batch", "64")
+    code, worker = run_in_process(config)
+    assert code == 0
+    predictions = read_topic(kafka_broker.bootstrap_servers, f"{topic}.predictions", expected=2000)
+    assert sorted(m.key.decode() for m in predictions) == sorted(r.id for r in records)
+    summary = worker.summary()
+    assert summary["learned"] == 2000 and summary.get("dead_lettered", 0) == 0
+    # Counts do not depend on how records are batched: naive Bayes learned what evaluate learns.
+    reference = evaluate(records, StreamProcessor(["nb"])).processor
+    assert nb_parameters(worker.processor) == nb_parameters(reference)
+    assert worker.processor.heads()["neural"][1].n_seen == 2000
+
+
 def test_delayed_labels_in_the_same_topic_are_joined_like_evaluate(kafka_broker, kafka_names, tmp_path, kafka_client):
     records = synthetic_records(1500, seed=2)
     topic = f"{kafka_names}-in"
