@@ -104,6 +104,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("fusion", _optional_text, "share learners with the group's other workers through the models topic: off | on | LEARNER=average|counts|ensemble|none,..."),
     _Option("models_topic", _optional_text, "compacted topic of learner snapshots (default <group>.models)"),
     _Option("fusion_every_seconds", float, "publish what was learned since and fold in the peers' this often"),
+    _Option("fusion_every_records", _optional_int, "also publish and fold after this many records (none: by time only)"),
     _Option("fusion_full_every_seconds", float, "publish full snapshots (whole models, all counts) this often"),
     _Option("fusion_max_age", _optional_float, "ignore a peer's averaged/ensembled snapshot older than this many seconds (none: never)"),
     _Option("max_poll_records", int, "most records per poll (one batch)"),
@@ -161,6 +162,7 @@ class WorkerConfig:
     fusion: str | None = None
     models_topic: str | None = ""  # "" means the default, <group>.models
     fusion_every_seconds: float = 5.0
+    fusion_every_records: int | None = None
     fusion_full_every_seconds: float = 60.0
     fusion_max_age: float | None = 600.0
     max_poll_records: int = 500
@@ -209,6 +211,8 @@ class WorkerConfig:
         for name in ("checkpoint_every_records", "checkpoint_keep", "max_poll_records", "window", "processes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.fusion_every_records is not None and self.fusion_every_records < 1:
+            raise ConfigError("fusion_every_records must be at least 1 (or none)")
         if self.mini_batch < 0:
             raise ConfigError("mini_batch must be 0 (off) or more")
         if self.checkpoint_every_seconds <= 0 or self.poll_timeout <= 0:

@@ -490,6 +490,9 @@ class Fusion:
         Shared secret that signs ``ensemble`` snapshots.
     every_seconds, full_every_seconds
         Publishing and folding cadence; full snapshots' cadence.
+    every_records
+        Also publish and fold once the worker has processed this many records since the last
+        round (None: by time only).
     max_age
         Peers' ``average`` and ``ensemble`` snapshots older than this are ignored (a worker
         that left long ago); ``counts`` are data and never expire.
@@ -505,6 +508,7 @@ class Fusion:
         every_seconds: float = 5.0,
         full_every_seconds: float = 60.0,
         max_age: float | None = 600.0,
+        every_records: int | None = None,
         clock=time.time,
     ):
         self.worker_id = worker_id
@@ -513,6 +517,7 @@ class Fusion:
         self.every_seconds = every_seconds
         self.full_every_seconds = full_every_seconds
         self.max_age = max_age
+        self.every_records = every_records
         self.clock = clock
         # What has been folded in, per learner and peer (goes into the checkpoint).
         self.peer_counts: dict[str, dict[str, CountTable]] = {}
@@ -547,7 +552,10 @@ class Fusion:
                 raise FusionError(f"learner {name}: the average rule needs the numpy learner, not {type(head).__name__}")
         return rule
 
-    def due(self, now: float | None = None) -> bool:
+    def due(self, now: float | None = None, records: int = 0) -> bool:
+        """Whether a round is due, ``records`` having been processed since the last one."""
+        if self.every_records and records >= self.every_records:
+            return True
         now = self.clock() if now is None else now
         return now - self.last_published >= self.every_seconds
 

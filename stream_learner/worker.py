@@ -128,6 +128,7 @@ class Worker:
         self.owned: set[Partition] = set()
         self._handed_over: set[Partition] = set()
         self._since_checkpoint = 0
+        self._since_fusion = 0
         self._folded = False
         self._last_checkpoint = clock()
         self._checkpointed_offsets: dict[Partition, int] = dict(self.offsets)
@@ -207,6 +208,7 @@ class Worker:
         self.counts["messages"] += 1
         self.offsets[message.tp] = message.offset + 1  # the NEXT message to read
         self._since_checkpoint += 1
+        self._since_fusion += 1
 
     def _record(self, message: Message) -> Record:
         record = self.decoder.decode(message.value)
@@ -249,7 +251,7 @@ class Worker:
                         self.handle(message)
                 else:
                     self.handle_many(part)
-                if self.fusion is not None and self.fusion.due():
+                if self.fusion is not None and self.fusion.due(records=self._since_fusion):
                     self.fusion_round()
         self.outputs.sink.dispatch()
         seconds = time.perf_counter() - started
@@ -302,6 +304,7 @@ class Worker:
 
     def fusion_round(self) -> None:
         """Publish what we learned since the last round, fold in what the peers published."""
+        self._since_fusion = 0
         self.publish_snapshots()
         self.fold()
 
@@ -436,7 +439,7 @@ class Worker:
                 last_message = now
             if self.checkpoint_due() and self.checkpoint():
                 self.commit()
-            if self.fusion is not None and self.fusion.due():
+            if self.fusion is not None and self.fusion.due(records=self._since_fusion):
                 self.fusion_round()
             if now - last_progress >= progress_every:
                 last_progress = now
@@ -742,6 +745,7 @@ def _start_fusion(config: WorkerConfig, key: bytes, state, stop: threading.Event
         config.fusion_rules,
         key=key,
         every_seconds=config.fusion_every_seconds,
+        every_records=config.fusion_every_records,
         full_every_seconds=config.fusion_full_every_seconds,
         max_age=config.fusion_max_age,
     )

@@ -300,3 +300,26 @@ def test_a_restarted_peer_is_replaced_by_its_full_snapshot_not_counted_twice():
     _exchange([a, (processor, restarted)], clock)
     total = sum(CountTable.of(a[0].heads()["nb"][1]).tables["class_counts"].values())
     assert total == 300  # b's 300 records, once: its full snapshot replaced the old series
+
+
+def test_rounds_come_every_n_records_as_well_as_every_t_seconds():
+    from test_worker import drain, make_worker, partitioned, records
+
+    from stream_learner.sources import MemorySource
+
+    clock = Clock()
+    fusion = Fusion("a", every_seconds=10, every_records=100, clock=clock)
+    assert fusion.due(records=0)  # nothing published yet
+    fusion.last_published = clock.now
+    assert not fusion.due(records=99) and fusion.due(records=100)
+    clock.now += 10
+    assert fusion.due(records=0)
+
+    clock.now = fusion.last_published = 1e9  # a clock that stands still: rounds by records only
+    worker = make_worker(fusion=fusion)
+    rounds = []
+    worker.fusion_round = lambda: (rounds.append(worker._since_fusion), setattr(worker, "_since_fusion", 0))
+    source = MemorySource(partitioned(records(1000), 1), handler=worker, max_poll_records=500)
+    worker.owned = source.assignment()
+    drain(worker, source)
+    assert rounds == [100] * 10
