@@ -108,6 +108,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("fusion_full_every_seconds", float, "publish full snapshots (whole models, all counts) this often"),
     _Option("fusion_max_age", _optional_float, "ignore a peer's averaged/ensembled snapshot older than this many seconds (none: never)"),
     _Option("max_poll_records", int, "most records per poll (one batch)"),
+    _Option("max_event_time_skew", _optional_float, "pause a partition whose records run this many seconds of event time ahead of the owned partition furthest behind, so a backlog is learned in time order (none: off)"),
     _Option("mini_batch", int, "predict, then learn, this many records at a time (numpy learners learn them in one step; 0: one record at a time)"),
     _Option("poll_timeout", float, "seconds one poll waits for records"),
     _Option("session_timeout_ms", int, "consumer-group session timeout, ms"),
@@ -167,6 +168,7 @@ class WorkerConfig:
     fusion_max_age: float | None = 600.0
     max_poll_records: int = 500
     mini_batch: int = 0
+    max_event_time_skew: float | None = None
     poll_timeout: float = 1.0
     session_timeout_ms: int = 10_000
     auto_offset_reset: str = "earliest"
@@ -213,6 +215,8 @@ class WorkerConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if self.fusion_every_records is not None and self.fusion_every_records < 1:
             raise ConfigError("fusion_every_records must be at least 1 (or none)")
+        if self.max_event_time_skew is not None and (self.max_event_time_skew < 0 or self.consumer_process):
+            raise ConfigError("max_event_time_skew must be 0 or more, and cannot be used with consumer_process")
         if self.mini_batch < 0:
             raise ConfigError("mini_batch must be 0 (off) or more")
         if self.checkpoint_every_seconds <= 0 or self.poll_timeout <= 0:

@@ -437,6 +437,17 @@ class ConfluentSource:
                 lags[(topic, partition)] = max(0, high - positions[(topic, partition)])
         return lags
 
+    def pause(self, partitions: set[Partition]) -> None:
+        from confluent_kafka import TopicPartition
+
+        # librdkafka drops what it fetched ahead for them and resumes at the last consumed offset.
+        self._consumer.pause([TopicPartition(t, p) for t, p in partitions])
+
+    def resume(self, partitions: set[Partition]) -> None:
+        from confluent_kafka import TopicPartition
+
+        self._consumer.resume([TopicPartition(t, p) for t, p in partitions])
+
     def close(self) -> None:
         # close() revokes our partitions through on_revoke, which checkpoints and commits.
         self._consumer.close()

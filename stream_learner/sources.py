@@ -83,6 +83,12 @@ class Source(Protocol):
 
     def lag(self, positions: Mapping[Partition, int]) -> dict[Partition, int]: ...
 
+    def pause(self, partitions: set[Partition]) -> None:
+        """Return nothing from these partitions until :meth:`resume` (reading resumes where
+        it stopped)."""
+
+    def resume(self, partitions: set[Partition]) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -113,6 +119,7 @@ class MemorySource:
                 for offset, value in enumerate(values)
             ]
         self._positions: dict[Partition, int] | None = None
+        self.paused: set[Partition] = set()
         self.closed = False
 
     def append(self, tp: Partition, value: bytes | None, key: bytes | None = None) -> None:
@@ -133,6 +140,8 @@ class MemorySource:
             self._assign()
         batch: list[Message] = []
         for tp in sorted(self._messages):
+            if tp in self.paused:
+                continue
             take = self.max_poll_records - len(batch)
             if take <= 0:
                 break
@@ -150,6 +159,12 @@ class MemorySource:
 
     def lag(self, positions: Mapping[Partition, int]) -> dict[Partition, int]:
         return {tp: len(msgs) - positions.get(tp, 0) for tp, msgs in self._messages.items()}
+
+    def pause(self, partitions: set[Partition]) -> None:
+        self.paused |= set(partitions)
+
+    def resume(self, partitions: set[Partition]) -> None:
+        self.paused -= set(partitions)
 
     def close(self) -> None:
         if not self.closed and self.handler is not None and self._positions is not None:
@@ -185,6 +200,7 @@ class KafkaSource:
         self.handler = handler
         self.commit_timeout_ms = 5000  # a broker that does not answer must not stall the loop
         self._lock = threading.Lock()
+        self._paused_any = False  # pause() was used: see _free_parked_records
         options = dict(client_options or {})
         # Range assignment gives the same partition numbers of co-partitioned topics (records
         # and their late labels, both keyed by id) to the same worker.
@@ -208,6 +224,8 @@ class KafkaSource:
         return self._consumer
 
     def poll(self, timeout: float) -> list[Message]:
+        if self._paused_any:
+            self._free_parked_records()
         batches = self._consumer.poll(timeout_ms=int(timeout * 1000))
         messages: list[Message] = []
         for tp in sorted(batches, key=lambda tp: (tp.topic, tp.partition)):
@@ -251,6 +269,27 @@ class KafkaSource:
             if highwater is not None and (topic, partition) in positions:
                 lags[(topic, partition)] = max(0, highwater - positions[(topic, partition)])
         return lags
+
+    def pause(self, partitions: set[Partition]) -> None:
+        from kafka import TopicPartition
+
+        self._consumer.pause(*(TopicPartition(t, p) for t, p in partitions))
+        self._paused_any = True
+
+    def resume(self, partitions: set[Partition]) -> None:
+        from kafka import TopicPartition
+
+        self._consumer.resume(*(TopicPartition(t, p) for t, p in partitions))
+
+    def _free_parked_records(self) -> None:
+        # kafka-python 3.0 parks the fetched records of a paused partition and hands them back
+        # after resume() only when its in-line slot is None, but leaves a used-up batch there:
+        # the parked records, and the partition (its fetches skip parked partitions), would
+        # never come back. A used-up slot is an empty one; say so before each poll.
+        fetcher = getattr(self._consumer, "_fetcher", None)
+        in_line = getattr(fetcher, "_next_partition_records", None)
+        if in_line is not None and not in_line:
+            fetcher._next_partition_records = None
 
     def close(self) -> None:
         # close() revokes our partitions through the listener, which checkpoints and commits.

@@ -80,6 +80,12 @@ class Worker:
     mini_batch
         Above 1: records go through the processor this many at a time
         (:meth:`~stream_learner.runner.StreamProcessor.process_many`), for throughput.
+    max_event_time_skew
+        Pause partitions whose records run more than this many seconds of event time ahead
+        of the owned partition furthest behind that still has records to read (None: off).
+        A consumer reads a partition's fetch, thousands of records, before the next
+        partition's: on a backlog one partition can run far ahead of another, and a learner
+        would learn "the future" of the stream before predicting its past.
 
     """
 
@@ -102,6 +108,7 @@ class Worker:
         models_topic: str | None = None,
         fusion_start_wait: float = 15.0,
         mini_batch: int = 0,
+        max_event_time_skew: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.processor = processor
@@ -120,6 +127,10 @@ class Worker:
         self.models_topic = models_topic
         self.fusion_start_wait = fusion_start_wait
         self.mini_batch = mini_batch
+        self.max_event_time_skew = max_event_time_skew
+        self.event_times: dict[Partition, float] = {}  # newest event time read, per partition
+        self._paused: set[Partition] = set()  # paused by alignment (maybe no longer owned)
+        self._stalled: set[Partition] = set()  # behind, yet gave nothing while others waited
         self._peers_logged: dict | None = None
         self.clock = clock
         self.source: Source | None = None
@@ -140,7 +151,7 @@ class Worker:
         started = time.perf_counter()
         try:
             record = self._record(message)
-            result = self.processor.process(record, now=_event_time(record, message))
+            result = self.processor.process(record, now=self._event_time(record, message))
         except DecodeError as error:
             self._dead_letter(message, error.reason, error.detail)
         except LearnerFailure as failure:
@@ -164,7 +175,7 @@ class Worker:
         try:
             results = self.processor.process_many(
                 [record for _, record in decoded],
-                [_event_time(record, message) for message, record in decoded],
+                [self._event_time(record, message) for message, record in decoded],
             )
         except Exception as error:  # a bug: keep the stream going, keep the records
             results = [error] * len(decoded)
@@ -177,6 +188,12 @@ class Worker:
                 self._emit(message, record, result, started)
         for message in messages:
             self._done(message)
+
+    def _event_time(self, record: Record, message: Message) -> float | None:
+        when = _event_time(record, message)
+        if when is not None and when > self.event_times.get(message.tp, float("-inf")):
+            self.event_times[message.tp] = when
+        return when
 
     def _emit(self, message: Message, record: Record, result, started: float) -> None:
         self.counts[str(result.outcome)] += 1
@@ -206,6 +223,7 @@ class Worker:
 
     def _done(self, message: Message) -> None:
         self.counts["messages"] += 1
+        self._stalled.discard(message.tp)
         self.offsets[message.tp] = message.offset + 1  # the NEXT message to read
         self._since_checkpoint += 1
         self._since_fusion += 1
@@ -434,6 +452,8 @@ class Worker:
             if heartbeat is not None:
                 heartbeat.beat()
             self.process_batch(messages)
+            if self.max_event_time_skew is not None:
+                self.align(source, polled=bool(messages))
             now = self.clock()
             if messages or not self.owned:  # idle counts only once we have partitions
                 last_message = now
@@ -452,6 +472,41 @@ class Worker:
         self._report(source)
         if progress is not None:
             progress(self)
+
+    def align(self, source: Source, *, polled: bool = True) -> None:
+        """Pause the partitions that run ahead in event time, resume those that no longer do."""
+        owned = self.owned & source.assignment()
+        if not polled and self._paused & owned:
+            # Nothing came while some partitions waited: the ones behind have nothing to give
+            # after all (an old highwater, say). They hold nobody back until they give again.
+            self._stalled |= owned - self._paused
+        try:
+            lags = source.lag(self.offsets)
+        except Exception:  # lag is a hint: without it, read as if unaligned
+            lags = {}
+        # Partitions with records to read, or that may have (nothing read, no highwater yet);
+        # one that has given nothing yet counts as furthest behind: its records may be the
+        # oldest. If it has none after all, the next empty poll marks it stalled.
+        waiting = {
+            tp
+            for tp in owned - self._stalled
+            if lags.get(tp, 0) > 0 or (tp not in lags and tp not in self.event_times)
+        }
+        ahead = set()
+        if waiting:
+            times = {tp: self.event_times.get(tp, float("-inf")) for tp in waiting}
+            limit = min(times.values()) + self.max_event_time_skew
+            ahead = {tp for tp, when in times.items() if when > limit}
+        try:
+            if ahead - self._paused:
+                source.pause(ahead - self._paused)
+            # Partitions paused before a rebalance may come back still paused (librdkafka).
+            if (self._paused & owned) - ahead:
+                source.resume((self._paused & owned) - ahead)
+        except Exception as error:  # ordering is best effort; never stop reading for it
+            log.warning("could not pause or resume partitions for event-time alignment: %s", _describe(error))
+            return
+        self._paused = (self._paused - owned) | ahead
 
     def shutdown(self, source: Source, sink: Sink) -> bool:
         """Final checkpoint and commit, then close the source (its revoke commits again) and sink."""
@@ -665,6 +720,7 @@ def run_worker(
             model_feed=feed,
             models_topic=config.models_topic,
             mini_batch=config.mini_batch,
+            max_event_time_skew=config.max_event_time_skew,
         )
         source = _with_retries("consumer", lambda: make_source(config, worker), stop)
         if source is None:
