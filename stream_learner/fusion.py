@@ -749,7 +749,6 @@ class ModelFeed:
         self._stop = threading.Event()
         self._caught_up = threading.Event()
         self._assembler = SnapshotAssembler()
-        self._event_times: dict[str, tuple[float, float]] = {}  # peer → (event time, published)
         self._thread = threading.Thread(target=self._run, name="model-feed", daemon=True)
 
     def start(self) -> ModelFeed:
@@ -768,19 +767,8 @@ class ModelFeed:
         with self._lock:
             return {name: PeerHistory(h.full, list(h.increments)) for name, h in self._histories.items()}
 
-    def peer_event_times(self, max_age: float, now: float | None = None) -> dict[str, float]:
-        """Each peer's event time (how far it has read the stream: the time of the partition
-        it owns furthest behind, inf when it has read everything), as published in the last
-        ``max_age`` seconds."""
-        now = time.time() if now is None else now
-        with self._lock:
-            return {peer: when for peer, (when, published) in self._event_times.items() if now - published <= max_age}
-
     def feed(self, key, value, headers) -> PeerSnapshot | None:
         """Take one message of the models topic (the thread calls this; tests may too)."""
-        meta = dict(headers or ())
-        if "event_time" in meta:
-            self._note_event_time(meta)
         try:
             snapshot = self._assembler.add(key, value, headers)
             if snapshot is None or snapshot.worker == self.worker_id:
@@ -803,17 +791,6 @@ class ModelFeed:
                 return None
         log.debug("snapshot of %s from %s (%d records)", snapshot.learner, snapshot.worker, snapshot.records)
         return snapshot
-
-    def _note_event_time(self, meta: dict) -> None:
-        try:
-            peer = meta["worker"].decode("utf-8")
-            when, published = float(meta["event_time"]), float(meta["created"])
-        except (KeyError, ValueError, UnicodeDecodeError, AttributeError):
-            return
-        if peer != self.worker_id:
-            with self._lock:
-                if published >= self._event_times.get(peer, (0.0, float("-inf")))[1]:
-                    self._event_times[peer] = (when, published)
 
     def _run(self) -> None:
         open_reader = _ConfluentReader if self.client == "confluent" else _KafkaPythonReader

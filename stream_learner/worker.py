@@ -131,7 +131,6 @@ class Worker:
         self.event_times: dict[Partition, float] = {}  # newest event time read, per partition
         self._paused: set[Partition] = set()  # paused by alignment (maybe no longer owned)
         self._stalled: set[Partition] = set()  # behind, yet gave nothing while others waited
-        self.event_time: float | None = None  # of the owned partition furthest behind (inf: none)
         self._peers_logged: dict | None = None
         self.clock = clock
         self.source: Source | None = None
@@ -333,10 +332,6 @@ class Worker:
         except Exception as error:  # a learner that cannot be snapshot must not stop learning
             log.error("cannot publish learner snapshots: %s", _describe(error))
             return
-        if self.event_time is not None and self.event_time != float("-inf"):
-            # How far this worker has read, for its peers' alignment (--max-event-time-skew).
-            mark = ("event_time", repr(self.event_time).encode("ascii"))
-            messages = [(key, value, [*headers, mark]) for key, value, headers in messages]
         for key, value, headers in messages:
             self.outputs.sink.send(self.models_topic, key, value, headers)
         self.outputs.sink.dispatch()
@@ -497,16 +492,11 @@ class Worker:
             for tp in owned - self._stalled
             if lags.get(tp, 0) > 0 or (tp not in lags and tp not in self.event_times)
         }
-        times = {tp: self.event_times.get(tp, float("-inf")) for tp in waiting}
-        self.event_time = min(times.values(), default=float("inf"))
-        floor = self.event_time
-        if self.fusion is not None and self.model_feed is not None:
-            # Fused workers keep in step too: none learns far ahead of what its peers can
-            # share (a peer that stopped publishing holds nobody back for long).
-            max_age = max(10.0, 3 * self.fusion.every_seconds)
-            floor = min([floor, *self.model_feed.peer_event_times(max_age).values()])
-        limit = floor + self.max_event_time_skew
-        ahead = {tp for tp, when in times.items() if when > limit}
+        ahead = set()
+        if waiting:
+            times = {tp: self.event_times.get(tp, float("-inf")) for tp in waiting}
+            limit = min(times.values()) + self.max_event_time_skew
+            ahead = {tp for tp, when in times.items() if when > limit}
         try:
             if ahead - self._paused:
                 source.pause(ahead - self._paused)

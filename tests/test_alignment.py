@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 
 import pytest
 from kafka_helpers import KEY, synthetic_records
@@ -151,31 +150,3 @@ def test_on_kafka_a_backlog_is_read_in_time_order(kafka_broker, kafka_names, tmp
     assert captured[0].summary()["learned"] == 3000
     assert sorted(t for _, t in order) == [1.7e9 + i for i in range(3000)]
     assert widest_gap(order) <= 30 + 100
-
-
-def test_fused_workers_wait_for_a_peer_that_is_behind():
-    from stream_learner.fusion import Fusion, ModelFeed
-
-    data = timed_records(400)
-    worker = make_worker(max_event_time_skew=10)
-    worker.fusion = Fusion("me", every_seconds=5)
-    worker.model_feed = ModelFeed("models", bootstrap_servers="unused", worker_id="me")
-    peer_at = 1.7e9 + 100  # a peer that has read the stream up to t = 100 s
-    now = time.time()
-    worker.model_feed._note_event_time({"worker": b"peer", "event_time": repr(peer_at).encode(), "created": repr(now).encode()})
-    source = MemorySource(data, handler=worker, max_poll_records=20)
-    worker.source = source
-    worker.owned = source.assignment()
-    for _ in range(50):
-        worker.process_batch(source.poll(0))
-        worker.align(source, polled=True)
-    assert max(worker.event_times.values()) <= peer_at + 10 + 40  # a batch (20 records of one partition) may overshoot
-    # The peer moves on (or stops publishing): this worker reads on.
-    worker.model_feed._note_event_time({"worker": b"peer", "event_time": b"inf", "created": repr(now + 1).encode()})
-    for _ in range(50):
-        batch = source.poll(0)
-        worker.process_batch(batch)
-        worker.align(source, polled=bool(batch))
-    assert worker.summary()["learned"] == 400
-    # What this worker publishes says how far it has read.
-    assert worker.event_time == float("inf")  # everything read
