@@ -232,7 +232,9 @@ def test_records_dropped_at_a_revoke_are_read_again_when_the_partition_stays(kaf
     producer.flush()
     a, b = Consumer(), Consumer()
     # The range assignor orders members by id (client id first): b takes partition 0, a keeps 1.
-    open_source(kafka_broker, topic, group, a, prefetch=3, client_options={"client_id": "z-member"})
+    # Room for every batch of partition 1 the child may fetch ahead (a fetch can arrive in
+    # pieces): a child with its prefetch full stops polling, and would never see the rebalance.
+    open_source(kafka_broker, topic, group, a, prefetch=25, client_options={"client_id": "z-member"})
     sources = [a.source]
     stop = threading.Event()
     try:
