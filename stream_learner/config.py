@@ -80,6 +80,10 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("topics", _csv, "input topic(s), comma-separated"),
     _Option("labels_topic", _optional_text, "topic of late label-only records (default: the input topics)"),
     _Option("group_id", str, "Kafka consumer group"),
+    _Option("text_field", str, "JSON field of the messages holding the text"),
+    _Option("label_field", str, "JSON field holding the label"),
+    _Option("id_field", str, "JSON field holding the record id (joins late labels, keys the outputs)"),
+    _Option("ts_field", str, "JSON field holding the event time"),
     _Option("learners", _csv, "learners to run side by side, comma-separated registry names"),
     _Option("serving", str, "which learner answers: leader | ensemble | fixed:NAME"),
     _Option("drift_detector", str, "adwin | page-hinkley | kswin | ddm | eddm | hddm-a | hddm-w | none"),
@@ -138,6 +142,10 @@ class WorkerConfig:
     bootstrap_servers: str = "127.0.0.1:9092"
     labels_topic: str | None = None
     group_id: str = "stream-learner"
+    text_field: str = "text"
+    label_field: str = "label"
+    id_field: str = "id"
+    ts_field: str = "ts"
     learners: tuple[str, ...] = ("nb",)
     serving: str = "leader"
     drift_detector: str = "adwin"
@@ -233,6 +241,17 @@ class WorkerConfig:
         from .fusion import parse_rules
 
         return parse_rules(self.fusion)
+
+    def decoder(self):
+        """The message decoder with this configuration's field names."""
+        from .records import Decoder
+
+        return Decoder(
+            id_field=self.id_field,
+            text_field=self.text_field,
+            label_field=self.label_field,
+            ts_field=self.ts_field,
+        )
 
     @property
     def input_topics(self) -> tuple[str, ...]:

@@ -1026,6 +1026,32 @@ def iter_records(
     return _records(_prepend(first, rows), fields, str(path), limit, on_error, on_skip)
 
 
+def read_raw_lines(source: str | os.PathLike) -> Iterator[bytes]:
+    """The non-blank lines of a fetched dataset or a JSONL/text file, as they are."""
+    path, fmt = _resolve(source, None)
+    if fmt not in ("jsonl", "text"):
+        raise DatasetError(f"{path}: lines can be sent unchanged only from a JSONL or text file")
+    for _number, line in _read_lines(path):
+        yield line
+
+
+def add_field_arguments(parser: argparse.ArgumentParser, what: str = "of the records") -> None:
+    """``--text-field``, ``--label-field``, ``--id-field``, ``--ts-field``, each with its env form."""
+    for name, default, meaning in (
+        ("text", "text", "the text"),
+        ("label", "label", "the label"),
+        ("id", "id", "the record id (joins late labels, keys the outputs)"),
+        ("ts", "ts", "the event time"),
+    ):
+        env = f"STREAM_LEARNER_{name.upper()}_FIELD"
+        parser.add_argument(
+            f"--{name}-field",
+            default=os.environ.get(env, default),
+            metavar="NAME",
+            help=f"field or column {what} holding {meaning} (env {env}; default %(default)s)",
+        )
+
+
 def _prepend(first, rest):
     if first is not None:
         yield first

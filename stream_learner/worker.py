@@ -710,6 +710,7 @@ def run_worker(
             processor,
             outputs,
             store,
+            decoder=config.decoder(),
             offsets=offsets,
             counts=counts,
             checkpoint_every_records=config.checkpoint_every_records,
