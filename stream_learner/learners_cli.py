@@ -9,7 +9,10 @@ from .runner import SERVING_POLICIES
 
 def add_learners_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "learners", help="list learners, drift detectors, reactions and serving policies"
+        "learners",
+        help="list learners, drift detectors, reactions and serving policies",
+        description="List the registered learners with a line on each, and the names the "
+        "drift-detector, drift-reaction and serving options take.",
     )
     parser.set_defaults(func=_run)
 
