@@ -3,6 +3,8 @@ one resolution for evaluate and the worker."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from synthetic import topic_stream
 
 from stream_learner.config import load_config
@@ -51,6 +53,6 @@ def test_each_learners_drift_events_get_their_own_legend_entry(tmp_path, monkeyp
     drifted = {event.learner for event in processor.drift_events}
     assert drifted  # the planted change is found
     path = plot_accuracy(processor.series, processor.drift_events, str(tmp_path / "plot.png"))
-    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "served (leader)" in labels
     assert sorted(label for label in labels if label.startswith("drift: ")) == sorted(f"drift: {name}" for name in drifted)
