@@ -239,7 +239,8 @@ class StreamMetrics:
         )
         self.record_seconds = Histogram(
             "record_processing_seconds",
-            "Time to decode, predict and learn one record (batch time / batch size).",
+            "Time to decode, predict, learn and emit one record (in mini-batch mode: the "
+            "mini-batch's time over its size).",
             namespace=ns, registry=reg, buckets=RECORD_BUCKETS,
         )  # fmt: skip
         self.batch_seconds = Histogram(
@@ -383,17 +384,17 @@ class StreamMetrics:
         self.dead_letters.labels(reason=reason).inc(n)
         self.records.labels(outcome="dead_lettered").inc(n)
 
-    def observe_batch(self, n_records: int, seconds: float) -> None:
-        """A batch of ``n_records`` took ``seconds``: one batch observation, and
-        ``n_records`` per-record observations of ``seconds / n_records``."""
+    def observe_batch(
+        self, n_records: int, seconds: float, record_seconds: Iterable[float] | None = None
+    ) -> None:
+        """A batch of ``n_records`` took ``seconds``; ``record_seconds`` are its records' own
+        times (without them, each record is observed as ``seconds / n_records``)."""
         self.batch_seconds.observe(seconds)
         self.batch_records.observe(n_records)
-        if n_records > 0:
+        if record_seconds:
+            _observe_many(self.record_seconds, record_seconds)
+        elif n_records > 0:
             _observe_repeated(self.record_seconds, seconds / n_records, n_records)
-
-    def observe_record_seconds(self, seconds: float) -> None:
-        """One record took ``seconds`` (when records are timed one by one)."""
-        self.record_seconds.observe(seconds)
 
     def observe_end_to_end_delay(self, seconds_list: Iterable[float]) -> None:
         """Delays of a batch's records from their own timestamps (negative ones count as 0)."""

@@ -143,6 +143,7 @@ class Worker:
         self._folded = False
         self._last_checkpoint = clock()
         self._checkpointed_offsets: dict[Partition, int] = dict(self.offsets)
+        self._record_seconds: list[float] = []  # this batch's, for the latency histogram
 
     # -- one message ---------------------------------------------------------------------
 
@@ -161,6 +162,7 @@ class Worker:
         else:
             self._emit(message, record, result, started)
         self._done(message)
+        self._record_seconds.append(time.perf_counter() - started)
 
     def handle_many(self, messages: list[Message]) -> None:
         """Decode, process and emit messages as one mini-batch (``StreamProcessor.process_many``:
@@ -188,6 +190,9 @@ class Worker:
                 self._emit(message, record, result, started)
         for message in messages:
             self._done(message)
+        # Records of a mini-batch are learned in one step: each is charged an equal share.
+        share = (time.perf_counter() - started) / max(len(messages), 1)
+        self._record_seconds.extend([share] * len(messages))
 
     def _event_time(self, record: Record, message: Message) -> float | None:
         when = _event_time(record, message)
@@ -273,10 +278,16 @@ class Worker:
                     self.fusion_round()
         self.outputs.sink.dispatch()
         seconds = time.perf_counter() - started
+        try:
+            self._observe(messages, before, predictions_before, seconds)
+        finally:
+            self._record_seconds.clear()
+
+    def _observe(self, messages, before, predictions_before, seconds) -> None:
         if messages:
             delta = self.counts - before
             self.metrics.record_outcomes({o.value: delta.get(o.value, 0) for o in Outcome})
-            self.metrics.observe_batch(len(messages), seconds)
+            self.metrics.observe_batch(len(messages), seconds, self._record_seconds)
             self.metrics.predictions_produced(self.outputs.predictions - predictions_before)
             now = time.time()
             self.metrics.observe_end_to_end_delay(
