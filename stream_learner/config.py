@@ -314,13 +314,20 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + option.name.replace("_", "-")
         names = ["--topic", flag] if option.name == "topics" else [flag]
         default = defaults.get(option.name)
-        shown = "required" if default is dataclasses.MISSING else ("(secret)" if option.secret else _show(default))
+        if default is dataclasses.MISSING:
+            shown = "; required"
+        elif "(default" in option.help:  # the help says it in its own words
+            shown = ""
+        elif default is None and "none: off" in option.help:
+            shown = "; default off"
+        else:
+            shown = f"; default {_show(default)}"
         group.add_argument(
             *names,
             dest=option.name,
             default=None,
             metavar="BOOL" if option.kind is _bool else option.name.split("_")[-1].upper(),
-            help=f"{option.help} (env {env_name(option.name)}; default {shown})".replace("%", "%%"),
+            help=f"{option.help} (env {env_name(option.name)}{shown})".replace("%", "%%"),
         )
 
 
@@ -329,6 +336,8 @@ def _show(value) -> str:
         return ",".join(value)
     if value == "":
         return "derived from the input topic"
+    if value is None:
+        return "not set"
     return str(value)
 
 
