@@ -962,6 +962,7 @@ class ModelFeed:
         self.clock = clock
         self.errors = 0
         self.rejected: collections.Counter = collections.Counter()
+        self.forgotten: collections.Counter = collections.Counter()  # peers' learners, by why
         self._histories: dict[tuple[str, str], PeerHistory] = {}
         self._departing: dict[tuple[str, str], PeerHistory] = {}
         self._heard: dict[str, float] = {}  # worker -> newest ``created`` of its snapshots
@@ -1009,12 +1010,13 @@ class ModelFeed:
         for worker, heard in list(self._heard.items()):
             if now - heard > self.peer_ttl:
                 log.info("forgetting peer %s: nothing published for %.0f s (--fusion-peer-ttl)", worker, now - heard)
-                self._forget(worker)
+                self._forget(worker, why="ttl")
                 self._assembler.forget(worker)
 
-    def _forget(self, worker: str, learner: str | None = None) -> None:
+    def _forget(self, worker: str, learner: str | None = None, *, why: str) -> None:
         for name in [n for n in self._histories if n[1] == worker and learner in (None, n[0])]:
             history = self._histories.pop(name)
+            self.forgotten[why] += 1
             if history.full.rule == "counts":  # data: folded once more, then dropped
                 self._departing[name] = history
         if not any(w == worker for _, w in self._histories):
@@ -1035,7 +1037,7 @@ class ModelFeed:
                 snapshot = self._assembler.add(key, value, headers)
             if isinstance(snapshot, Tombstone):
                 with self._lock:
-                    self._forget(snapshot.worker, snapshot.learner)
+                    self._forget(snapshot.worker, snapshot.learner, why="tombstone")
                 log.info("peer %s stopped: forgetting its %s", snapshot.worker, snapshot.learner)
                 return None
             if snapshot is None or snapshot.worker == self.worker_id:
