@@ -592,20 +592,22 @@ _ALLOWED_GLOBALS = {
     ("numpy.random._pickle", "__generator_ctor"), ("numpy.random._pickle", "__bit_generator_ctor"),
     ("numpy.random._pickle", "__randomstate_ctor"), ("numpy.random._pcg64", "PCG64"),
     ("numpy.random._mt19937", "MT19937"), ("numpy.random.bit_generator", "__pyx_unpickle_SeedSequence"),
+    ("numpy.random.bit_generator", "SeedSequence"), ("numpy.random._generator", "Generator"),
 }  # fmt: skip
 
 
-def _class_attribute(owner, name: str):
-    """``getattr`` as pickles of River's models use it (a method of an allowed class)."""
-    if not isinstance(owner, type) or not isinstance(name, str) or name.startswith("__"):
-        raise SnapshotRejected("unsafe", f"ensemble snapshot asks for attribute {name!r} of {owner!r}")
+def _model_attribute(owner, name: str):
+    """``getattr`` as pickles of River's models use it (a bound method of a model's own)."""
+    cls = owner if isinstance(owner, type) else type(owner)
+    if not cls.__module__.startswith(_ALLOWED_MODULE_PREFIXES) or not isinstance(name, str) or name.startswith("__"):
+        raise SnapshotRejected("unsafe", f"ensemble snapshot asks for attribute {name!r} of a {cls.__name__}")
     return getattr(owner, name)
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) == ("builtins", "getattr"):
-            return _class_attribute
+            return _model_attribute
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
         if module.startswith(_ALLOWED_MODULE_PREFIXES) and not name.startswith("_"):

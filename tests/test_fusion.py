@@ -608,6 +608,31 @@ class _Payload:
         return (pathlib.Path.touch, (pathlib.Path(self.path),))
 
 
+class _Reach:
+    """A pickle that reaches for an attribute through ``getattr``."""
+
+    def __init__(self, owner, name):
+        self.owner, self.name = owner, name
+
+    def __reduce__(self):
+        return (getattr, (self.owner, self.name))
+
+
+def test_every_learner_round_trips_through_the_allow_list():
+    from stream_learner.fusion import restricted_loads
+    from stream_learner.learners import available_learners
+
+    names = [n for n in available_learners() if n != "neural-minilm"]  # needs a download
+    processor = StreamProcessor(names, drift_detector="none")
+    records = synthetic_records(300, seed=38)
+    for record in records:
+        processor.process(record)
+    for name, (featurizer, head) in processor.heads().items():
+        restored = restricted_loads(pickle.dumps(head, protocol=pickle.HIGHEST_PROTOCOL))
+        x = featurizer.transform_one(records[0].text) if featurizer is not None else records[0].text
+        assert restored.predict_proba_one(x) == head.predict_proba_one(x), name
+
+
 def test_a_signed_ensemble_pickle_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / "ran"
     feed = ModelFeed(
@@ -617,11 +642,16 @@ def test_a_signed_ensemble_pickle_that_would_run_code_is_refused(tmp_path):
         key=KEY,
         metrics=(metrics := _metrics()),
     )
-    for payload in (
+    from river.linear_model import SoftmaxRegression
+
+    payloads = (
         pickle.dumps(_Payload(marker)),
         pickle.dumps(eval),
         b"cos\nsystem\n(S'true'\ntR.",
-    ):
+        pickle.dumps(_Reach(SoftmaxRegression, "__init__")),  # a way to __globals__
+        pickle.dumps(_Reach({}, "get")),
+    )
+    for payload in payloads:
         # Signed with the group's key (a worker gone rogue): still never executed.
         _feed_all(
             feed,
@@ -639,7 +669,7 @@ def test_a_signed_ensemble_pickle_that_would_run_code_is_refused(tmp_path):
         )
     assert not marker.exists()
     assert feed.latest() == {}
-    assert feed.rejected == {"unsafe": 3} and _rejected(metrics, "unsafe") == 3
+    assert feed.rejected == {"unsafe": 5} and _rejected(metrics, "unsafe") == 5
 
 
 # --- forgetting peers: a TTL and tombstones ----------------------------------------------------------
