@@ -746,3 +746,19 @@ def test_tombstones_on_a_clean_stop_make_peers_forget_at_once():
     _feed_all(feed, tombstones)
     assert feed.peers == {"b"}
     assert feed.rejected == {"unsigned": len(forged), "replayed": len(tombstones)}
+
+
+def test_the_peer_ttl_is_configuration_and_outlasts_the_full_snapshots():
+    from stream_learner.config import ConfigError, load_config
+
+    base = ["--topic", "t", "--learners", "nb", "--fusion", "on"]
+    assert load_config(base, environ={}).fusion_peer_ttl == 600.0
+    assert load_config([*base, "--fusion-peer-ttl", "none"], environ={}).fusion_peer_ttl is None
+    assert (
+        load_config(base, environ={"STREAM_LEARNER_FUSION_PEER_TTL": "900"}).fusion_peer_ttl
+        == 900.0
+    )
+    with pytest.raises(ConfigError, match="fusion_peer_ttl must be longer"):
+        load_config(
+            [*base, "--fusion-peer-ttl", "30", "--fusion-full-every-seconds", "60"], environ={}
+        )
