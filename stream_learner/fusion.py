@@ -936,8 +936,9 @@ class ModelFeed:
     Only messages signed with ``key`` (the fusion key) are taken; the others are counted by
     reason in ``rejected`` (and ``metrics.fusion_rejected``). A peer is forgotten when it sends
     a tombstone (it stopped cleanly) or when nothing of it has arrived for ``peer_ttl`` seconds
-    of ``clock`` (None: never; arrival time, so clocks of other machines do not matter). A forgotten peer's ``counts`` are handed to the
-    next :meth:`latest` once more, so the records they count are folded before they go.
+    of ``clock`` (None: never); arrival time, so other machines' clocks do not matter. A
+    forgotten peer's ``counts`` are in the next :meth:`latest` once more, so the records they
+    count are folded before they go.
     """
 
     def __init__(
@@ -967,7 +968,7 @@ class ModelFeed:
         self.forgotten: collections.Counter = collections.Counter()  # peers' learners, by why
         self._histories: dict[tuple[str, str], PeerHistory] = {}
         self._departing: dict[tuple[str, str], PeerHistory] = {}
-        self._heard: dict[str, float] = {}  # worker -> newest ``created`` of its snapshots
+        self._heard: dict[str, float] = {}  # worker -> when its last snapshot arrived
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._caught_up = threading.Event()
