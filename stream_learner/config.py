@@ -111,6 +111,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("fusion_every_records", _optional_int, "also publish and fold after this many records (none: by time only)"),
     _Option("fusion_full_every_seconds", float, "publish full snapshots (whole models, all counts) this often"),
     _Option("fusion_max_age", _optional_float, "ignore a peer's averaged/ensembled snapshot older than this many seconds (none: never)"),
+    _Option("fusion_peer_ttl", _optional_float, "forget a peer (free its models) that has published nothing for this many seconds; longer than --fusion-full-every-seconds (none: never)"),
     _Option("max_poll_records", int, "most records per poll (one batch)"),
     _Option("max_event_time_skew", _optional_float, "pause a partition whose records run this many seconds of event time ahead of the owned partition furthest behind, so a backlog is learned in time order (none: off)"),
     _Option("mini_batch", int, "predict, then learn, this many records at a time (numpy learners learn them in one step; 0: one record at a time)"),
@@ -174,6 +175,7 @@ class WorkerConfig:
     fusion_every_records: int | None = None
     fusion_full_every_seconds: float = 60.0
     fusion_max_age: float | None = 600.0
+    fusion_peer_ttl: float | None = 600.0
     max_poll_records: int = 500
     mini_batch: int = 0
     max_event_time_skew: float | None = None
@@ -221,6 +223,9 @@ class WorkerConfig:
         for name in ("checkpoint_every_records", "checkpoint_keep", "max_poll_records", "window", "processes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.fusion_peer_ttl is not None and self.fusion_peer_ttl <= max(self.fusion_every_seconds, self.fusion_full_every_seconds):
+            # A peer publishing only full snapshots (``average``) is heard from that rarely.
+            raise ConfigError("fusion_peer_ttl must be longer than fusion_every_seconds and fusion_full_every_seconds (or none)")
         if self.fusion_every_records is not None and self.fusion_every_records < 1:
             raise ConfigError("fusion_every_records must be at least 1 (or none)")
         if self.max_event_time_skew is not None and (self.max_event_time_skew < 0 or self.consumer_process):

@@ -327,6 +327,11 @@ class StreamMetrics:
             "Delayed labels that found no waiting prediction (unknown, expired or evicted id).",
             namespace=ns, registry=reg,
         )  # fmt: skip
+        self.fusion_rejected_messages = Counter(
+            "fusion_rejected",
+            "Messages of the models topic dropped unfolded, by reason (unsigned, bad_signature, replayed, malformed, unsafe).",
+            ["reason"], namespace=ns, registry=reg,
+        )  # fmt: skip
         self.build_info = Info(
             "build", "Version of stream-learner and its main libraries.",
             namespace=ns, registry=reg,
@@ -342,6 +347,10 @@ class StreamMetrics:
             self.dead_letters.labels(reason=reason)
         for learner in self.learners:
             self._touch_learner(learner)
+        from .fusion import REJECT_REASONS
+
+        for reason in REJECT_REASONS:
+            self.fusion_rejected_messages.labels(reason=reason)
         self.build_info.info(_build_labels())
         self.config_info.info(
             {_label_name(key): str(value)[:200] for key, value in config_info.items()}
@@ -480,6 +489,13 @@ class StreamMetrics:
             delta = current[key] - previous[key]
             if delta > 0:  # a smaller count means the processor was replaced: new baseline
                 counter.inc(delta)
+
+    def fusion_rejected(self, reason: str) -> None:
+        """A message of the models topic was dropped for ``reason`` (see ``fusion.REJECT_REASONS``)."""
+        from .fusion import REJECT_REASONS
+
+        known = reason if reason in REJECT_REASONS else "malformed"
+        self.fusion_rejected_messages.labels(reason=known).inc()
 
     def predictions_produced(self, n: int) -> None:
         if n:

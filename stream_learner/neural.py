@@ -1039,19 +1039,20 @@ def neural_step(model) -> NeuralClassifier:
     raise TypeError(f"expected a NeuralClassifier or a pipeline ending in one, not {type(model).__name__}")
 
 
-def save(model, path, *, hashing: dict | None = None) -> None:
-    """Write ``model`` (a NeuralClassifier or a featurizer pipeline) to a versioned file;
-    see :func:`stream_learner.neural_format.save`."""
+def save(model, path, *, hashing: dict | None = None, key: bytes | None = None) -> None:
+    """Write ``model`` (a NeuralClassifier or a featurizer pipeline) to a versioned file, with a
+    MAC if given the group's ``key``; see :func:`stream_learner.neural_format.save`."""
     from .neural_format import save as _save
 
-    _save(model, path, hashing=hashing)
+    _save(model, path, hashing=hashing, key=key)
 
 
-def load(path, expected_hashing: dict | None = None):
-    """Read a file written by :func:`save`; see :func:`stream_learner.neural_format.load`."""
+def load(path, expected_hashing: dict | None = None, *, key: bytes | None = None):
+    """Read a file written by :func:`save` (with ``key``: only one with a valid MAC); see
+    :func:`stream_learner.neural_format.load`."""
     from .neural_format import load as _load
 
-    return _load(path, expected_hashing=expected_hashing)
+    return _load(path, expected_hashing=expected_hashing, key=key)
 
 
 # --- registry ---------------------------------------------------------------------------------------

@@ -327,6 +327,7 @@ class Worker:
         if self.fusion is not None and reason == "shutdown":
             # The last snapshot is the checkpoint's state: it covers exactly the offsets committed.
             self.publish_snapshots(full=True)
+            self.publish_tombstones()
         return True
 
     # -- fusion (see stream_learner.fusion) ----------------------------------------------
@@ -342,6 +343,18 @@ class Worker:
             messages = self.fusion.snapshots(self.processor, full=full)
         except Exception as error:  # a learner that cannot be snapshot must not stop learning
             log.error("cannot publish learner snapshots: %s", _describe(error))
+            return
+        for key, value, headers in messages:
+            self.outputs.sink.send(self.models_topic, key, value, headers)
+        self.outputs.sink.dispatch()
+
+    def publish_tombstones(self) -> None:
+        """A clean exit: delete our keys from the models topic, so peers forget us at once."""
+        try:
+            earlier = self.model_feed.own_keys() if self.model_feed is not None else {}
+            messages = self.fusion.tombstones(earlier)
+        except Exception as error:
+            log.error("cannot publish tombstones for our snapshots: %s", _describe(error))
             return
         for key, value, headers in messages:
             self.outputs.sink.send(self.models_topic, key, value, headers)
@@ -695,7 +708,7 @@ def run_worker(
 
         fusion = feed = None
         if config.fusion_rules is not None:
-            fusion, feed = _start_fusion(config, key, fusion_state, stop)
+            fusion, feed = _start_fusion(config, key, fusion_state, stop, metrics)
             if fusion is None:
                 return 0
         try:
@@ -790,10 +803,13 @@ def worker_id(config: WorkerConfig) -> str:
     return config.worker_id or socket.gethostname()
 
 
-def _start_fusion(config: WorkerConfig, key: bytes, state, stop: threading.Event):
+def _start_fusion(config: WorkerConfig, secret: bytes, state, stop: threading.Event, metrics=None):
     """The fusion rules and the thread reading the models topic (created, compacted, if new)."""
     from .broker import create_topics
     from .fusion import Fusion, ModelFeed
+    from .keys import FUSION, derive_key
+
+    key = derive_key(secret, FUSION)  # never the checkpoint key: a snapshot cannot pass for one
 
     created = _with_retries(
         "models topic",
@@ -825,6 +841,8 @@ def _start_fusion(config: WorkerConfig, key: bytes, state, stop: threading.Event
         key=key,
         client_options=config.client_options(),
         client=config.client,
+        peer_ttl=config.fusion_peer_ttl,
+        metrics=metrics,
     ).start()
     log.info("fusion on as worker %s: snapshots every %.0f s on %s", name, config.fusion_every_seconds, config.models_topic)
     return fusion, feed

@@ -251,3 +251,60 @@ def test_a_failed_load_changes_nothing(saved, tmp_path):
     assert path.read_bytes() == data
     for name, array in model.parameters().items():
         np.testing.assert_array_equal(array, before[name])
+
+
+# --- keyed MAC -------------------------------------------------------------------------------------
+
+SECRET = b"model-file-test-secret-0123456789"
+
+
+@pytest.fixture(scope="module")
+def signed(saved, tmp_path_factory):
+    model, _, _ = saved
+    path = tmp_path_factory.mktemp("signed") / "model.npz"
+    save(model, path, key=SECRET)
+    return model, path, path.read_bytes()
+
+
+def test_a_signed_file_loads_with_its_key_and_without_one(signed, tmp_path):
+    model, path, _ = signed
+    assert _same_model(load(path, key=SECRET), model)
+    assert _same_model(load(path), model)  # no key: the checksum alone
+    assert "mac" in read_header(path, key=SECRET)
+
+
+def test_with_a_key_a_tampered_file_is_refused_even_with_a_fixed_checksum(signed, tmp_path):
+    """The SHA-256 anyone can recompute; the MAC only the key holder."""
+
+    def relabel(header):
+        header["state"]["classes"][0] = ["str", "evil"]
+
+    def nudge(arrays):
+        arrays["param.emb"] = arrays["param.emb"].copy()
+        arrays["param.emb"][0, 0] += 1.0
+
+    for edit in ({"edit_header": relabel}, {"edit_arrays": nudge}):
+        forged = _rewrite(signed[2], fix_checksum=True, **edit)
+        with pytest.raises(NeuralFormatError, match="MAC mismatch"):
+            _load_bytes(tmp_path, forged, key=SECRET)
+        assert _load_bytes(tmp_path, forged) is not None  # without a key, integrity only
+    stripped = _rewrite(signed[2], edit_header=lambda header: header.pop("mac"))
+    with pytest.raises(NeuralFormatError, match="no MAC"):
+        _load_bytes(tmp_path, stripped, key=SECRET)
+
+
+def test_another_key_or_another_purpose_is_refused(signed, tmp_path):
+    from stream_learner.keys import CHECKPOINT, MODEL_FILE, derive_key
+
+    for key in (b"another secret", derive_key(SECRET, MODEL_FILE), derive_key(SECRET, CHECKPOINT)):
+        with pytest.raises(NeuralFormatError, match="MAC mismatch"):
+            _load_bytes(tmp_path, signed[2], key=key)
+
+
+def test_files_saved_without_a_key_still_load_and_are_refused_when_a_key_is_required(
+    saved, tmp_path
+):
+    model, _, data = saved  # as every file written before the MAC existed
+    assert _same_model(_load_bytes(tmp_path, data), model)
+    with pytest.raises(NeuralFormatError, match="no MAC"):
+        _load_bytes(tmp_path, data, key=SECRET)
