@@ -783,3 +783,43 @@ def test_transaction_timeout_is_not_enforced(client, topic):
         assert client.read(topic, "read_committed") == []
     producer.commit()
     assert client.read(topic, "read_committed") == [b"outlived"]
+
+
+def test_commit_survives_a_broker_freeze(client, kafka_names):
+    """Works as in Kafka: a commit issued while the broker is frozen (SIGSTOP) completes once
+    it resumes. kafka-python's ``commit_transaction()`` has no timeout and simply blocks;
+    librdkafka's ``commit_transaction(timeout)`` raises the retriable ``_TIMED_OUT`` and the
+    next call resumes the same commit. A broker of its own: freezing the shared one would stall
+    the other tests."""
+    import threading
+
+    from stream_learner.broker import EmbeddedBroker
+
+    with EmbeddedBroker() as broker:
+        topic = f"{kafka_names}-out"
+        create_topics(broker.bootstrap_servers, {topic: 1})
+        client = type(client)(broker.bootstrap_servers)
+        producer = client.producer(f"{topic}-tx")
+        producer.init()
+        producer.begin()
+        producer.send(topic, b"across-freeze")
+        os.kill(broker.pid, signal.SIGSTOP)
+        try:
+            if client.name == "kafka-python":
+                committing = threading.Thread(target=producer.commit, daemon=True)
+                committing.start()
+                committing.join(3)  # a non-event: it must still be waiting
+                assert committing.is_alive()
+            else:
+                assert (
+                    transaction_error(client, lambda: producer.commit(timeout=3))
+                    == "_TIMED_OUT (other)"
+                )
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        if client.name == "kafka-python":
+            committing.join(TIMEOUT_S)
+            assert not committing.is_alive()
+        else:
+            producer.commit()
+        assert client.read(topic, "read_committed") == [b"across-freeze"]
