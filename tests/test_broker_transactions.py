@@ -36,6 +36,25 @@ class DeliveryFailed(Exception):
         self.code = code
 
 
+def drain(consumer, tp, high_watermark: int) -> list[bytes]:
+    """The values a kafka-python consumer assigned to ``tp`` reads up to ``high_watermark``, or
+    until nothing more comes once a fetch has been answered (``read_committed`` stops at an
+    open transaction, and ListOffsets does not tell where: see
+    ``test_open_transaction_holds_read_committed_readers_at_its_first_offset``)."""
+    values, deadline, idle_since = [], time.monotonic() + TIMEOUT_S, None
+    while consumer.position(tp) < high_watermark:
+        assert time.monotonic() < deadline, "the reader never went idle"
+        for records in consumer.poll(timeout_ms=200).values():
+            values.extend(record.value for record in records)
+            idle_since = None
+        if consumer.highwater(tp) is None:
+            continue  # no fetch answered yet
+        idle_since = idle_since or time.monotonic()
+        if time.monotonic() - idle_since > 1.0:
+            break
+    return values
+
+
 class KafkaPythonClient:
     name = "kafka-python"
 
@@ -79,23 +98,13 @@ class KafkaPythonClient:
         which ListOffsets does not tell: see ``test_open_transaction_...``)."""
         from kafka import KafkaConsumer, TopicPartition
 
-        consumer = KafkaConsumer(
-            bootstrap_servers=self.bootstrap, isolation_level="read_uncommitted"
-        )
         tp = TopicPartition(topic, partition)
-        high_watermark = consumer.end_offsets([tp])[tp]
-        consumer.close()
+        high_watermark = self.end_offset(topic, "read_uncommitted", partition)
         consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, isolation_level=isolation)
         try:
             consumer.assign([tp])
             consumer.seek_to_beginning(tp)
-            values, deadline, idle_since = [], time.monotonic() + TIMEOUT_S, time.monotonic()
-            while consumer.position(tp) < high_watermark and time.monotonic() - idle_since < 2.0:
-                assert time.monotonic() < deadline, "the reader never went idle"
-                for records in consumer.poll(timeout_ms=200).values():
-                    values.extend(record.value for record in records)
-                    idle_since = time.monotonic()
-            return values
+            return drain(consumer, tp, high_watermark)
         finally:
             consumer.close()
 
@@ -194,6 +203,7 @@ class ConfluentClient:
                 "group.id": "probe-reader",  # never joins: only assign()
                 "enable.auto.commit": False,
                 "isolation.level": isolation,
+                "enable.partition.eof": True,
             }
         )
 
@@ -204,20 +214,17 @@ class ConfluentClient:
         try:
             consumer.assign([TopicPartition(topic, partition, 0)])
             values, deadline = [], time.monotonic() + TIMEOUT_S
-            # librdkafka's position() stays before a trailing control record, so it never
-            # reaches the end offset: read until nothing more comes.
-            idle_since = time.monotonic()
-            while time.monotonic() - idle_since < 2.0:
-                assert time.monotonic() < deadline, "the reader never went idle"
+            # Until librdkafka reports the end of what it may read (the last stable offset for
+            # read_committed): its position() stays before a trailing control record.
+            while True:
+                assert time.monotonic() < deadline, "the reader never reached the end"
                 message = consumer.poll(0.2)
                 if message is None:
                     continue
-                assert message.error() is None or message.error().name() == "_PARTITION_EOF", (
-                    message.error()
-                )
-                if message.error() is None:
-                    values.append(message.value())
-                    idle_since = time.monotonic()
+                if message.error() is not None:
+                    assert message.error().name() == "_PARTITION_EOF", message.error()
+                    break
+                values.append(message.value())
             return values
         finally:
             consumer.close()
@@ -374,15 +381,12 @@ def read_committed_dropping_aborted(bootstrap: str, topic: str, partition: int =
     consumer._fetcher.PartitionRecords = PartitionRecords
     try:
         tp = TopicPartition(topic, partition)
+        high_watermark = KafkaPythonClient(bootstrap).end_offset(
+            topic, "read_uncommitted", partition
+        )
         consumer.assign([tp])
         consumer.seek_to_beginning(tp)
-        values, deadline, idle_since = [], time.monotonic() + TIMEOUT_S, time.monotonic()
-        while time.monotonic() - idle_since < 2.0:
-            assert time.monotonic() < deadline, "the reader never went idle"
-            for records in consumer.poll(timeout_ms=200).values():
-                values.extend(record.value for record in records)
-                idle_since = time.monotonic()
-        return values
+        return drain(consumer, tp, high_watermark)
     finally:
         consumer.close()
 
