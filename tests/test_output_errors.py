@@ -61,7 +61,9 @@ def _sink(client, bootstrap, max_bytes, truncate_topics):
     from stream_learner.sinks import KafkaSink
 
     return KafkaSink(
-        bootstrap_servers=bootstrap, client_options={"max_request_size": max_bytes}, truncate_topics=truncate_topics
+        bootstrap_servers=bootstrap,
+        client_options={"max_request_size": max_bytes},
+        truncate_topics=truncate_topics,
     )
 
 
@@ -82,7 +84,10 @@ def test_refused_outputs_are_truncated_or_dropped_counted_and_logged_a_bounded_n
             started = time.monotonic()
             sink.flush(30.0)  # returns: nothing refused for good is waited for
             assert time.monotonic() - started < 20.0
-            assert sink.take_output_errors() == {(predictions, "message_too_large"): 40, (dlq, "truncated"): 1}
+            assert sink.take_output_errors() == {
+                (predictions, "message_too_large"): 40,
+                (dlq, "truncated"): 1,
+            }
             sink.flush(5.0)
             assert sink.take_output_errors() == {}
         dropped = [r for r in caplog.records if "refused for good" in r.getMessage()]
@@ -99,7 +104,9 @@ def test_refused_outputs_are_truncated_or_dropped_counted_and_logged_a_bounded_n
     assert headers["original_sha256"].decode() == hashlib.sha256(original).hexdigest()
 
 
-def test_a_dead_letter_whose_truncated_copy_is_refused_too_is_dropped(kafka_broker, kafka_names, kafka_client):
+def test_a_dead_letter_whose_truncated_copy_is_refused_too_is_dropped(
+    kafka_broker, kafka_names, kafka_client
+):
     bootstrap = kafka_broker.bootstrap_servers
     dlq = f"{kafka_names}.dlq"
     create_topics(bootstrap, {dlq: 1})
@@ -147,10 +154,17 @@ def test_a_2_mib_message_is_dead_lettered_truncated_and_the_worker_goes_on(
     decoder = Decoder()
     good = synthetic_records(120, seed=3)
     padding = 2 * 1024 * 1024 - len(b'{"id": "big0", "text": ""}')
-    oversized = [f'{{"id": "big{i}", "text": "'.encode() + bytes([97 + i]) * padding + b'"}' for i in range(8)]
+    oversized = [
+        f'{{"id": "big{i}", "text": "'.encode() + bytes([97 + i]) * padding + b'"}'
+        for i in range(8)
+    ]
     assert all(len(value) == 2 * 1024 * 1024 for value in oversized)
-    values = [decoder.encode(r) for r in good[:60]] + oversized + [decoder.encode(r) for r in good[60:]]
-    producer = KafkaProducer(bootstrap_servers=bootstrap, max_request_size=4 * 1024 * 1024, linger_ms=0)
+    values = (
+        [decoder.encode(r) for r in good[:60]] + oversized + [decoder.encode(r) for r in good[60:]]
+    )
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap, max_request_size=4 * 1024 * 1024, linger_ms=0
+    )
     try:
         for i, value in enumerate(values):
             producer.send(topic, key=str(i).encode(), value=value, partition=0)
@@ -176,7 +190,9 @@ def test_a_2_mib_message_is_dead_lettered_truncated_and_the_worker_goes_on(
         assert _committed(bootstrap, f"{kafka_names}-group", topic) == len(values)
         url = re.search(r"metrics on (http://\S+)/metrics", log_path.read_text()).group(1)
         scraped = _scrape(url)
-        assert scraped[("stream_learner_dead_letters_total", (("reason", "message_too_large"),))] == 8
+        assert (
+            scraped[("stream_learner_dead_letters_total", (("reason", "message_too_large"),))] == 8
+        )
         truncated = (("output", "dead_letters"), ("reason", "truncated"))
         assert scraped[("stream_learner_output_errors_total", truncated)] == 8
         dropped = sum(

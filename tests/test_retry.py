@@ -61,7 +61,9 @@ def test_jitter_spreads_the_delays_of_workers_that_failed_together():
     assert len(delays) > 40  # not 50 workers reconnecting in the same instant
 
 
-@pytest.mark.parametrize("initial, cap, jitter", [(0, 1, "full"), (2, 1, "full"), (1, 2, "exponential")])
+@pytest.mark.parametrize(
+    "initial, cap, jitter", [(0, 1, "full"), (2, 1, "full"), (1, 2, "exponential")]
+)
 def test_backoff_refuses_nonsense(initial, cap, jitter):
     with pytest.raises(ValueError):
         Backoff(initial, cap, jitter=jitter)
@@ -83,7 +85,9 @@ def test_retry_returns_once_the_call_works_and_logs_each_retry(caplog):
         result = retry("producer", connect, threading.Event(), backoff=Backoff(0.001, 0.002))
     assert result == "connected" and len(attempts) == 3
     lines = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
-    assert len(lines) == 2 and all(line.startswith("producer: broker unreachable (") for line in lines)
+    assert len(lines) == 2 and all(
+        line.startswith("producer: broker unreachable (") for line in lines
+    )
 
 
 def test_retry_stops_waiting_when_the_stop_event_is_set():
@@ -109,7 +113,9 @@ def test_retry_gives_up_at_once_on_a_fatal_error_naming_the_setting():
         retry("producer", connect, threading.Event(), fatal=is_fatal, backoff=Backoff(0.001, 0.002))
     assert len(calls) == 1
     message = str(raised.value)
-    assert message.startswith("producer: ") and "--sasl-mechanism" in message and "\n" not in message
+    assert (
+        message.startswith("producer: ") and "--sasl-mechanism" in message and "\n" not in message
+    )
 
 
 def test_retry_lets_errors_that_are_not_retriable_through_unchanged():
@@ -153,7 +159,10 @@ def test_transient_errors_are_not_fatal(error):
 def test_librdkafka_authentication_errors_are_fatal_and_transport_errors_are_not():
     confluent_kafka = pytest.importorskip("confluent_kafka")
     KafkaError, KafkaException = confluent_kafka.KafkaError, confluent_kafka.KafkaException
-    refused = KafkaError(KafkaError._AUTHENTICATION, "SASL PLAIN mechanism handshake failed: Unsupported SASL mechanism")
+    refused = KafkaError(
+        KafkaError._AUTHENTICATION,
+        "SASL PLAIN mechanism handshake failed: Unsupported SASL mechanism",
+    )
     assert is_fatal(refused) and is_fatal(KafkaException(refused))
     assert "--sasl-mechanism" in fatal_message(refused)
     assert is_fatal(KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED))
@@ -169,7 +178,10 @@ def test_a_bootstrap_timeout_after_a_refused_handshake_is_the_refusal():
         "Bootstrap connection to %s failed: %s (backoff %.2f secs)", "bootstrap-0", refusal, 0.5
     )
     assert auth_failure(kafka_errors.KafkaTimeoutError("Unable to bootstrap from h:1")) is refusal
-    assert auth_failure(kafka_errors.KafkaTimeoutError("Unable to bootstrap from h:1"), within=0.0) is not refusal
+    assert (
+        auth_failure(kafka_errors.KafkaTimeoutError("Unable to bootstrap from h:1"), within=0.0)
+        is not refusal
+    )
     other = kafka_errors.KafkaTimeoutError("Failed to update metadata after 60.0 secs.")
     assert auth_failure(other) is other
 
@@ -179,7 +191,9 @@ def test_a_bootstrap_timeout_after_a_refused_handshake_is_the_refusal():
 
 def test_the_rate_limited_log_holds_back_repeats_per_key_and_says_how_many(caplog):
     now = [0.0]
-    limited = RateLimitedLog(logging.getLogger("test.limited"), limit=3, period=60.0, clock=lambda: now[0])
+    limited = RateLimitedLog(
+        logging.getLogger("test.limited"), limit=3, period=60.0, clock=lambda: now[0]
+    )
     with caplog.at_level(logging.WARNING, logger="test.limited"):
         for i in range(1000):
             limited.warning("a", "dropped %d", i)
@@ -222,7 +236,11 @@ def test_transient_output_errors_are_retried():
     assert output_refusal(RuntimeError("not sent")) is None
     confluent_kafka = pytest.importorskip("confluent_kafka")
     KafkaError = confluent_kafka.KafkaError
-    for code in (KafkaError._MSG_TIMED_OUT, KafkaError._TRANSPORT, KafkaError.NOT_LEADER_FOR_PARTITION):
+    for code in (
+        KafkaError._MSG_TIMED_OUT,
+        KafkaError._TRANSPORT,
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+    ):
         assert output_refusal(KafkaError(code)) is None
 
 
