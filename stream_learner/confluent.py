@@ -27,7 +27,7 @@ from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from .retry import Backoff, FatalBrokerError, fatal_message, is_fatal
-from .sinks import Headers, SinkError, _Refusals, output_refusal
+from .sinks import Headers, SinkError, _raise_if_fatal, _Refusals, output_refusal
 from .sources import Message, Partition, RebalanceHandler, SourceUnavailable
 
 __all__ = ["ConfluentSource", "ConfluentSink", "librdkafka_options"]
@@ -624,6 +624,8 @@ class ConfluentSink:
             if self._fatal is not None:
                 self._replace_producer()
             self._handle_refused()
+            for entry in self._unconfirmed:
+                _raise_if_fatal(entry[1] if entry[1] is not True else None)
             failed = [entry for entry in self._unconfirmed if entry[1] is not True and entry[1] is not None]
             waiting = sum(1 for entry in self._unconfirmed if entry[1] is None)
             if not failed and not waiting:

@@ -137,6 +137,14 @@ class _Refusals:
         return counts
 
 
+def _raise_if_fatal(error) -> None:
+    """Credentials or cluster ACLs the producer lacks: no output can ever be confirmed."""
+    from .retry import FatalBrokerError, fatal_message, is_fatal
+
+    if error is not None and output_refusal(error) is None and is_fatal(error):
+        raise FatalBrokerError(f"producer: {fatal_message(error)}")
+
+
 def _error_text(error) -> str:
     inner = error.args[0] if isinstance(error, BaseException) and error.args else error
     if hasattr(inner, "str") and callable(inner.str):
@@ -280,6 +288,7 @@ class KafkaSink:
             failed, kept, replaced = [], [], []
             for message, future in self._unconfirmed:
                 error = future if isinstance(future, Exception) else future.exception if future.failed() else None
+                _raise_if_fatal(error)
                 if error is not None and output_refusal(error) is not None:
                     copy = self._refusals.handle(message, error)
                     if copy is not None:
@@ -371,6 +380,10 @@ class ProcessSink:
         if len(reply) > 2:  # the child's refused outputs since the last flush
             for key, n in reply[2].items():
                 self._output_errors[key] = self._output_errors.get(key, 0) + n
+        if reply[0] == "fatal":
+            from .retry import FatalBrokerError
+
+            raise FatalBrokerError(str(reply[1]))
         if reply[0] != "flushed":
             raise SinkError(str(reply[1]))
 
@@ -438,8 +451,12 @@ def _producer_process(fd: int) -> None:
             sink._pending.extend(argument)
             sink.dispatch()
         elif command == "flush":
+            from .retry import FatalBrokerError
+
             try:
                 sink.flush(argument)
+            except FatalBrokerError as error:
+                conn.send(("fatal", str(error), sink.take_output_errors()))
             except SinkError as error:
                 conn.send(("error", str(error), sink.take_output_errors()))
             else:

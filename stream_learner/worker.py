@@ -136,6 +136,7 @@ class Worker:
         self.clock = clock
         self.source: Source | None = None
         self.metrics_url: str | None = None
+        self.fatal_error: BaseException | None = None  # the producer was refused for good
         self.lag = 0
         self.owned: set[Partition] = set()
         self._handed_over: set[Partition] = set()
@@ -294,6 +295,8 @@ class Worker:
 
     def checkpoint(self, reason: str = "periodic") -> bool:
         """Flush outputs, save a checkpoint, commit. False (state kept) if any step failed."""
+        if self.fatal_error is not None:  # the producer was refused for good: the worker is stopping
+            return False
         started = time.perf_counter()
         try:
             self.outputs.sink.flush(self.flush_timeout)
@@ -301,6 +304,10 @@ class Worker:
             log.warning("checkpoint (%s) postponed: %s", reason, error)
             self.metrics.checkpoint_failed()
             return False
+        except FatalBrokerError as error:  # credentials or ACLs: no output can be confirmed, ever
+            self.metrics.checkpoint_failed()
+            self.fatal_error = error
+            raise
         finally:
             self._count_output_errors()
         if self.store is not None and (self._since_checkpoint or self._folded or not self.store.paths()):

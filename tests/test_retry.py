@@ -258,3 +258,94 @@ def test_a_truncated_copy_says_what_it_was_cut_from(value):
     assert int(named["original_size"]) == len(value)
     assert named["original_sha256"].decode() == hashlib.sha256(value).hexdigest()
     assert truncated_copy(copy) is None  # never cut twice
+
+
+# -- the worker ------------------------------------------------------------------------------
+
+
+class _RefusingSink:
+    """A MemorySink whose flushes report refused outputs, or raise once a producer is refused."""
+
+    def __init__(self, errors=None, fatal=None):
+        from stream_learner.sinks import MemorySink
+
+        self.memory = MemorySink()
+        self.send = self.memory.send
+        self.dispatch = self.memory.dispatch
+        self.errors, self.fatal, self.flushes, self.closed = dict(errors or {}), fatal, 0, False
+
+    def flush(self, timeout):
+        self.flushes += 1
+        if self.fatal is not None:
+            raise self.fatal
+
+    def take_output_errors(self):
+        errors, self.errors = self.errors, {}
+        return errors
+
+    def close(self):
+        self.closed = True
+
+
+def _worker_and_source(tmp_path, sink, metrics=None):
+    from stream_learner.checkpoint import CheckpointStore
+    from stream_learner.records import Decoder, Record
+    from stream_learner.runner import StreamProcessor
+    from stream_learner.sinks import Outputs
+    from stream_learner.sources import MemorySource
+    from stream_learner.worker import Worker
+
+    outputs = Outputs(sink, predictions_topic="in.predictions", dead_letter_topic="in.dlq")
+    store = CheckpointStore(tmp_path, b"retry-test-key-0123456789abcdefgh")
+    worker = Worker(
+        StreamProcessor(["nb"]), outputs, store, metrics=metrics, checkpoint_every_records=10
+    )
+    values = [Decoder().encode(Record(f"r{i}", "good words here", "pos")) for i in range(25)]
+    source = MemorySource({("in", 0): values}, handler=worker, max_poll_records=10)
+    return worker, source
+
+
+def test_the_worker_counts_refused_outputs_and_checkpoints_and_commits_anyway(tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    from stream_learner.metrics import StreamMetrics
+
+    registry = CollectorRegistry()
+    metrics = StreamMetrics(registry, learners=["nb"], process_metrics=False)
+    sink = _RefusingSink({("in.predictions", "message_too_large"): 3, ("in.dlq", "truncated"): 2})
+    worker, source = _worker_and_source(tmp_path, sink, metrics)
+    stop = threading.Event()
+    worker.run(source, stop=stop, poll_timeout=0.0, stop_when_idle=0.0)
+    assert worker.shutdown(source, sink)
+    assert source.committed == {("in", 0): 25}
+
+    def errors(output, reason):
+        labels = {"output": output, "reason": reason}
+        return registry.get_sample_value("stream_learner_output_errors_total", labels)
+
+    assert errors("predictions", "message_too_large") == 3
+    assert errors("dead_letters", "truncated") == 2
+    assert errors("drift_events", "invalid_topic") == 0  # touched at start: zeros, not gaps
+
+
+def test_a_producer_refused_for_good_stops_the_worker_without_checkpointing_again(tmp_path):
+    refused = FatalBrokerError("producer: the broker refused us (ClusterAuthorizationFailedError)")
+    sink = _RefusingSink(fatal=refused)
+    worker, source = _worker_and_source(tmp_path, sink)
+    with pytest.raises(FatalBrokerError):
+        worker.run(source, stop=threading.Event(), poll_timeout=0.0, stop_when_idle=0.0)
+    flushes = sink.flushes
+    assert worker.shutdown(source, sink) is False  # no second attempt, no commit
+    assert sink.flushes == flushes and sink.closed and source.committed == {}
+
+
+def test_a_kafka_python_delivery_refused_for_lack_of_cluster_acls_is_fatal():
+    from kafka.errors import ClusterAuthorizationFailedError, TopicAuthorizationFailedError
+    from kafka.future import Future
+
+    from stream_learner.sinks import _raise_if_fatal
+
+    with pytest.raises(FatalBrokerError, match="IdempotentWrite"):
+        _raise_if_fatal(Future().failure(ClusterAuthorizationFailedError()).exception)
+    _raise_if_fatal(TopicAuthorizationFailedError())  # one topic's ACL: that output is dropped
+    _raise_if_fatal(None)
