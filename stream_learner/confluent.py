@@ -500,6 +500,12 @@ class ConfluentSink:
     when a flush times out stays there (librdkafka reports on every message within its
     ``message.timeout.ms``), so a long outage does not pile up copies.
 
+    A message refused for good is handled as :class:`~stream_learner.sinks.KafkaSink` does
+    (a truncated copy for a dead letter too large, else counted and dropped). Unlike
+    kafka-python, librdkafka does not split a batch the broker refuses as too large: every
+    message of it is refused. Set ``message.max.bytes`` (a client option) to the topics'
+    ``max.message.bytes`` so that only the messages over it are refused, by the client.
+
     A ``partition_hint`` (the input partition) picks the output partition, as in
     :class:`~stream_learner.sinks.KafkaSink`; without one, keys are partitioned by murmur2 as
     kafka-python and the Java client do (librdkafka's default hash differs).

@@ -228,9 +228,9 @@ def watch_kafka_python_auth() -> None:
     manager = logging.getLogger("kafka.net.manager")
     if _WATCH not in manager.filters:
         manager.addFilter(_WATCH)
-        # Records must be made for the filter to see them, whatever "kafka.net" is set to.
-        if manager.level == logging.NOTSET or manager.level > logging.WARNING:
-            manager.setLevel(logging.WARNING)
+    # Records must be made for the filter to see them, whatever "kafka.net" is set to.
+    if manager.getEffectiveLevel() > logging.WARNING:
+        manager.setLevel(logging.WARNING)
 
 
 def auth_failure(error: BaseException, within: float = 120.0) -> BaseException:

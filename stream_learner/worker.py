@@ -652,7 +652,7 @@ def _with_retries(what: str, connect: Callable[[], object], stop: threading.Even
     from kafka.errors import KafkaError
 
     return retry(
-        what, connect, stop, retriable=(KafkaError, OSError, FatalBrokerError), fatal=is_fatal,
+        what, connect, stop, retriable=(KafkaError, OSError), fatal=is_fatal,
         backoff=Backoff(0.5, 15.0), logger=log, describe=_describe,
     )
 
