@@ -267,3 +267,45 @@ def test_tansu_does_not_enforce_max_message_bytes(kafka_broker, kafka_names):
         assert future.succeeded()
     finally:
         producer.close()
+
+
+@pytest.mark.parametrize(
+    "client, consumer_process",
+    [("kafka-python", False), ("kafka-python", True), ("confluent", False)],
+)
+def test_a_consumer_refused_by_the_broker_is_fatal_not_retried(
+    kafka_broker, kafka_names, tmp_path, client, consumer_process
+):
+    import threading
+
+    from stream_learner.config import load_config
+    from stream_learner.retry import FatalBrokerError
+    from stream_learner.worker import _with_retries, make_source
+
+    if client == "confluent":
+        pytest.importorskip("confluent_kafka")
+    config = load_config(
+        [
+            "--topic", f"{kafka_names}-in",
+            "--bootstrap-servers", kafka_broker.bootstrap_servers,
+            "--checkpoint-dir", str(tmp_path / "ckpt"),
+            "--client", client,
+            "--consumer-process", str(consumer_process).lower(),
+            "--security-protocol", "SASL_PLAINTEXT",
+            "--sasl-mechanism", "SCRAM-SHA-256",
+            "--sasl-plain-username", "worker",
+            "--sasl-plain-password", "not-a-real-secret",
+        ],
+        environ={},
+    )  # fmt: skip
+    attempts = []
+
+    def connect():
+        attempts.append(1)
+        return make_source(config, handler=None)
+
+    with pytest.raises(FatalBrokerError) as raised:
+        _with_retries("consumer", connect, threading.Event())
+    assert len(attempts) == 1
+    assert str(raised.value).startswith("consumer: the broker refused us")
+    assert "--sasl-mechanism" in str(raised.value)
