@@ -544,7 +544,7 @@ class ConfluentSink:
         _check_reachable(self._producer, bootstrap_timeout, "producer", SinkError, self._startup_errors)
         self._startup_errors = None
         self._refusals = _Refusals(truncate_topics)
-        self._backoff = Backoff(0.1, 2.0)
+        self._backoff = Backoff(0.1, 2.0, jitter="decorrelated")  # at least 0.1 s between re-sends
         self._config = config
         self._pending: list[tuple] = []
         # [message, state]: state None while librdkafka holds it, True once delivered, else the error.

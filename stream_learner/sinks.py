@@ -232,7 +232,7 @@ class KafkaSink:
 
         watch_kafka_python_auth()
         self._refusals = _Refusals(truncate_topics)
-        self._backoff = Backoff(0.1, 2.0)
+        self._backoff = Backoff(0.1, 2.0, jitter="decorrelated")  # at least 0.1 s between re-sends
         self._producer = KafkaProducer(
             bootstrap_servers=bootstrap_servers,
             enable_idempotence=True,

@@ -690,7 +690,7 @@ class _ConsumerProcess:
         threading.Thread(target=self.read, name="stream-learner-worker-pipe", daemon=True).start()
         consumer = source.consumer
         in_flight = 0  # batches sent that the worker has not taken yet
-        backoff, retry_at = Backoff(0.5, 15.0), 0.0
+        backoff, retry_at = Backoff(0.5, 15.0, jitter="decorrelated"), 0.0
         last_state = time.monotonic()
         while True:
             now = time.monotonic()

@@ -83,9 +83,9 @@ class Supervisor:
         self._stopping = threading.Event()
 
     def _backoff(self, index: int) -> Backoff:
-        """Worker ``index``'s restart delays: doubling from ``restart_delay`` to
-        ``max_restart_delay``, decorrelated jitter so that workers killed together (out of
-        memory, a broker gone) do not restart in step."""
+        """Worker ``index``'s restart delays: growing from ``restart_delay`` up to
+        ``max_restart_delay``, with decorrelated jitter so that workers killed together (out
+        of memory, a broker gone) do not restart in step."""
         if index not in self._backoffs:
             self._backoffs[index] = Backoff(self.restart_delay, self.max_restart_delay, jitter="decorrelated")
         return self._backoffs[index]

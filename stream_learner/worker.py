@@ -458,7 +458,7 @@ class Worker:
             if not self.model_feed.wait_caught_up(self.fusion_start_wait):
                 log.warning("models topic not read to its end within %.0f s; starting without it", self.fusion_start_wait)
             self.fold()
-        backoff = Backoff(0.5, 15.0)
+        backoff = Backoff(0.5, 15.0, jitter="decorrelated")  # never under 0.5 s: no spinning on a refusing broker
         while not stop.is_set():
             try:
                 messages = source.poll(poll_timeout)
