@@ -1065,8 +1065,11 @@ class ModelFeed:
         return snapshot
 
     def _run(self) -> None:
+        from .retry import Backoff
+
         open_reader = _ConfluentReader if self.client == "confluent" else _KafkaPythonReader
         reader = None
+        backoff = Backoff(2.0, 30.0, jitter="decorrelated")  # peers that lost the broker do not return in step
         while not self._stop.is_set():
             try:
                 if reader is None:
@@ -1080,13 +1083,15 @@ class ModelFeed:
                     self.feed(key, value, headers)
                 if not self._caught_up.is_set() and reader.at_end():
                     self._caught_up.set()
+                backoff.reset()
             except Exception as error:  # broker away: keep what we have, try again
-                log.warning("model topic %s: %s; retrying", self.topic, error)
+                delay = backoff.next()
+                log.warning("model topic %s: %s; retrying in %.1f s", self.topic, error, delay)
                 if reader is not None:
                     with contextlib.suppress(Exception):
                         reader.close()
                     reader = None
-                self._stop.wait(2.0)
+                self._stop.wait(delay)
         if reader is not None:
             reader.close()
 

@@ -60,6 +60,8 @@ __all__ = [
     "NAMESPACE",
     "OUTCOMES",
     "DEAD_LETTER_REASONS",
+    "OUTPUTS",
+    "OUTPUT_ERROR_REASONS",
     "StreamMetrics",
     "HealthServer",
     "Heartbeat",
@@ -72,6 +74,13 @@ NAMESPACE = "stream_learner"
 
 #: What can happen to a consumed message (``outcome`` label of ``stream_learner_records_total``).
 OUTCOMES = ("learned", "predicted", "label_joined", "label_unmatched", "dead_lettered")
+OUTPUTS = ("predictions", "dead_letters", "drift_events")
+# Why the broker refused an output for good (sinks.output_refusal); "truncated": a dead
+# letter too large, replaced by a truncated copy.
+OUTPUT_ERROR_REASONS = (
+    "message_too_large", "invalid_topic", "topic_authorization_failed", "invalid_record", "policy_violation",
+    "truncated", "other",
+)
 
 #: Why a message went to the dead-letter topic: the decoder's reasons plus the worker's own.
 DEAD_LETTER_REASONS = (
@@ -310,6 +319,12 @@ class StreamMetrics:
             "checkpoint_failures", "Checkpoints that could not be written.",
             namespace=ns, registry=reg,
         )  # fmt: skip
+        self.output_errors = Counter(
+            "output_errors",
+            "Outputs the broker refused for good, by output and reason: dropped, or for "
+            "reason=\"truncated\" replaced by a truncated copy.",
+            ["output", "reason"], namespace=ns, registry=reg,
+        )  # fmt: skip
         self.label_buffer_size = Gauge(
             "label_buffer_records", "Predictions waiting for their delayed label.",
             namespace=ns, registry=reg,
@@ -345,6 +360,9 @@ class StreamMetrics:
             self.records.labels(outcome=outcome)
         for reason in DEAD_LETTER_REASONS:
             self.dead_letters.labels(reason=reason)
+        for output in OUTPUTS:
+            for reason in OUTPUT_ERROR_REASONS:
+                self.output_errors.labels(output=output, reason=reason)
         for learner in self.learners:
             self._touch_learner(learner)
         from .fusion import REJECT_REASONS
@@ -463,6 +481,13 @@ class StreamMetrics:
 
     def checkpoint_failed(self) -> None:
         self.checkpoint_failures.inc()
+
+    def output_failed(self, output: str, reason: str, n: int = 1) -> None:
+        """``n`` outputs (``predictions``, ``dead_letters``, ``drift_events``) the broker
+        refused for good, by reason (see :data:`OUTPUT_ERROR_REASONS`)."""
+        output = output if output in OUTPUTS else "other"
+        reason = reason if reason in OUTPUT_ERROR_REASONS else "other"
+        self.output_errors.labels(output=output, reason=reason).inc(n)
 
     def set_label_buffer(self, stats: Mapping) -> None:
         """Publish ``StreamProcessor.label_buffer_stats()`` (``size`` and cumulative

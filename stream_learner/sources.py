@@ -196,6 +196,9 @@ class KafkaSource:
         from kafka import KafkaConsumer
         from kafka.coordinator.assignors.range import RangePartitionAssignor
 
+        from .retry import watch_kafka_python_auth
+
+        watch_kafka_python_auth()  # a refused SASL handshake surfaces only as a bootstrap timeout
         self.topics = list(topics)
         self.handler = handler
         self.commit_timeout_ms = 5000  # a broker that does not answer must not stall the loop
@@ -676,16 +679,18 @@ class _ConsumerProcess:
 
         from kafka.errors import KafkaError
 
+        from .retry import Backoff, auth_failure
+
         try:
             source = KafkaSource(handler=_ForwardingHandler(self), **options)
-        except Exception as error:
-            self.send(("error", _picklable(error)))
+        except Exception as error:  # what lies behind a bootstrap timeout, e.g. a refused SASL mechanism
+            self.send(("error", _picklable(auth_failure(error))))
             return
         self.send(("ready", None))
         threading.Thread(target=self.read, name="stream-learner-worker-pipe", daemon=True).start()
         consumer = source.consumer
         in_flight = 0  # batches sent that the worker has not taken yet
-        backoff, retry_at = 0.5, 0.0
+        backoff, retry_at = Backoff(0.5, 15.0, jitter="decorrelated"), 0.0
         last_state = time.monotonic()
         while True:
             now = time.monotonic()
@@ -716,10 +721,9 @@ class _ConsumerProcess:
                 batches = consumer.poll(timeout_ms=100)
             except KafkaError as error:  # broker trouble: tell the worker, back off, try again
                 self.send(("error", _picklable(error)))
-                retry_at = time.monotonic() + backoff
-                backoff = min(backoff * 2, 15.0)
+                retry_at = time.monotonic() + backoff.next()
                 continue
-            backoff = 0.5
+            backoff.reset()
             now = time.monotonic()
             if batches:
                 self.send(("batch", _as_tuples(batches), self._highwaters(consumer)))

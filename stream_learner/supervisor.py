@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .checkpoint import KEY_ENV, resolve_key
 from .config import WorkerConfig
+from .retry import Backoff
 
 __all__ = ["Supervisor", "child_arguments"]
 
@@ -78,7 +79,16 @@ class Supervisor:
         self.children: dict[int, subprocess.Popen] = {}
         self.exit_codes: dict[int, int] = {}
         self.restarts: dict[int, int] = {}
+        self._backoffs: dict[int, Backoff] = {}
         self._stopping = threading.Event()
+
+    def _backoff(self, index: int) -> Backoff:
+        """Worker ``index``'s restart delays: growing from ``restart_delay`` up to
+        ``max_restart_delay``, with decorrelated jitter so that workers killed together (out
+        of memory, a broker gone) do not restart in step."""
+        if index not in self._backoffs:
+            self._backoffs[index] = Backoff(self.restart_delay, self.max_restart_delay, jitter="decorrelated")
+        return self._backoffs[index]
 
     def _environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -123,7 +133,7 @@ class Supervisor:
                         self.stop()
                     else:
                         self.restarts[index] = self.restarts.get(index, 0) + 1
-                        delay = min(self.max_restart_delay, self.restart_delay * 2 ** (self.restarts[index] - 1))
+                        delay = self._backoff(index).next()
                         log.warning("worker %d died (code %d); restarting it in %.0f s", index, code, delay)
                         due[index] = time.monotonic() + delay
                 for index, when in list(due.items()):

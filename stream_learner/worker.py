@@ -43,6 +43,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, WorkerConfig, add_config_arguments, config_from_args
 from .records import DecodeError, Decoder, Reason, Record
+from .retry import Backoff, FatalBrokerError, fatal_message, is_fatal, retry
 from .runner import LearnerFailure, Outcome, StreamProcessor
 from .sinks import Outputs, Sink, SinkError
 from .sources import Message, Partition, Source, SourceError, SourceUnavailable
@@ -135,6 +136,7 @@ class Worker:
         self.clock = clock
         self.source: Source | None = None
         self.metrics_url: str | None = None
+        self.fatal_error: BaseException | None = None  # the producer was refused for good
         self.lag = 0
         self.owned: set[Partition] = set()
         self._handed_over: set[Partition] = set()
@@ -304,6 +306,8 @@ class Worker:
 
     def checkpoint(self, reason: str = "periodic") -> bool:
         """Flush outputs, save a checkpoint, commit. False (state kept) if any step failed."""
+        if self.fatal_error is not None:  # the producer was refused for good: the worker is stopping
+            return False
         started = time.perf_counter()
         try:
             self.outputs.sink.flush(self.flush_timeout)
@@ -311,6 +315,12 @@ class Worker:
             log.warning("checkpoint (%s) postponed: %s", reason, error)
             self.metrics.checkpoint_failed()
             return False
+        except FatalBrokerError as error:  # credentials or ACLs: no output can be confirmed, ever
+            self.metrics.checkpoint_failed()
+            self.fatal_error = error
+            raise
+        finally:
+            self._count_output_errors()
         if self.store is not None and (self._since_checkpoint or self._folded or not self.store.paths()):
             try:
                 path = self.store.save(self.state(), self.offsets, info={"reason": reason, "messages": self.counts["messages"]})
@@ -329,6 +339,19 @@ class Worker:
             self.publish_snapshots(full=True)
             self.publish_tombstones()
         return True
+
+    def _count_output_errors(self) -> None:
+        """Outputs the broker refused for good (dropped, or truncated dead letters)."""
+        take = getattr(self.outputs.sink, "take_output_errors", None)
+        if take is None:
+            return
+        names = {
+            self.outputs.predictions_topic: "predictions",
+            self.outputs.dead_letter_topic: "dead_letters",
+            self.outputs.drift_topic: "drift_events",
+        }
+        for (topic, reason), n in take().items():
+            self.metrics.output_failed(names.get(topic, "other"), reason, n)
 
     # -- fusion (see stream_learner.fusion) ----------------------------------------------
 
@@ -459,18 +482,20 @@ class Worker:
             if not self.model_feed.wait_caught_up(self.fusion_start_wait):
                 log.warning("models topic not read to its end within %.0f s; starting without it", self.fusion_start_wait)
             self.fold()
-        backoff = 0.5
+        backoff = Backoff(0.5, 15.0, jitter="decorrelated")  # never under 0.5 s: no spinning on a refusing broker
         while not stop.is_set():
             try:
                 messages = source.poll(poll_timeout)
             except (KafkaError, SourceUnavailable) as error:  # broker trouble: keep state, back off, retry
+                if is_fatal(error):  # credentials or permissions: no retry can help
+                    raise FatalBrokerError(f"consumer: {fatal_message(error)}") from error
                 if self.readiness is not None:
                     self.readiness.broker_reachable = False
-                log.warning("poll failed (%s); retrying in %.1f s", _describe(error), backoff)
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 15.0)
+                delay = backoff.next()
+                log.warning("poll failed (%s); retrying in %.1f s", _describe(error), delay)
+                stop.wait(delay)
                 continue
-            backoff = 0.5
+            backoff.reset()
             if self.readiness is not None:
                 self.readiness.broker_reachable = True
             if heartbeat is not None:
@@ -581,14 +606,22 @@ def _event_time(record: Record, message: Message) -> float | None:
 
 def make_sink(config: WorkerConfig) -> Sink:
     """The output producer of ``config.client``."""
+    # A dead letter too large for its topic is replaced by a truncated copy, never retried.
+    truncate_topics = (config.dead_letter_topic,) if config.dead_letter_topic else ()
     if config.client == "confluent":  # librdkafka produces on its own threads: in-process
         return _confluent().ConfluentSink(
-            bootstrap_servers=config.bootstrap_servers, client_options=config.client_options()
+            bootstrap_servers=config.bootstrap_servers,
+            client_options=config.client_options(),
+            truncate_topics=truncate_topics,
         )
     from .sinks import KafkaSink, ProcessSink
 
     sink_class = ProcessSink if config.producer_process else KafkaSink
-    return sink_class(bootstrap_servers=config.bootstrap_servers, client_options=config.client_options())
+    return sink_class(
+        bootstrap_servers=config.bootstrap_servers,
+        client_options=config.client_options(),
+        truncate_topics=truncate_topics,
+    )
 
 
 def make_source(config: WorkerConfig, handler) -> Source:
@@ -638,18 +671,14 @@ def build_processor(config: WorkerConfig) -> StreamProcessor:
 
 
 def _with_retries(what: str, connect: Callable[[], object], stop: threading.Event):
-    """Call ``connect`` until it works, backing off from 0.5 s to 15 s; None if stopped."""
+    """Call ``connect`` until it works, backing off (with jitter) from 0.5 s to 15 s; None if
+    stopped. Raises :class:`FatalBrokerError` when the broker refused our credentials."""
     from kafka.errors import KafkaError
 
-    delay = 0.5
-    while not stop.is_set():
-        try:
-            return connect()
-        except (KafkaError, OSError) as error:
-            log.warning("%s: broker unreachable (%s); retrying in %.1f s", what, _describe(error), delay)
-            stop.wait(delay)
-            delay = min(delay * 2, 15.0)
-    return None
+    return retry(
+        what, connect, stop, retriable=(KafkaError, OSError), fatal=is_fatal,
+        backoff=Backoff(0.5, 15.0), logger=log, describe=_describe,
+    )
 
 
 def run_worker(
@@ -708,12 +737,18 @@ def run_worker(
 
         fusion = feed = None
         if config.fusion_rules is not None:
-            fusion, feed = _start_fusion(config, key, fusion_state, stop, metrics)
+            try:
+                fusion, feed = _start_fusion(config, key, fusion_state, stop, metrics)
+            except FatalBrokerError as error:
+                log.error("%s", error)
+                if server is not None:
+                    server.stop()
+                return 2
             if fusion is None:
                 return 0
         try:
             sink = _with_retries("producer", lambda: make_sink(config), stop)
-        except (ConfigError, ValueError) as error:  # a client that cannot be built as configured
+        except (ConfigError, ValueError, FatalBrokerError) as error:  # a client that cannot be built as configured
             log.error("%s", error)
             if feed is not None:
                 feed.stop()
@@ -747,7 +782,16 @@ def run_worker(
             mini_batch=config.mini_batch,
             max_event_time_skew=config.max_event_time_skew,
         )
-        source = _with_retries("consumer", lambda: make_source(config, worker), stop)
+        try:
+            source = _with_retries("consumer", lambda: make_source(config, worker), stop)
+        except FatalBrokerError as error:
+            log.error("%s", error)
+            sink.close()
+            if feed is not None:
+                feed.stop()
+            if server is not None:
+                server.stop()
+            return 2
         if source is None:
             sink.close()
             if feed is not None:
@@ -762,7 +806,7 @@ def run_worker(
         )
         if on_ready is not None:
             on_ready(worker)
-        source_failed = False
+        source_failed = fatal = False
         try:
             worker.run(
                 source,
@@ -776,6 +820,9 @@ def run_worker(
         except SourceError as error:  # the consumer process died: nothing more to commit
             log.error("%s", error)
             source_failed = True
+        except FatalBrokerError as error:  # credentials or permissions: restarting cannot help
+            log.error("%s", error)
+            fatal = True
         finally:
             watchdog = _Watchdog(config.shutdown_timeout)
             try:
@@ -790,6 +837,8 @@ def run_worker(
                     server.stop()
         summary = worker.summary()
         log.info("stopped: %s", ", ".join(f"{k} {v:,}" for k, v in summary.items()))
+        if fatal:
+            return 2
         return 0 if clean and not source_failed else 1
     finally:
         lock.release()
