@@ -240,16 +240,18 @@ class ProcessSink:
             return ("error", SinkError("the producer process has stopped"))
 
     def close(self, timeout: float = 10.0) -> None:
+        """Close the child's producer; bounded by ``timeout`` in all (then the child is killed)."""
         import subprocess
 
+        deadline = time.monotonic() + timeout
         try:
-            self._conn.send(("close", timeout))
-            self._receive(timeout=timeout + 5.0)
+            self._conn.send(("close", max(0.1, timeout * 0.8)))  # time left to answer and exit
+            self._receive(timeout=timeout)
         except (OSError, EOFError):
             pass
         self._conn.close()
         try:
-            self._process.wait(timeout)
+            self._process.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()
@@ -280,6 +282,14 @@ def _producer_process(fd: int) -> None:
         conn.send(("error", error))
         return
     conn.send(("ready", None))
+
+    def answer(message) -> bool:
+        try:
+            conn.send(message)
+            return True
+        except (OSError, EOFError):  # the worker stopped waiting (its shutdown is bounded)
+            return False
+
     while True:
         try:
             command, argument = conn.recv()
@@ -292,14 +302,17 @@ def _producer_process(fd: int) -> None:
             try:
                 sink.flush(argument)
             except SinkError as error:
-                conn.send(("error", str(error)))
+                delivered = answer(("error", str(error)))
             else:
-                conn.send(("flushed", None))
+                delivered = answer(("flushed", None))
+            if not delivered:
+                return
         elif command == "close":
             try:
                 sink.close(argument)
-            finally:
-                conn.send(("closed", None))
+            except Exception as error:  # the broker is away: what is unsent is re-sent on restart
+                log.warning("producer closed uncleanly: %s", error)
+            answer(("closed", None))
             return
 
 
