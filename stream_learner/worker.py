@@ -932,7 +932,7 @@ class _Watchdog:
 
     def _arm_on(self, stop: threading.Event) -> None:
         while not self._cancelled.is_set():
-            if stop.wait(0.5):
+            if stop.wait(0.1):
                 self.arm()
                 return
 
