@@ -68,17 +68,29 @@ def _produce(broker, topic, n, rate=None):
     produce_records(records, bootstrap_servers=broker.bootstrap_servers, topic=topic, rate=rate)
 
 
-def test_readiness_turns_503_while_the_broker_is_frozen_and_liveness_stays_200(kafka_names, tmp_path):
+def test_readiness_turns_503_while_the_broker_is_frozen_and_liveness_stays_200(
+    kafka_names, tmp_path
+):
     with EmbeddedBroker() as broker:  # its own broker: this test freezes it
         topic = f"{kafka_names}-in"
-        create_topics(broker.bootstrap_servers, {topic: 2, f"{topic}.predictions": 2, f"{topic}.dlq": 1})
+        create_topics(
+            broker.bootstrap_servers, {topic: 2, f"{topic}.predictions": 2, f"{topic}.dlq": 1}
+        )
         _produce(broker, topic, 200)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         log_path, checkpoint_dir = tmp_path / "worker.log", tmp_path / "ckpt"
         process = start_worker_process(
-            broker, kafka_names, checkpoint_dir, log_path,
-            "--metrics-port", str(port), "--broker-timeout", "4", "--checkpoint-every-seconds", "1",
+            broker,
+            kafka_names,
+            checkpoint_dir,
+            log_path,
+            "--metrics-port",
+            str(port),
+            "--broker-timeout",
+            "4",
+            "--checkpoint-every-seconds",
+            "1",
         )
         frozen = False
         try:
@@ -88,7 +100,9 @@ def test_readiness_turns_503_while_the_broker_is_frozen_and_liveness_stays_200(k
             status, body = _wait_for(
                 "/readyz 503 for the lost broker",
                 _status_is(url + "/readyz", 503, "broker unreachable"),
-                40, log_path, process,
+                40,
+                log_path,
+                process,
             )
             assert "limit 4 s" in body
             assert _get(url + "/healthz")[0] == 200  # waiting for the broker is alive
@@ -118,14 +132,24 @@ def test_liveness_stays_200_while_waiting_for_a_broker_that_never_answers(kafka_
     url = f"http://127.0.0.1:{port}"
     log_path, checkpoint_dir = tmp_path / "worker.log", tmp_path / "ckpt"
     process = start_worker_process(
-        Nowhere, kafka_names, checkpoint_dir, log_path,
-        "--metrics-port", str(port), "--broker-timeout", "2", "--broker-liveness-timeout", "12",
+        Nowhere,
+        kafka_names,
+        checkpoint_dir,
+        log_path,
+        "--metrics-port",
+        str(port),
+        "--broker-timeout",
+        "2",
+        "--broker-liveness-timeout",
+        "12",
     )
     try:
         status, body = _wait_for(
             "/readyz 503 naming the broker",
             _status_is(url + "/readyz", 503, "last error"),
-            60, log_path, process,
+            60,
+            log_path,
+            process,
         )
         assert "broker not reached in" in body
         assert "producer" in body or "consumer" in body  # the last error says what waited
@@ -135,7 +159,9 @@ def test_liveness_stays_200_while_waiting_for_a_broker_that_never_answers(kafka_
         status, body = _wait_for(
             "/healthz 503 after the liveness limit",
             _status_is(url + "/healthz", 503, "liveness limit"),
-            60, log_path, process,
+            60,
+            log_path,
+            process,
         )
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, log_path.read_text()[-3000:]
@@ -169,29 +195,52 @@ def test_heartbeat_of_a_loop_waiting_for_the_broker_is_alive():
 def test_an_outage_is_not_idleness(kafka_names, tmp_path):
     with EmbeddedBroker() as broker:
         topic = f"{kafka_names}-in"
-        create_topics(broker.bootstrap_servers, {topic: 1, f"{topic}.predictions": 1, f"{topic}.dlq": 1})
+        create_topics(
+            broker.bootstrap_servers, {topic: 1, f"{topic}.predictions": 1, f"{topic}.dlq": 1}
+        )
         stop_producing = threading.Event()
         producer = threading.Thread(
             target=produce_records,
             args=(synthetic_records(100_000, seed=3),),
-            kwargs={"bootstrap_servers": broker.bootstrap_servers, "topic": topic, "rate": 50, "stop": stop_producing},
+            kwargs={
+                "bootstrap_servers": broker.bootstrap_servers,
+                "topic": topic,
+                "rate": 50,
+                "stop": stop_producing,
+            },
             daemon=True,
         )
         producer.start()
         log_path, checkpoint_dir = tmp_path / "worker.log", tmp_path / "ckpt"
         process = start_worker_process(
-            broker, kafka_names, checkpoint_dir, log_path,
-            "--stop-when-idle", "8", "--broker-timeout", "3", "--checkpoint-every-seconds", "1",
+            broker,
+            kafka_names,
+            checkpoint_dir,
+            log_path,
+            "--stop-when-idle",
+            "8",
+            "--broker-timeout",
+            "3",
+            "--checkpoint-every-seconds",
+            "1",
         )
         frozen = False
         try:
             wait_for_log(log_path, ASSIGNED, process=process)
-            _wait_for("records learned", lambda: messages_checkpointed(checkpoint_dir) > 0, 60, log_path, process)
+            _wait_for(
+                "records learned",
+                lambda: messages_checkpointed(checkpoint_dir) > 0,
+                60,
+                log_path,
+                process,
+            )
             stop_producing.set()  # records flowed until now: the stream is not idle
             _frozen(broker)
             frozen = True
             # Logged at 3, 6, 9 and 12 s of silence: longer than --stop-when-idle 8.
-            wait_for_log(log_path, "/readyz reports not ready", count=4, timeout=90, process=process)
+            wait_for_log(
+                log_path, "/readyz reports not ready", count=4, timeout=90, process=process
+            )
             assert process.poll() is None, log_path.read_text()[-3000:]
             _thawed(broker)
             frozen = False
@@ -211,28 +260,52 @@ def test_shutdown_keeps_its_bound_while_the_broker_is_frozen(kafka_names, tmp_pa
     shutdown_timeout = 12.0
     with EmbeddedBroker() as broker:
         topic = f"{kafka_names}-in"
-        create_topics(broker.bootstrap_servers, {topic: 2, f"{topic}.predictions": 2, f"{topic}.dlq": 1})
+        create_topics(
+            broker.bootstrap_servers, {topic: 2, f"{topic}.predictions": 2, f"{topic}.dlq": 1}
+        )
         stop_producing = threading.Event()
         producer = threading.Thread(
             target=produce_records,
             args=(synthetic_records(100_000, seed=4),),
-            kwargs={"bootstrap_servers": broker.bootstrap_servers, "topic": topic, "rate": 200, "stop": stop_producing},
+            kwargs={
+                "bootstrap_servers": broker.bootstrap_servers,
+                "topic": topic,
+                "rate": 200,
+                "stop": stop_producing,
+            },
             daemon=True,
         )
         producer.start()
         log_path, checkpoint_dir = tmp_path / "worker.log", tmp_path / "ckpt"
         process = start_worker_process(
-            broker, kafka_names, checkpoint_dir, log_path,
-            "--checkpoint-every-seconds", "1", "--shutdown-timeout", str(shutdown_timeout),
+            broker,
+            kafka_names,
+            checkpoint_dir,
+            log_path,
+            "--checkpoint-every-seconds",
+            "1",
+            "--shutdown-timeout",
+            str(shutdown_timeout),
         )
         frozen = False
         try:
             wait_for_log(log_path, ASSIGNED, process=process)
-            _wait_for("records learned", lambda: messages_checkpointed(checkpoint_dir) > 0, 60, log_path, process)
+            _wait_for(
+                "records learned",
+                lambda: messages_checkpointed(checkpoint_dir) > 0,
+                60,
+                log_path,
+                process,
+            )
             _frozen(broker)
             frozen = True
             # A checkpoint is waiting for its outputs to be confirmed when the stop comes.
-            wait_for_log(log_path, ("checkpoint (periodic) postponed", "offset commit failed"), timeout=60, process=process)
+            wait_for_log(
+                log_path,
+                ("checkpoint (periodic) postponed", "offset commit failed"),
+                timeout=60,
+                process=process,
+            )
             process.send_signal(signal.SIGTERM)
             asked = time.monotonic()
             process.wait(timeout=shutdown_timeout + 30)  # a guard against a hang, not the bound
@@ -250,12 +323,18 @@ def test_shutdown_keeps_its_bound_while_the_broker_is_frozen(kafka_names, tmp_pa
     assert "retrying in" not in after_stop and "will retry" not in after_stop, after_stop[-3000:]
 
 
-def test_a_worker_stopped_during_its_group_join_leaves_the_group_usable(kafka_names, tmp_path, monkeypatch):
+def test_a_worker_stopped_during_its_group_join_leaves_the_group_usable(
+    kafka_names, tmp_path, monkeypatch
+):
     with EmbeddedBroker() as broker:  # a fresh broker: the group coordinator has no other work
         topic = f"{kafka_names}-in"
-        create_topics(broker.bootstrap_servers, {topic: 2, f"{topic}.predictions": 2, f"{topic}.dlq": 1})
+        create_topics(
+            broker.bootstrap_servers, {topic: 2, f"{topic}.predictions": 2, f"{topic}.dlq": 1}
+        )
         first_log = tmp_path / "first.log"
-        monkeypatch.setenv("STREAM_LEARNER_LOG_LEVEL", "DEBUG")  # kafka-python's join steps in the log
+        monkeypatch.setenv(
+            "STREAM_LEARNER_LOG_LEVEL", "DEBUG"
+        )  # kafka-python's join steps in the log
         first = start_worker_process(broker, kafka_names, tmp_path / "ckpt-1", first_log)
         monkeypatch.delenv("STREAM_LEARNER_LOG_LEVEL")
         try:
@@ -269,7 +348,10 @@ def test_a_worker_stopped_during_its_group_join_leaves_the_group_usable(kafka_na
                 first.kill()
         log = first_log.read_text()
         if ASSIGNED in log:
-            pytest.fail("the first worker completed its join before the stop: nothing was tested\n" + log[-3000:])
+            pytest.fail(
+                "the first worker completed its join before the stop: nothing was tested\n"
+                + log[-3000:]
+            )
         assert "stopping during the group join" in log, log[-3000:]
         second_log = tmp_path / "second.log"
         second = start_worker_process(broker, kafka_names, tmp_path / "ckpt-2", second_log)
