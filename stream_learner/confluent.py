@@ -233,6 +233,9 @@ class ConfluentSource:
             "heartbeat.interval.ms": max(100, session_timeout_ms // 5),
             # kafka-python's default; librdkafka's is read_committed.
             "isolation.level": "read_uncommitted",
+            # Every second, how long since each broker last sent us anything: broker_contact.
+            "statistics.interval.ms": 1000,
+            "stats_cb": self._on_stats,
             **librdkafka_options(options),
             # Last, so that no client option can turn on automatic commits.
             "bootstrap.servers": bootstrap_servers,
@@ -251,6 +254,7 @@ class ConfluentSource:
         self._cooperative = "cooperative" in config["partition.assignment.strategy"]
         self.max_poll_records = max_poll_records
         self._broker_error = None
+        self._contact: float | None = None
         self._rebalances = 0
         self._eof = confluent_kafka.KafkaError._PARTITION_EOF
         try:
@@ -358,6 +362,24 @@ class ConfluentSource:
                 consumer.incremental_unassign(list(lost))
             else:
                 consumer.unassign()
+
+    def _on_stats(self, text: str) -> None:
+        import json
+
+        try:
+            brokers = json.loads(text).get("brokers", {}).values()
+        except (ValueError, AttributeError):
+            return
+        # rxidle: microseconds since the last bytes received from that broker (-1: never);
+        # bootstrap placeholders have no node id.
+        idle = [b["rxidle"] for b in brokers if b.get("nodeid", -1) >= 0 and b.get("rxidle", -1) >= 0]
+        if idle:
+            self._contact = time.monotonic() - min(idle) / 1e6
+
+    def broker_contact(self) -> float | None:
+        """``time.monotonic()`` when a broker last sent this consumer anything (librdkafka's
+        statistics, every second); None before the first."""
+        return self._contact
 
     # -- the Source interface ----------------------------------------------------------
 

@@ -476,6 +476,8 @@ class Worker:
             try:
                 messages = source.poll(poll_timeout)
             except (KafkaError, SourceUnavailable) as error:  # broker trouble: keep state, back off, retry
+                if stop.is_set():
+                    break  # no retry after the stop request
                 if self.readiness is not None:
                     self.readiness.broker_reachable = False
                 if self.broker is not None:

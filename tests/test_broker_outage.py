@@ -68,9 +68,14 @@ def _produce(broker, topic, n, rate=None):
     produce_records(records, bootstrap_servers=broker.bootstrap_servers, topic=topic, rate=rate)
 
 
+@pytest.mark.parametrize("variant", ["kafka-python", "consumer-process", "confluent"])
 def test_readiness_turns_503_while_the_broker_is_frozen_and_liveness_stays_200(
-    kafka_names, tmp_path
+    variant, kafka_names, tmp_path
 ):
+    if variant == "confluent":
+        pytest.importorskip("confluent_kafka")
+    client = "confluent" if variant == "confluent" else "kafka-python"
+    extra = ["--consumer-process", "true"] if variant == "consumer-process" else []
     with EmbeddedBroker() as broker:  # its own broker: this test freezes it
         topic = f"{kafka_names}-in"
         create_topics(
@@ -91,6 +96,8 @@ def test_readiness_turns_503_while_the_broker_is_frozen_and_liveness_stays_200(
             "4",
             "--checkpoint-every-seconds",
             "1",
+            *extra,
+            client=client,
         )
         frozen = False
         try:
