@@ -181,24 +181,6 @@ def test_liveness_stays_200_while_waiting_for_a_broker_that_never_answers(kafka_
     assert "retrying" not in log[log.index("SIGTERM received") :]
 
 
-def test_heartbeat_of_a_loop_waiting_for_the_broker_is_alive():
-    from stream_learner.metrics import BrokerHealth, Heartbeat
-
-    now = [0.0]
-    broker = BrokerHealth(timeout=30.0, clock=lambda: now[0])
-    heartbeat = Heartbeat(max_silence=60.0, clock=lambda: now[0], broker=broker)
-    for _ in range(20):  # 150 s of retries every 7.5 s, the loop never beats
-        now[0] += 7.5
-        broker.retrying("consumer", "NoBrokersAvailable")
-        assert heartbeat.check()[0], heartbeat.check()
-    now[0] += 61.0  # the retries stop: a hung loop
-    assert not heartbeat.check()[0]
-    limited = BrokerHealth(timeout=30.0, liveness_timeout=300.0, clock=lambda: now[0])
-    limited.contact()
-    now[0] += 301.0
-    assert "liveness limit" in (limited.liveness_problem() or "")
-
-
 def test_an_outage_is_not_idleness(kafka_names, tmp_path):
     with EmbeddedBroker() as broker:
         topic = f"{kafka_names}-in"
