@@ -116,14 +116,11 @@ def test_the_shutdown_fits_its_deadline_when_outputs_cannot_be_confirmed():
         Outputs(sink, predictions_topic="p", dead_letter_topic="d"),
         flush_timeout=10.0,
     )
-    messages = [json.dumps({"id": f"r{i}", "text": "free money now", "label": "spam"}).encode() for i in range(3)]
+    messages = [
+        json.dumps({"id": f"r{i}", "text": "free money now", "label": "spam"}).encode()
+        for i in range(3)
+    ]
     source = MemorySource({("t", 0): messages})
-        {
-            ("t", 0): [
-                Record(f"r{i}", "free money now", "spam").__repr__().encode() for i in range(3)
-            ]
-        }
-    )
     source.handler = worker
     worker.owned = {("t", 0)}
     worker.source = source
