@@ -438,4 +438,7 @@ def _number(value: float) -> str:
 if __name__ == "__main__":  # the producer process of ProcessSink
     import sys
 
-    _producer_process(int(sys.argv[1]))
+    # From the module by its own name, so log lines say stream_learner.sinks, not __main__.
+    from stream_learner.sinks import _producer_process as run_producer_process
+
+    run_producer_process(int(sys.argv[1]))

@@ -499,7 +499,8 @@ class Worker:
             now = self.clock()
             if messages or not self.owned:  # idle counts only once we have partitions
                 last_message = now
-            if self.checkpoint_due() and self.checkpoint():
+            # Once stopped, the shutdown's checkpoint comes next, within --shutdown-timeout.
+            if self.checkpoint_due() and not stop.is_set() and self.checkpoint():
                 self.commit()
             if self.fusion is not None and self.fusion.due(records=self._since_fusion):
                 self.fusion_round()
