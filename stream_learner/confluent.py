@@ -255,6 +255,8 @@ class ConfluentSource:
         self.max_poll_records = max_poll_records
         self._broker_error = None
         self._contact: float | None = None
+        self._join_state: str | None = None  # librdkafka's, from its statistics
+        self._polled = False
         self._rebalances = 0
         self._eof = confluent_kafka.KafkaError._PARTITION_EOF
         try:
@@ -367,7 +369,9 @@ class ConfluentSource:
         import json
 
         try:
-            brokers = json.loads(text).get("brokers", {}).values()
+            stats = json.loads(text)
+            brokers = stats.get("brokers", {}).values()
+            self._join_state = stats.get("cgrp", {}).get("join_state")
         except (ValueError, AttributeError):
             return
         # rxidle: microseconds since the last bytes received from that broker (-1: never);
@@ -386,6 +390,7 @@ class ConfluentSource:
     def poll(self, timeout: float) -> list[Message]:
         # As kafka-python's poll: wait for the first message only, then take what is ready
         # (consume(n, timeout) would wait the whole timeout for n messages).
+        self._polled = True
         first = self._consumer.poll(timeout)
         if first is None:
             raw = []
@@ -470,9 +475,31 @@ class ConfluentSource:
 
         self._consumer.resume([TopicPartition(t, p) for t, p in partitions])
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         # close() revokes our partitions through on_revoke, which checkpoints and commits.
+        self._finish_join(10.0 if timeout is None else 0.7 * timeout)
         self._consumer.close()
+
+    def _finish_join(self, seconds: float) -> None:
+        """Let a group join in flight complete before close() sends its LeaveGroup.
+
+        Tansu 0.6.0 keeps a member that leaves a forming group as the group's leader, and the
+        group then never gets an assignment again (see sources._skip_leave_during_join, the
+        kafka-python side). librdkafka cannot close without leaving, so we wait (within the
+        shutdown's bound) for the join to end; what is fetched meanwhile is not processed.
+        """
+        first_join = self._polled and self._rebalances == 0  # polling starts the join
+        joining = first_join or self._join_state not in (None, "init", "steady")
+        if not joining:
+            return
+        log.info("stopping during the group join: letting it complete before leaving the group")
+        deadline = time.monotonic() + seconds
+        before = self._rebalances
+        while time.monotonic() < deadline:
+            self._consumer.poll(0.1)  # serves the rebalance callbacks; records are dropped
+            # Statistics come every second: "steady" after the assignment is the join done.
+            if self._rebalances != before and self._join_state in (None, "steady"):
+                return
 
 
 def _is_transport(error) -> bool:
