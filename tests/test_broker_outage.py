@@ -313,39 +313,48 @@ def test_shutdown_keeps_its_bound_while_the_broker_is_frozen(kafka_names, tmp_pa
 
 
 def test_a_worker_stopped_during_its_group_join_leaves_the_group_usable(
-    kafka_names, tmp_path, monkeypatch
+    kafka_client, kafka_names, tmp_path, monkeypatch
 ):
+    """Tansu 0.6 keeps a member that leaves a forming group as its leader: without the
+    workaround (sources._skip_leave_during_join, ConfluentSource._finish_join) the second
+    worker is never assigned."""
     with EmbeddedBroker() as broker:  # a fresh broker: the group coordinator has no other work
         topic = f"{kafka_names}-in"
         create_topics(
             broker.bootstrap_servers, {topic: 2, f"{topic}.predictions": 2, f"{topic}.dlq": 1}
         )
         first_log = tmp_path / "first.log"
-        monkeypatch.setenv(
-            "STREAM_LEARNER_LOG_LEVEL", "DEBUG"
-        )  # kafka-python's join steps in the log
-        first = start_worker_process(broker, kafka_names, tmp_path / "ckpt-1", first_log)
-        monkeypatch.delenv("STREAM_LEARNER_LOG_LEVEL")
+        if kafka_client == "kafka-python":  # its join steps in the log
+            monkeypatch.setenv("STREAM_LEARNER_LOG_LEVEL", "DEBUG")
+        first = start_worker_process(
+            broker, kafka_names, tmp_path / "ckpt-1", first_log, client=kafka_client
+        )
+        monkeypatch.delenv("STREAM_LEARNER_LOG_LEVEL", raising=False)
         try:
-            # The broker gave it a member id; its JoinGroup with that id waits for the group
-            # to form (about 2 s): the stop comes during the join.
-            wait_for_log(first_log, "Received member id", process=first)
+            if kafka_client == "kafka-python":
+                # The broker gave it a member id; its JoinGroup with that id waits for the
+                # group to form (about 2 s): the stop comes during the join.
+                wait_for_log(first_log, "Received member id", process=first)
+            else:
+                # Its first poll (1 s) starts the join, which the broker holds about 2 s; the
+                # stop ends the loop after that poll, during the join.
+                wait_for_log(first_log, "worker up", process=first)
             first.send_signal(signal.SIGTERM)
             assert first.wait(timeout=40) == 0, first_log.read_text()[-3000:]
         finally:
             if first.poll() is None:
                 first.kill()
         log = first_log.read_text()
-        if ASSIGNED in log:
-            pytest.fail(
-                "the first worker completed its join before the stop: nothing was tested\n"
-                + log[-3000:]
-            )
         assert "stopping during the group join" in log, log[-3000:]
+        if kafka_client == "kafka-python":  # it leaves silently; librdkafka completes the join
+            assert ASSIGNED not in log, log[-3000:]
         second_log = tmp_path / "second.log"
-        second = start_worker_process(broker, kafka_names, tmp_path / "ckpt-2", second_log)
+        second = start_worker_process(
+            broker, kafka_names, tmp_path / "ckpt-2", second_log, client=kafka_client
+        )
         try:
-            # The broker expires the silent first member (its session timeout) and the group forms.
+            # The group forms again: after the first member's session timeout (kafka-python),
+            # or at once after its LeaveGroup (confluent).
             wait_for_log(second_log, ASSIGNED, timeout=90, process=second)
             second.send_signal(signal.SIGTERM)
             assert second.wait(timeout=40) == 0, second_log.read_text()[-3000:]
