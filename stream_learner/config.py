@@ -121,7 +121,9 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("metrics_port", _optional_int, "port of /metrics, /healthz, /readyz (0: a free port; none: off)"),
     _Option("metrics_host", str, "address of the metrics endpoint"),
     _Option("stop_when_idle", _optional_float, "exit after this many seconds without records (default: run forever)"),
-    _Option("shutdown_timeout", float, "seconds allowed to finish the batch, checkpoint and close"),
+    _Option("shutdown_timeout", float, "seconds allowed from the stop signal to the exit: the batch, the checkpoint (its flush included) and closing the clients"),
+    _Option("broker_timeout", float, "seconds without an answer from the broker (fetch, group heartbeat, commit) after which /readyz reports not ready and the loss is logged"),
+    _Option("broker_liveness_timeout", _optional_float, "seconds without an answer from the broker after which /healthz also fails, so an orchestrator restarts the worker (none: never; waiting for the broker is alive)"),
     _Option("client_id", str, "Kafka client id"),
     _Option("security_protocol", str, "PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL"),
     _Option("sasl_mechanism", _optional_text, "PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512 | OAUTHBEARER | GSSAPI"),
@@ -186,6 +188,8 @@ class WorkerConfig:
     metrics_host: str = "127.0.0.1"
     stop_when_idle: float | None = None
     shutdown_timeout: float = 30.0
+    broker_timeout: float = 30.0
+    broker_liveness_timeout: float | None = None
     client_id: str = "stream-learner"
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
@@ -234,6 +238,10 @@ class WorkerConfig:
             raise ConfigError("mini_batch must be 0 (off) or more")
         if self.checkpoint_every_seconds <= 0 or self.poll_timeout <= 0:
             raise ConfigError("checkpoint_every_seconds and poll_timeout must be positive")
+        if self.shutdown_timeout <= 0 or self.broker_timeout <= 0:
+            raise ConfigError("shutdown_timeout and broker_timeout must be positive")
+        if self.broker_liveness_timeout is not None and self.broker_liveness_timeout < self.broker_timeout:
+            raise ConfigError("broker_liveness_timeout must be at least broker_timeout (or none)")
         if self.auto_offset_reset not in ("earliest", "latest"):
             raise ConfigError("auto_offset_reset must be earliest or latest")
         outputs = {self.predictions_topic, self.dead_letter_topic, self.drift_topic} - {None}

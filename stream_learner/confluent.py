@@ -240,6 +240,9 @@ class ConfluentSource:
             "heartbeat.interval.ms": max(100, session_timeout_ms // 5),
             # kafka-python's default; librdkafka's is read_committed.
             "isolation.level": "read_uncommitted",
+            # Every second, how long since each broker last sent us anything: broker_contact.
+            "statistics.interval.ms": 1000,
+            "stats_cb": self._on_stats,
             **librdkafka_options(options),
             # Last, so that no client option can turn on automatic commits.
             "bootstrap.servers": bootstrap_servers,
@@ -259,6 +262,9 @@ class ConfluentSource:
         self.max_poll_records = max_poll_records
         self._broker_error = None
         self._startup_errors: list | None = []
+        self._contact: float | None = None
+        self._join_state: str | None = None  # librdkafka's, from its statistics
+        self._polled = False
         self._rebalances = 0
         self._eof = confluent_kafka.KafkaError._PARTITION_EOF
         try:
@@ -370,11 +376,32 @@ class ConfluentSource:
             else:
                 consumer.unassign()
 
+    def _on_stats(self, text: str) -> None:
+        import json
+
+        try:
+            stats = json.loads(text)
+            brokers = stats.get("brokers", {}).values()
+            self._join_state = stats.get("cgrp", {}).get("join_state")
+        except (ValueError, AttributeError):
+            return
+        # rxidle: microseconds since the last bytes received from that broker (-1: never);
+        # bootstrap placeholders have no node id.
+        idle = [b["rxidle"] for b in brokers if b.get("nodeid", -1) >= 0 and b.get("rxidle", -1) >= 0]
+        if idle:
+            self._contact = time.monotonic() - min(idle) / 1e6
+
+    def broker_contact(self) -> float | None:
+        """``time.monotonic()`` when a broker last sent this consumer anything (librdkafka's
+        statistics, every second); None before the first."""
+        return self._contact
+
     # -- the Source interface ----------------------------------------------------------
 
     def poll(self, timeout: float) -> list[Message]:
         # As kafka-python's poll: wait for the first message only, then take what is ready
         # (consume(n, timeout) would wait the whole timeout for n messages).
+        self._polled = True
         first = self._consumer.poll(timeout)
         if first is None:
             raw = []
@@ -463,9 +490,31 @@ class ConfluentSource:
 
         self._consumer.resume([TopicPartition(t, p) for t, p in partitions])
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         # close() revokes our partitions through on_revoke, which checkpoints and commits.
+        self._finish_join(10.0 if timeout is None else 0.7 * timeout)
         self._consumer.close()
+
+    def _finish_join(self, seconds: float) -> None:
+        """Let a group join in flight complete before close() sends its LeaveGroup.
+
+        Tansu 0.6.0 keeps a member that leaves a forming group as the group's leader, and the
+        group then never gets an assignment again (see sources._skip_leave_during_join, the
+        kafka-python side). librdkafka cannot close without leaving, so we wait (within the
+        shutdown's bound) for the join to end; what is fetched meanwhile is not processed.
+        """
+        first_join = self._polled and self._rebalances == 0  # polling starts the join
+        joining = first_join or self._join_state not in (None, "init", "steady")
+        if not joining:
+            return
+        log.info("stopping during the group join: letting it complete before leaving the group")
+        deadline = time.monotonic() + seconds
+        before = self._rebalances
+        while time.monotonic() < deadline:
+            self._consumer.poll(0.1)  # serves the rebalance callbacks; records are dropped
+            # Statistics come every second: "steady" after the assignment is the join done.
+            if self._rebalances != before and self._join_state in (None, "steady"):
+                return
 
 
 def _is_transport(error) -> bool:

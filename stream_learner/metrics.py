@@ -64,6 +64,7 @@ __all__ = [
     "OUTPUT_ERROR_REASONS",
     "StreamMetrics",
     "HealthServer",
+    "BrokerHealth",
     "Heartbeat",
     "Readiness",
 ]
@@ -553,18 +554,137 @@ def _build_labels() -> dict[str, str]:
     return labels
 
 
+class BrokerHealth:
+    """Whether the worker hears from its broker, for readiness, liveness and the logs.
+
+    The source reports when the broker last answered (:meth:`contact`: a fetch, a group
+    heartbeat, a commit, a rebalance); failures say why it did not (:meth:`failed`), and a
+    loop that waits for the broker says so (:meth:`retrying`). After ``timeout`` seconds
+    without an answer the broker counts as lost: the worker is not ready, and it logs that
+    (then again every ``timeout`` seconds while it lasts, and when the broker is back). A
+    worker waiting for its broker is alive, unless ``liveness_timeout`` is set and it has
+    waited longer than that (so that an orchestrator restarts it; None: never).
+
+    >>> now = [0.0]
+    >>> health = BrokerHealth(timeout=30.0, clock=lambda: now[0])
+    >>> health.readiness_problem()
+    'broker not reached yet'
+    >>> health.contact()
+    >>> health.readiness_problem() is None
+    True
+    >>> now[0] = 45.0
+    >>> health.failed("offset commit", "KafkaTimeoutError")
+    >>> health.readiness_problem()
+    'broker unreachable for 45 s (limit 30 s; last error: offset commit: KafkaTimeoutError)'
+    """
+
+    def __init__(
+        self,
+        timeout: float = 30.0,
+        liveness_timeout: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.timeout = timeout
+        self.liveness_timeout = liveness_timeout
+        self.clock = clock
+        self._started = clock()
+        self._contact: float | None = None
+        self._waiting: float | None = None  # a retry loop last said it waits for the broker
+        self._error: str | None = None
+        self._lost_logged: float | None = None  # when the loss was last logged
+        self._lock = threading.Lock()
+
+    @property
+    def last_contact(self) -> float | None:
+        """``clock()`` time of the broker's last answer (None: never)."""
+        return self._contact
+
+    def contact(self, when: float | None = None) -> None:
+        """The broker answered (at ``when``, a ``clock()`` time; default now)."""
+        when = self.clock() if when is None else when
+        with self._lock:
+            if self._contact is not None and when <= self._contact:
+                return
+            self._contact = when
+            if self._lost_logged is not None and self.clock() - when <= self.timeout:
+                self._lost_logged = None
+                log.info("broker reachable again")
+            self._error = None
+
+    def failed(self, what: str, error) -> None:
+        """A request to the broker failed; kept as the reason readiness gives."""
+        with self._lock:
+            self._error = f"{what}: {error}"
+
+    def retrying(self, what: str, error) -> None:
+        """A loop waits for the broker (and will try again): alive, not ready."""
+        with self._lock:
+            self._error = f"{what}: {error}"
+            self._waiting = self.clock()
+
+    def silence(self) -> float:
+        """Seconds since the broker last answered (since start if it never did)."""
+        return self.clock() - (self._started if self._contact is None else self._contact)
+
+    def lost(self) -> bool:
+        return self._contact is not None and self.silence() > self.timeout
+
+    def observe(self) -> None:
+        """Log a lost broker once per ``timeout`` seconds while it lasts; call it often."""
+        if not self.lost() and not (self._contact is None and self.silence() > self.timeout):
+            return
+        now = self.clock()
+        if self._lost_logged is None or now - self._lost_logged >= self.timeout:
+            self._lost_logged = now
+            log.warning("%s; /readyz reports not ready", self.readiness_problem())
+
+    def waited_recently(self, seconds: float) -> bool:
+        return self._waiting is not None and self.clock() - self._waiting <= seconds
+
+    def readiness_problem(self) -> str | None:
+        silence = self.silence()
+        error = f"; last error: {self._error}" if self._error else ""
+        if self._contact is None:
+            if silence > self.timeout:
+                return f"broker not reached in {silence:.0f} s (limit {self.timeout:.0f} s{error})"
+            return "broker not reached yet"
+        if silence > self.timeout:
+            return f"broker unreachable for {silence:.0f} s (limit {self.timeout:.0f} s{error})"
+        return None
+
+    def liveness_problem(self) -> str | None:
+        if self.liveness_timeout is None:
+            return None
+        silence = self.silence()
+        if silence > self.liveness_timeout:
+            return (
+                f"broker unreachable for {silence:.0f} s, longer than the liveness limit "
+                f"({self.liveness_timeout:.0f} s): restart wanted"
+            )
+        return None
+
+
 class Heartbeat:
     """Liveness of a loop: the loop calls :meth:`beat`; :meth:`check` fails when it has not
     beaten for ``max_silence`` seconds (a hung poll, a deadlock, a learner stuck in a loop).
+
+    With ``broker`` (a :class:`BrokerHealth`), a loop that is silent because it waits for the
+    broker (its retries say so) is alive, until the broker's own ``liveness_timeout``.
 
     >>> heartbeat = Heartbeat(max_silence=60.0)
     >>> heartbeat.check()[0]
     True
     """
 
-    def __init__(self, max_silence: float = 60.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        max_silence: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        broker: BrokerHealth | None = None,
+    ):
         self.max_silence = max_silence
         self.clock = clock
+        self.broker = broker
         self._last = clock()
         self._stopped: str | None = None
 
@@ -578,7 +698,14 @@ class Heartbeat:
     def check(self) -> tuple[bool, str]:
         if self._stopped is not None:
             return False, self._stopped
+        broker = self.broker
+        if broker is not None:
+            problem = broker.liveness_problem()
+            if problem is not None:
+                return False, problem
         silence = self.clock() - self._last
+        if silence > self.max_silence and broker is not None and broker.waited_recently(self.max_silence):
+            return True, f"waiting for the broker ({broker.readiness_problem() or 'reconnecting'})"
         if silence > self.max_silence:
             return (
                 False,
@@ -600,16 +727,21 @@ class Readiness:
     (True, 'ready: 2 partitions assigned, broker reachable, checkpoint loaded')
     """
 
-    def __init__(self):
+    def __init__(self, broker: BrokerHealth | None = None):
         self.assigned_partitions = 0
-        self.broker_reachable = False
+        self.broker_reachable = False  # without ``broker``: set by the worker
+        self.broker = broker
         self.checkpoint_loaded = False
 
     def check(self) -> tuple[bool, str]:
         problems = []
         if self.assigned_partitions <= 0:
             problems.append("no partitions assigned")
-        if not self.broker_reachable:
+        if self.broker is not None:
+            problem = self.broker.readiness_problem()
+            if problem is not None:
+                problems.append(problem)
+        elif not self.broker_reachable:
             problems.append("broker not reached yet")
         if not self.checkpoint_loaded:
             problems.append("checkpoint not loaded")

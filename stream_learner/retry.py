@@ -100,13 +100,15 @@ def retry(
     backoff: Backoff | None = None,
     logger: logging.Logger = log,
     describe: Callable[[BaseException], str] = str,
+    on_retry: Callable[[BaseException], object] | None = None,
 ) -> T | None:
     """``call()`` until it returns; None if ``stop`` was set first.
 
     An error of ``retriable`` type is logged (``what``, the error, the delay) and retried
     after the next backoff delay; one that ``fatal`` accepts is raised as
     :class:`FatalBrokerError` (its message names the setting to check); anything else
-    propagates unchanged.
+    propagates unchanged. ``on_retry(error)`` hears of each retry (a broker-health tracker);
+    after the stop request nothing is retried or logged.
     """
     backoff = backoff or Backoff()
     while not stop.is_set():
@@ -118,6 +120,10 @@ def retry(
             error = auth_failure(error)
             if fatal(error):
                 raise FatalBrokerError(f"{what}: {fatal_message(error)}") from error
+            if stop.is_set():
+                break
+            if on_retry is not None:
+                on_retry(error)
             delay = backoff.next()
             logger.warning(
                 "%s: broker unreachable (%s); retrying in %.1f s", what, describe(error), delay

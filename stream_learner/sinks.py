@@ -400,16 +400,18 @@ class ProcessSink:
             return ("error", SinkError("the producer process has stopped"))
 
     def close(self, timeout: float = 10.0) -> None:
+        """Close the child's producer; bounded by ``timeout`` in all (then the child is killed)."""
         import subprocess
 
+        deadline = time.monotonic() + timeout
         try:
-            self._conn.send(("close", timeout))
-            self._receive(timeout=timeout + 5.0)
+            self._conn.send(("close", max(0.1, timeout * 0.8)))  # time left to answer and exit
+            self._receive(timeout=timeout)
         except (OSError, EOFError):
             pass
         self._conn.close()
         try:
-            self._process.wait(timeout)
+            self._process.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()
@@ -442,6 +444,14 @@ def _producer_process(fd: int) -> None:
         conn.send(("error", auth_failure(error)))  # what lies behind a bootstrap timeout
         return
     conn.send(("ready", None))
+
+    def answer(message) -> bool:
+        try:
+            conn.send(message)
+            return True
+        except (OSError, EOFError):  # the worker stopped waiting (its shutdown is bounded)
+            return False
+
     while True:
         try:
             command, argument = conn.recv()
@@ -458,14 +468,17 @@ def _producer_process(fd: int) -> None:
             except FatalBrokerError as error:
                 conn.send(("fatal", str(error), sink.take_output_errors()))
             except SinkError as error:
-                conn.send(("error", str(error), sink.take_output_errors()))
+                delivered = answer(("error", str(error), sink.take_output_errors()))
             else:
-                conn.send(("flushed", None, sink.take_output_errors()))
+                delivered = answer(("flushed", None, sink.take_output_errors()))
+            if not delivered:
+                return
         elif command == "close":
             try:
                 sink.close(argument)
-            finally:
-                conn.send(("closed", None))
+            except Exception as error:  # the broker is away: what is unsent is re-sent on restart
+                log.warning("producer closed uncleanly: %s", error)
+            answer(("closed", None))
             return
 
 
@@ -591,4 +604,7 @@ def _number(value: float) -> str:
 if __name__ == "__main__":  # the producer process of ProcessSink
     import sys
 
-    _producer_process(int(sys.argv[1]))
+    # From the module by its own name, so log lines say stream_learner.sinks, not __main__.
+    from stream_learner.sinks import _producer_process as run_producer_process
+
+    run_producer_process(int(sys.argv[1]))

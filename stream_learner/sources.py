@@ -203,6 +203,7 @@ class KafkaSource:
         self.handler = handler
         self.commit_timeout_ms = 5000  # a broker that does not answer must not stall the loop
         self._lock = threading.Lock()
+        self._last_contact: float | None = None  # records fetched or offsets committed
         self._paused_any = False  # pause() was used: see _free_parked_records
         options = dict(client_options or {})
         # Range assignment gives the same partition numbers of co-partitioned topics (records
@@ -244,6 +245,8 @@ class KafkaSource:
                         headers=tuple((k, v) for k, v in (record.headers or ())),
                     )
                 )
+        if messages:
+            self._last_contact = time.monotonic()
         return messages
 
     def commit(self, offsets: Mapping[Partition, int]) -> None:
@@ -259,6 +262,7 @@ class KafkaSource:
         }
         if wanted:
             self._consumer.commit(wanted, timeout_ms=self.commit_timeout_ms)
+            self._last_contact = time.monotonic()
 
     def assignment(self) -> set[Partition]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
@@ -294,9 +298,45 @@ class KafkaSource:
         if in_line is not None and not in_line:
             fetcher._next_partition_records = None
 
-    def close(self) -> None:
+    def broker_contact(self) -> float | None:
+        """``time.monotonic()`` when the broker last answered this consumer: a group heartbeat
+        (every ``session_timeout_ms / 5`` while in the group), a fetch that brought records or
+        a commit. None before the first answer."""
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        heartbeat = getattr(getattr(coordinator, "heartbeat", None), "last_receive", None)
+        times = [t for t in (heartbeat, self._last_contact) if t is not None and t != float("-inf")]
+        return max(times) if times else None
+
+    def close(self, timeout: float | None = None) -> None:
         # close() revokes our partitions through the listener, which checkpoints and commits.
-        self._consumer.close(autocommit=False)
+        _skip_leave_during_join(self._consumer)
+        timeout_ms = None if timeout is None else max(1, int(timeout * 1000))
+        self._consumer.close(autocommit=False, timeout_ms=timeout_ms)
+
+
+def _skip_leave_during_join(consumer) -> None:
+    """Close without a LeaveGroup while our group join is still in flight.
+
+    Tansu 0.6.0 (``Inner<Forming>::leave`` in tansu-broker/src/coordinator/group/
+    administrator.rs, unchanged at nisshi-io/nisshi 939be10) removes a member that leaves a
+    group still forming but keeps it as the group's leader; the leaving member is then never
+    expired (it is no longer a member), every later joiner is told that leader and its
+    SyncGroup is refused with REBALANCE_IN_PROGRESS, and the group never gets an assignment.
+    A member that simply goes silent is expired after the session timeout and the group
+    forms again, so while a join is pending we drop our member id locally: kafka-python's
+    close then sends no LeaveGroup (a member that completed its join leaves as usual).
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is None or not getattr(coordinator, "_use_group_apis", False):
+        return
+    from kafka.coordinator.base import MemberState
+
+    if coordinator.state is not MemberState.STABLE and coordinator._generation.has_member_id():
+        log.info(
+            "stopping during the group join: not leaving the group (the broker expires this "
+            "member after the session timeout instead)"
+        )
+        coordinator.reset_generation()
 
 
 try:  # the listener needs kafka-python; the in-memory parts above do not
@@ -419,6 +459,7 @@ class ProcessSource:
         self._assignment: set[Partition] = set()
         self._highwaters: dict[Partition, int] = {}
         self._resume: dict[Partition, int] = {}
+        self._contact: float | None = None  # when the child's consumer last heard the broker
         self._closed = False
         self._failed: str | None = None
         # A plain child interpreter (not multiprocessing's spawn, which re-imports the
@@ -515,6 +556,7 @@ class ProcessSource:
                 if item[0] == "batch":
                     self._send(("ack",))  # a credit: the child may fetch one more batch
                     self._highwaters.update(item[2])
+                    self._contact = time.monotonic()
                     messages = [
                         Message(topic, partition, offset, key, value, timestamp, headers)
                         for topic, partition, records in item[1]
@@ -533,6 +575,8 @@ class ProcessSource:
         kind, argument = item[0], item[1]
         if kind == "state":
             self._highwaters.update(argument)
+            if len(item) > 2 and item[2] is not None:
+                self._contact = max(self._contact or item[2], item[2])  # one clock for all processes
             return
         if kind == "error":  # the child's poll failed (broker trouble): the worker backs off
             raise argument
@@ -567,6 +611,10 @@ class ProcessSource:
     def assignment(self) -> set[Partition]:
         return set(self._assignment)
 
+    def broker_contact(self) -> float | None:
+        """As :meth:`KafkaSource.broker_contact`, as the child last reported it."""
+        return self._contact
+
     def lag(self, positions: Mapping[Partition, int]) -> dict[Partition, int]:
         return {
             tp: max(0, self._highwaters[tp] - positions[tp])
@@ -575,14 +623,15 @@ class ProcessSource:
         }
 
     def close(self, timeout: float = 60.0) -> None:
-        """The child closes its consumer: the revoke comes back to the handler, which commits."""
+        """The child closes its consumer: the revoke comes back to the handler, which commits.
+        Bounded by ``timeout`` in all: a child still closing then is killed."""
         if self._closed:
             return
         self._closed = True
+        deadline = time.monotonic() + timeout
         if not self._failed:
-            deadline = time.monotonic() + timeout
             try:
-                self._conn.send(("close",))
+                self._conn.send(("close", max(0.1, timeout * 0.8)))
                 while time.monotonic() < deadline:
                     if self._inbox:
                         item = self._inbox.popleft()
@@ -597,7 +646,7 @@ class ProcessSource:
                     # batches fetched ahead are dropped: the revoke commits what was processed
             except (OSError, EOFError, ValueError):
                 pass
-        self._stop_process(timeout=10.0)
+        self._stop_process(timeout=max(0.1, min(10.0, deadline - time.monotonic())))
 
     def _stop_process(self, timeout: float) -> None:
         import subprocess
@@ -709,8 +758,10 @@ class _ConsumerProcess:
                     except Exception as error:  # the checkpoint holds them: commit next time
                         log.warning("offset commit failed (will retry at the next checkpoint): %s", error)
                 elif command[0] in ("close", "eof"):
-                    try:
-                        source.close()  # the revoke goes to the worker (if alive), which commits
+                    try:  # the revoke goes to the worker (if alive), which commits
+                        source.close(command[1] if len(command) > 1 else None)
+                    except Exception as error:  # the broker is away: nothing more to do
+                        log.warning("consumer closed uncleanly: %s", error)
                     finally:
                         self.send(("closed", None))
                     return
@@ -730,7 +781,7 @@ class _ConsumerProcess:
                 in_flight += 1
                 last_state = now
             elif now - last_state >= 1.0:  # idle: keep the worker's lag figures current
-                self.send(("state", self._highwaters(consumer)))
+                self.send(("state", self._highwaters(consumer), source.broker_contact()))
                 last_state = now
 
     @staticmethod

@@ -104,6 +104,7 @@ class Worker:
         flush_timeout: float = 10.0,
         metrics=None,
         readiness=None,
+        broker=None,
         fusion=None,
         model_feed=None,
         models_topic: str | None = None,
@@ -123,6 +124,10 @@ class Worker:
         self.flush_timeout = flush_timeout
         self.metrics = metrics or _NoMetrics()
         self.readiness = readiness
+        self.broker = broker  # a metrics.BrokerHealth: when the broker last answered
+        self._deadline: float | None = None  # time.monotonic() by which the shutdown must end
+        self._stopping = False
+        self._flush_abandoned = False  # the shutdown's checkpoint failed: do not wait again
         self.fusion = fusion
         self.model_feed = model_feed
         self.models_topic = models_topic
@@ -309,10 +314,20 @@ class Worker:
         if self.fatal_error is not None:  # the producer was refused for good: the worker is stopping
             return False
         started = time.perf_counter()
+        if self._flush_abandoned:
+            return False  # the broker is away and the shutdown is bounded: do not wait again
+        if self._deadline is not None and self._time_for(self.flush_timeout) <= 0:
+            log.warning("checkpoint (%s) skipped: no time left within --shutdown-timeout", reason)
+            return False
         try:
-            self.outputs.sink.flush(self.flush_timeout)
+            self.outputs.sink.flush(self._time_for(self.flush_timeout))
         except SinkError as error:
-            log.warning("checkpoint (%s) postponed: %s", reason, error)
+            if self.broker is not None:
+                self.broker.failed("output flush", error)
+            if reason == "shutdown":
+                log.warning("checkpoint at shutdown not written: %s; a restart resumes from the last one", error)
+            else:
+                log.warning("checkpoint (%s) postponed: %s", reason, error)
             self.metrics.checkpoint_failed()
             return False
         except FatalBrokerError as error:  # credentials or ACLs: no output can be confirmed, ever
@@ -407,7 +422,15 @@ class Worker:
         try:
             self.source.commit(offsets)
         except Exception as error:  # broker away: the checkpoint holds them; commit next time
-            log.warning("offset commit failed (will retry at the next checkpoint): %s", _describe(error))
+            if self.broker is not None:
+                self.broker.failed("offset commit", _describe(error))
+            if self._stopping:
+                log.warning("offset commit at shutdown failed (the checkpoint holds the offsets): %s", _describe(error))
+            else:
+                log.warning("offset commit failed (will retry at the next checkpoint): %s", _describe(error))
+        else:
+            if self.broker is not None and offsets:
+                self.broker.contact()
 
     def state(self) -> dict:
         state = {"format": STATE_FORMAT, "processor": self.processor, "counts": dict(self.counts)}
@@ -417,7 +440,15 @@ class Worker:
 
     # -- rebalance handler (runs while the main loop waits inside poll) ------------------
 
+    def _time_for(self, seconds: float) -> float:
+        """``seconds``, or less if the shutdown's bound comes first."""
+        if self._deadline is None:
+            return seconds
+        return max(0.0, min(seconds, self._deadline - time.monotonic()))
+
     def partitions_revoked(self, partitions: set[Partition]) -> dict[Partition, int]:
+        if self.broker is not None:
+            self.broker.contact()  # a rebalance is the broker talking
         saved = self.checkpoint("revoke")
         self.owned -= partitions
         self._handed_over |= partitions
@@ -433,6 +464,8 @@ class Worker:
     ) -> dict[Partition, int]:
         self.owned |= partitions
         self._owned_changed()
+        if self.broker is not None:
+            self.broker.contact()
         seeks = {}
         for tp in partitions:
             mine, theirs = self.offsets.get(tp), committed.get(tp)
@@ -469,8 +502,11 @@ class Worker:
         progress_every: float = 10.0,
         heartbeat=None,
     ) -> None:
-        """Poll, process, checkpoint until ``stop`` is set (or the source stays idle)."""
+        """Poll, process, checkpoint until ``stop`` is set (or the source stays idle).
+
+        Idle means no records while the broker answers: an outage is not idleness."""
         self.source = source
+        broker_contact = getattr(source, "broker_contact", None)  # None: a poll that works is contact
         last_message = self.clock()
         last_progress = self.clock()
         from kafka.errors import KafkaError
@@ -489,8 +525,13 @@ class Worker:
             except (KafkaError, SourceUnavailable) as error:  # broker trouble: keep state, back off, retry
                 if is_fatal(error):  # credentials or permissions: no retry can help
                     raise FatalBrokerError(f"consumer: {fatal_message(error)}") from error
+                if stop.is_set():
+                    break  # no retry after the stop request
                 if self.readiness is not None:
                     self.readiness.broker_reachable = False
+                if self.broker is not None:
+                    self.broker.retrying("poll", _describe(error))
+                    self.broker.observe()
                 delay = backoff.next()
                 log.warning("poll failed (%s); retrying in %.1f s", _describe(error), delay)
                 stop.wait(delay)
@@ -500,13 +541,15 @@ class Worker:
                 self.readiness.broker_reachable = True
             if heartbeat is not None:
                 heartbeat.beat()
+            answered = self._broker_answered(broker_contact, messages)
             self.process_batch(messages)
             if self.max_event_time_skew is not None:
                 self.align(source, polled=bool(messages))
             now = self.clock()
             if messages or not self.owned:  # idle counts only once we have partitions
                 last_message = now
-            if self.checkpoint_due() and self.checkpoint():
+            # Once stopped, the shutdown's checkpoint comes next, within --shutdown-timeout.
+            if self.checkpoint_due() and not stop.is_set() and self.checkpoint():
                 self.commit()
             if self.fusion is not None and self.fusion.due(records=self._since_fusion):
                 self.fusion_round()
@@ -515,12 +558,32 @@ class Worker:
                 self._report(source)
                 if progress is not None:
                     progress(self)
-            if stop_when_idle is not None and not messages and now - last_message >= stop_when_idle:
+            # Idle up to the broker's last answer only: an outage is not a quiet stream.
+            if stop_when_idle is not None and not messages and min(now, answered) - last_message >= stop_when_idle:
                 log.info("no records for %.0f s: stopping", stop_when_idle)
                 break
         self._report(source)
         if progress is not None:
             progress(self)
+
+    def _broker_answered(self, broker_contact, messages) -> float:
+        """Feed the broker health from the source; the ``clock()`` time of the broker's last
+        answer (now for a source that cannot tell)."""
+        now = self.clock()
+        if broker_contact is None:
+            if self.broker is not None:
+                self.broker.contact()
+            return now
+        contact = broker_contact()
+        if messages:
+            contact = time.monotonic()
+        if self.broker is None:
+            return now if contact is None else now - (time.monotonic() - contact)
+        if contact is not None:
+            self.broker.contact(contact)
+        self.broker.observe()
+        last = self.broker.last_contact
+        return float("-inf") if last is None else now - (time.monotonic() - last)
 
     def align(self, source: Source, *, polled: bool = True) -> None:
         """Pause the partitions that run ahead in event time, resume those that no longer do."""
@@ -557,15 +620,22 @@ class Worker:
             return
         self._paused = (self._paused - owned) | ahead
 
-    def shutdown(self, source: Source, sink: Sink) -> bool:
-        """Final checkpoint and commit, then close the source (its revoke commits again) and sink."""
+    def shutdown(self, source: Source, sink: Sink, deadline: float | None = None) -> bool:
+        """Final checkpoint and commit, then close the source (its revoke commits again) and
+        sink; every step within ``deadline`` (a ``time.monotonic()`` time; None: unbounded)."""
+        self._stopping = True
+        self._deadline = deadline
         ok = self.checkpoint("shutdown")
         if ok:
             self.commit()
+        else:
+            self._flush_abandoned = True  # the revoke on close would wait for the broker again
         try:
-            source.close()
+            # The consumer first (LeaveGroup, the revoke's commit); the producer has nothing
+            # left to send when the checkpoint worked.
+            _close_within(source, None if deadline is None else 0.6 * (deadline - time.monotonic()))
         finally:
-            sink.close()
+            _close_within(sink, None if deadline is None else deadline - time.monotonic())
         return ok
 
     def _report(self, source: Source) -> None:
@@ -588,6 +658,23 @@ class Worker:
             "label_unmatched": self.counts[Outcome.LABEL_UNMATCHED.value],
             "dead_lettered": self.counts["dead_lettered"],
         }
+
+
+def _close_within(client, seconds: float | None) -> None:
+    """``client.close()``, passing ``timeout`` if the client takes one and a bound is given."""
+    if seconds is None:
+        client.close()
+        return
+    import inspect
+
+    try:
+        takes_timeout = "timeout" in inspect.signature(client.close).parameters
+    except (TypeError, ValueError):
+        takes_timeout = False
+    if takes_timeout:
+        client.close(timeout=max(0.1, seconds))
+    else:
+        client.close()
 
 
 def _describe(error: BaseException) -> str:
@@ -670,14 +757,16 @@ def build_processor(config: WorkerConfig) -> StreamProcessor:
     )
 
 
-def _with_retries(what: str, connect: Callable[[], object], stop: threading.Event):
+def _with_retries(what: str, connect: Callable[[], object], stop: threading.Event, broker=None):
     """Call ``connect`` until it works, backing off (with jitter) from 0.5 s to 15 s; None if
-    stopped. Raises :class:`FatalBrokerError` when the broker refused our credentials."""
+    stopped. Raises :class:`FatalBrokerError` when the broker refused our credentials.
+    ``broker`` (a BrokerHealth) hears of each wait: waiting for the broker is alive."""
     from kafka.errors import KafkaError
 
     return retry(
         what, connect, stop, retriable=(KafkaError, OSError), fatal=is_fatal,
         backoff=Backoff(0.5, 15.0), logger=log, describe=_describe,
+        on_retry=None if broker is None else lambda error: broker.retrying(what, _describe(error)),
     )
 
 
@@ -731,14 +820,17 @@ def run_worker(
                 return 2
             offsets, counts = {}, {}
 
-        metrics, server, heartbeat, readiness = _start_metrics(config)
+        from .metrics import BrokerHealth
+
+        broker = BrokerHealth(timeout=config.broker_timeout, liveness_timeout=config.broker_liveness_timeout)
+        metrics, server, heartbeat, readiness = _start_metrics(config, broker)
         if readiness is not None:
             readiness.checkpoint_loaded = True
 
         fusion = feed = None
         if config.fusion_rules is not None:
             try:
-                fusion, feed = _start_fusion(config, key, fusion_state, stop, metrics)
+                fusion, feed = _start_fusion(config, key, fusion_state, stop, metrics, broker)
             except FatalBrokerError as error:
                 log.error("%s", error)
                 if server is not None:
@@ -747,7 +839,7 @@ def run_worker(
             if fusion is None:
                 return 0
         try:
-            sink = _with_retries("producer", lambda: make_sink(config), stop)
+            sink = _with_retries("producer", lambda: make_sink(config), stop, broker)
         except (ConfigError, ValueError, FatalBrokerError) as error:  # a client that cannot be built as configured
             log.error("%s", error)
             if feed is not None:
@@ -776,6 +868,7 @@ def run_worker(
             checkpoint_every_seconds=config.checkpoint_every_seconds,
             metrics=metrics,
             readiness=readiness,
+            broker=broker,
             fusion=fusion,
             model_feed=feed,
             models_topic=config.models_topic,
@@ -783,7 +876,7 @@ def run_worker(
             max_event_time_skew=config.max_event_time_skew,
         )
         try:
-            source = _with_retries("consumer", lambda: make_source(config, worker), stop)
+            source = _with_retries("consumer", lambda: make_source(config, worker), stop, broker)
         except FatalBrokerError as error:
             log.error("%s", error)
             sink.close()
@@ -806,6 +899,9 @@ def run_worker(
         )
         if on_ready is not None:
             on_ready(worker)
+        # Bounds the whole shutdown from the moment the stop is asked for, so a checkpoint in
+        # progress then counts too.
+        watchdog = _Watchdog(config.shutdown_timeout, stop, children=(source, sink))
         source_failed = fatal = False
         try:
             worker.run(
@@ -824,9 +920,9 @@ def run_worker(
             log.error("%s", error)
             fatal = True
         finally:
-            watchdog = _Watchdog(config.shutdown_timeout)
+            watchdog.arm()  # also when the loop ended by itself (idle, a dead consumer process)
             try:
-                clean = worker.shutdown(source, sink)
+                clean = worker.shutdown(source, sink, deadline=watchdog.deadline)
             finally:
                 watchdog.cancel()
                 if feed is not None:
@@ -852,7 +948,9 @@ def worker_id(config: WorkerConfig) -> str:
     return config.worker_id or socket.gethostname()
 
 
-def _start_fusion(config: WorkerConfig, secret: bytes, state, stop: threading.Event, metrics=None):
+def _start_fusion(
+    config: WorkerConfig, secret: bytes, state, stop: threading.Event, metrics=None, broker=None
+):
     """The fusion rules and the thread reading the models topic (created, compacted, if new)."""
     from .broker import create_topics
     from .fusion import Fusion, ModelFeed
@@ -869,6 +967,7 @@ def _start_fusion(config: WorkerConfig, secret: bytes, state, stop: threading.Ev
             client_options=config.client_options(),
         ),
         stop,
+        broker,
     )
     if created is None:
         return None, None
@@ -898,24 +997,53 @@ def _start_fusion(config: WorkerConfig, secret: bytes, state, stop: threading.Ev
 
 
 class _Watchdog:
-    """Bounds the shutdown: if closing hangs (broker gone), exit anyway after ``timeout``."""
+    """Bounds the shutdown: ``timeout`` seconds from the stop request (or from :meth:`arm`) to
+    the exit. The worker's steps aim at :attr:`deadline`, a little earlier; if they hang all
+    the same (broker gone), the watchdog kills the client processes and exits."""
 
-    def __init__(self, timeout: float):
-        self._timer = threading.Timer(timeout, self._expire)
-        self._timer.daemon = True
+    def __init__(self, timeout: float, stop: threading.Event | None = None, children=()):
         self._timeout = timeout
-        self._timer.start()
+        self._children = children
+        self._lock = threading.Lock()
+        self._cancelled = threading.Event()
+        self._timer: threading.Timer | None = None
+        self.deadline: float | None = None
+        if stop is not None:
+            threading.Thread(target=self._arm_on, args=(stop,), name="stream-learner-watchdog", daemon=True).start()
+
+    def _arm_on(self, stop: threading.Event) -> None:
+        while not self._cancelled.is_set():
+            if stop.wait(0.1):
+                self.arm()
+                return
+
+    def arm(self) -> None:
+        with self._lock:
+            if self._timer is not None or self._cancelled.is_set():
+                return
+            # Room for closing the client processes and logging after the last step.
+            self.deadline = time.monotonic() + self._timeout - min(3.0, 0.1 * self._timeout)
+            self._timer = threading.Timer(self._timeout, self._expire)
+            self._timer.daemon = True
+            self._timer.start()
 
     def _expire(self):
         log.error("shutdown took longer than %.0f s; exiting without a clean close", self._timeout)
+        for child in self._children:
+            process = getattr(child, "_process", None)  # the producer or consumer process
+            if process is not None and process.poll() is None:
+                process.kill()
         logging.shutdown()
         os._exit(1)
 
     def cancel(self):
-        self._timer.cancel()
+        with self._lock:
+            self._cancelled.set()
+            if self._timer is not None:
+                self._timer.cancel()
 
 
-def _start_metrics(config: WorkerConfig):
+def _start_metrics(config: WorkerConfig, broker=None):
     if config.metrics_port is None:
         return None, None, None, None
     from .metrics import HealthServer, Heartbeat, Readiness, StreamMetrics
@@ -925,8 +1053,9 @@ def _start_metrics(config: WorkerConfig):
         detector=config.drift_detector,
         config_info={k: str(v) for k, v in config.describe().items() if k in ("group_id", "topics", "learners", "serving", "drift_detector", "drift_reaction")},
     )
-    heartbeat = Heartbeat(max_silence=max(60.0, 10 * config.poll_timeout))
-    readiness = Readiness()
+    # Waiting for the broker is alive (not ready): the retries tell the heartbeat so.
+    heartbeat = Heartbeat(max_silence=max(60.0, 10 * config.poll_timeout), broker=broker)
+    readiness = Readiness(broker=broker)
     server = HealthServer(
         metrics.registry,
         host=config.metrics_host,
