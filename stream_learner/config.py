@@ -306,10 +306,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         names = ["--topic", flag] if option.name == "topics" else [flag]
         default = defaults.get(option.name)
         shown = "required" if default is dataclasses.MISSING else ("(secret)" if option.secret else _show(default))
+        switch = {"nargs": "?", "const": "true"} if option.kind is _bool else {}  # --flag alone: true
         group.add_argument(
             *names,
             dest=option.name,
             default=None,
+            **switch,
             metavar="BOOL" if option.kind is _bool else option.name.split("_")[-1].upper(),
             help=f"{option.help} (env {env_name(option.name)}; default {shown})".replace("%", "%%"),
         )

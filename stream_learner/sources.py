@@ -347,6 +347,7 @@ class _Listener(AsyncConsumerRebalanceListener):
             (tp.topic, tp.partition): (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else None)
             for tp in assigned
         }
+        # (The embedded Tansu broker hands back every commit's metadata as null; Kafka keeps it.)
         metadata = {(tp.topic, tp.partition): committed[tp].metadata for tp in assigned if tp in committed}
         seeks = assign_with_metadata(self.source.handler, set(by_name), known, metadata)
         for name, offset in seeks.items():

@@ -260,3 +260,29 @@ def test_a_tampered_manifest_is_ignored(tmp_path, caplog):
     document["body"] = document["body"].replace('"t"', '"u"')
     manifest.write_text(json.dumps(document))
     assert store.manifest() is None and "manifest" in caplog.text
+
+
+def test_without_the_manifest_a_worker_knows_its_own_later_commits(tmp_path):
+    from stream_learner.sinks import MemorySink, Outputs
+    from stream_learner.worker import Worker
+
+    store = CheckpointStore(tmp_path, KEY)
+    worker = Worker(
+        StreamProcessor(["nb"]),
+        Outputs(MemorySink(), predictions_topic=None, dead_letter_topic=None),
+        store,
+        name="node-a",
+        loaded_sequence=1,
+    )
+    ours = worker.commit_metadata.replace('"checkpoint":1', '"checkpoint":2')
+    theirs = ours.replace(store.identity, "0123456789abcdef")
+    older = worker.commit_metadata  # committed by the checkpoint we loaded: nothing was lost
+    seeks = worker.partitions_assigned(
+        {("t", 0), ("t", 1), ("t", 2), ("t", 3)},
+        {("t", 0): 300, ("t", 1): 300, ("t", 2): 300, ("t", 3): None},
+        metadata={("t", 0): ours, ("t", 1): theirs, ("t", 2): older, ("t", 3): ""},
+    )
+    # Our own later checkpoint (lost) committed partition 0: re-read it all. Another worker's
+    # commit, or the loaded checkpoint's own, is where to start.
+    assert seeks == {("t", 0): 0}
+    assert worker.started == {("t", 0): 0, ("t", 1): 300, ("t", 2): 300, ("t", 3): 0}
