@@ -498,7 +498,7 @@ class DirectoryLock:
     def acquire(self) -> DirectoryLock:
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_directory(self.path.parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

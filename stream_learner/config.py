@@ -25,7 +25,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["WorkerConfig", "ConfigError", "add_config_arguments", "config_from_args", "load_config", "ENV_PREFIX"]
+__all__ = [
+    "WorkerConfig",
+    "ConfigError",
+    "add_config_arguments",
+    "config_from_args",
+    "load_config",
+    "to_environment",
+    "ENV_PREFIX",
+]
 
 ENV_PREFIX = "STREAM_LEARNER_"
 CLIENTS = ("kafka-python", "confluent")
@@ -399,6 +407,33 @@ def _password_from_file(name: str, values: Mapping[str, Any]) -> dict[str, str]:
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"--{name.replace('_', '-')}-file: cannot read {path}: {error}") from None
     return {name: text.rstrip("\r\n")}
+
+
+def to_environment(config: WorkerConfig) -> dict[str, str]:
+    """Every setting of ``config`` as ``STREAM_LEARNER_*`` variables, secrets included: how
+    ``--processes`` hands settings to its workers (never on a command line, which ``ps`` shows).
+
+    >>> config = load_config(["--topic", "a,b", "--label-ttl", "none", "--producer-process", "false"], environ={})
+    >>> config_from_args(argparse.Namespace(), environ=to_environment(config)) == config
+    True
+    """
+    environ = {}
+    for option in _OPTIONS:
+        if option.name in ("sasl_plain_password_file", "ssl_password_file"):
+            continue  # already read: the password itself is handed over
+        value = getattr(config, option.name)
+        if value is None:
+            if option.secret:
+                continue
+            text = "none"
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, tuple):
+            text = ",".join(value)
+        else:
+            text = str(value)
+        environ[env_name(option.name)] = text
+    return environ
 
 
 def load_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> WorkerConfig:

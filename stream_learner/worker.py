@@ -982,10 +982,8 @@ def _run(args) -> int:
     if config.processes > 1:
         from .supervisor import run_processes
 
-        raw = getattr(args, "raw_argv", None) or []
-        run_argv = raw[raw.index("run") + 1 :] if "run" in raw else []
         os.environ.setdefault("STREAM_LEARNER_LOG_LEVEL", logging.getLevelName(logging.getLogger().getEffectiveLevel()))
-        return run_processes(config, run_argv)
+        return run_processes(config)  # settings go through the children's environment, not argv
     stop = threading.Event()
 
     def request_stop(signum, _frame):
