@@ -422,8 +422,9 @@ class CheckpointStore:
         return self._identity
 
     def had_checkpoints(self) -> bool:
-        """Whether checkpoints were ever written here (files, corrupt ones moved aside, the manifest)."""
-        return bool(self.paths() or self.corrupt_paths() or (self.directory / MANIFEST_NAME).exists())
+        """Whether checkpoint files are here, valid or moved aside as corrupt. (Not the manifest
+        alone: it is written first, so a worker that died during its first save has none.)"""
+        return bool(self.paths() or self.corrupt_paths())
 
     # -- the manifest: which partitions the checkpoints covered --------------------------
 

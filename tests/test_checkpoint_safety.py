@@ -286,3 +286,11 @@ def test_without_the_manifest_a_worker_knows_its_own_later_commits(tmp_path):
     # commit, or the loaded checkpoint's own, is where to start.
     assert seeks == {("t", 0): 0}
     assert worker.started == {("t", 0): 0, ("t", 1): 300, ("t", 2): 300, ("t", 3): 0}
+
+
+def test_a_worker_that_died_during_its_first_save_may_start_again(tmp_path):
+    store = CheckpointStore(tmp_path, KEY)
+    path = store.save({"i": 1}, {("t", 0): 10})
+    path.unlink()  # the manifest was written, the checkpoint never renamed into place
+    assert not store.had_checkpoints() and store.load_latest() is None
+    assert store.save({"i": 1}, {("t", 0): 10}).name == "ckpt-000000000002.slck"
