@@ -197,12 +197,12 @@ class WorkerConfig:
     sasl_mechanism: str | None = None
     sasl_plain_username: str | None = None
     sasl_plain_password: str | None = dataclasses.field(default=None, repr=False)
-    sasl_plain_password_file: str | None = None
+    sasl_plain_password_file: str | None = dataclasses.field(default=None, repr=False)
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     ssl_password: str | None = dataclasses.field(default=None, repr=False)
-    ssl_password_file: str | None = None
+    ssl_password_file: str | None = dataclasses.field(default=None, repr=False)
     ssl_check_hostname: bool = True
 
     def __post_init__(self):
