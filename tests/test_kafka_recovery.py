@@ -94,7 +94,7 @@ def _flip(path):
     path.write_bytes(bytes(data))
 
 
-def _two_checkpoints(broker, names, directory, client):
+def _two_checkpoints(broker, names, directory, client, *extra):
     """Checkpoint(s) covering partition 0, then newer one(s) covering partitions 0 and 1,
     committed; returns the records and the sequence of the last checkpoint without partition 1."""
     topic = f"{names}-in"
@@ -106,34 +106,38 @@ def _two_checkpoints(broker, names, directory, client):
         synthetic_records(300, seed=22, prefix="b"),
     )
     _produce(broker, topic, 0, first)
-    code, worker = _run(_config(broker, names, directory, client))
+    code, worker = _run(_config(broker, names, directory, client, *extra))
     assert code == 0 and worker.summary()["learned"] == 300
     store = CheckpointStore(directory, KEY.encode())
     older = store.load_latest()
     assert set(older.offsets) == {(topic, 0)}
 
     _produce(broker, topic, 1, second)
-    code, worker = _run(_config(broker, names, directory, client))
+    code, worker = _run(_config(broker, names, directory, client, *extra))
     assert code == 0 and worker.summary()["learned"] == 600  # counts carry on across restarts
     newest = store.load_latest()
     assert newest.offsets == {(topic, 0): 300, (topic, 1): 300}
     return first + second, older.sequence
 
 
+@pytest.mark.parametrize("consumer", ["in-process", "consumer-process"])
 def test_a_fallback_re_learns_the_partition_only_the_lost_checkpoint_covered(
-    kafka_broker, kafka_names, tmp_path, kafka_client
+    kafka_broker, kafka_names, tmp_path, kafka_client, consumer
 ):
     # The manifest says what the lost checkpoint covered. (Without it the commit metadata
     # would, but the embedded Tansu broker hands back every commit's metadata as null:
     # test_checkpoint_safety covers that path.)
+    if consumer == "consumer-process" and kafka_client != "kafka-python":
+        pytest.skip("the consumer process is kafka-python's")
+    extra = ("--consumer-process",) if consumer == "consumer-process" else ()
     directory = tmp_path / "ckpt"
-    records, older = _two_checkpoints(kafka_broker, kafka_names, directory, kafka_client)
+    records, older = _two_checkpoints(kafka_broker, kafka_names, directory, kafka_client, *extra)
     store = CheckpointStore(directory, KEY.encode())
     for path in store.paths():
         if int(path.name[5:17]) > older:
             _flip(path)  # every checkpoint that covered partition 1 is damaged
 
-    code, worker = _run(_config(kafka_broker, kafka_names, directory, kafka_client))
+    code, worker = _run(_config(kafka_broker, kafka_names, directory, kafka_client, *extra))
     assert code == 0
     # Partition 1's 300 records were committed by the lost checkpoint; they are learned again
     # on top of checkpoint 1's 300.
