@@ -118,3 +118,31 @@ def test_processes_keep_secrets_off_the_workers_command_lines(kafka_broker, kafk
         files = [p for p in directory.iterdir() if p.name != "lock"]
         assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
     assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o700
+
+
+def test_without_a_key_the_worker_refuses_unless_it_may_generate_one_outside_the_checkpoints(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_LEARNER_")}
+    env.update(XDG_CONFIG_HOME=str(tmp_path / "config"), PYTHONUNBUFFERED="1")
+    command = [
+        sys.executable, "-m", "stream_learner.cli", "run", "--topic", "t",
+        "--bootstrap-servers", "127.0.0.1:1", "--checkpoint-dir", str(tmp_path / "ckpt"),
+    ]
+    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--generate-key" in refused.stderr
+    assert not (tmp_path / "config").exists()
+
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "ab") as log:
+        worker = subprocess.Popen([*command, "--generate-key"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_log(log_path, "broker unreachable", process=worker)
+        key = tmp_path / "config" / "stream-learner" / "checkpoint.key"
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+        assert stat.S_IMODE(key.parent.stat().st_mode) == 0o700
+        assert not list((tmp_path / "ckpt").glob("*.key"))
+        assert key.read_text() not in log_path.read_text()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
