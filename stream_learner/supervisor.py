@@ -93,10 +93,8 @@ class Supervisor:
         key = resolve_key(
             self.config.checkpoint_dir, self.config.checkpoint_key_file, generate=self.config.generate_key
         )
-        if not self.config.checkpoint_key_file:
+        if not self.config.checkpoint_key_file:  # else each worker reads the same file
             env[KEY_ENV] = key.decode("utf-8", "surrogateescape")
-        elif os.environ.get(KEY_ENV):
-            env[KEY_ENV] = os.environ[KEY_ENV]  # as the supervisor read it: the key file wins
         return env
 
     def _start(self, index: int, env: dict[str, str]) -> None:
