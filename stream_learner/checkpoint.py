@@ -249,6 +249,13 @@ class CheckpointStore:
         if keep < 1:
             raise ValueError("keep must be at least 1")
         self.directory = private_directory(directory)
+        with contextlib.suppress(OSError):
+            if self.directory.stat().st_mode & 0o077:  # made by an older release, or by hand
+                log.warning(
+                    "checkpoint directory %s is open to other users (checkpoints hold users' "
+                    "texts); chmod 700 it",
+                    self.directory,
+                )
         self.key = key
         self._signing_key = derive_key(key, CHECKPOINT)
         self.keep = keep
