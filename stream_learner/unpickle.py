@@ -68,6 +68,13 @@ STATE_MODULES = (
     "stream_learner.records",
     "stream_learner.runner",
 )
+# Classes of those modules that talk to Kafka or hold keys: never part of a checkpoint.
+_REFUSED_CLASSES = {
+    ("stream_learner.fusion", "Fusion"),
+    ("stream_learner.fusion", "ModelFeed"),
+    ("stream_learner.fusion", "_KafkaPythonReader"),
+    ("stream_learner.fusion", "_ConfluentReader"),
+}
 # River: every estimator and its internals, but not what reads files or the network.
 _RIVER_REFUSED = (
     "river.datasets",
@@ -167,18 +174,21 @@ class RestrictedUnpickler(pickle.Unpickler):
             return _ALLOWED[(module, name)]
         if (module, name) in _NUMPY_FUNCTIONS:
             return super().find_class(module, name)
+        refused = UnpicklingRefused(
+            f"refusing to load {module}.{name}: not a class a checkpoint may hold"
+        )
         if "." in name or name.startswith("__") or not self._class_module(module):
-            raise UnpicklingRefused(
-                f"refusing to load {module}.{name}: not a class a checkpoint may hold"
-            )
+            raise refused
+        if (module, name) in _REFUSED_CLASSES:
+            raise refused
         found = super().find_class(module, name)
         # A class, defined where it claims (not, say, os.system imported into a river module).
         if not isinstance(found, type) or not self._class_module(
             getattr(found, "__module__", "") or ""
         ):
-            raise UnpicklingRefused(
-                f"refusing to load {module}.{name}: not a class a checkpoint may hold"
-            )
+            raise refused
+        if found.__module__ == "numpy" and not _numpy_value_class(found):
+            raise refused  # numpy.memmap would open (and create) any file
         return found
 
     def _class_module(self, module: str) -> bool:
@@ -202,6 +212,12 @@ class RestrictedUnpickler(pickle.Unpickler):
                 f"refusing getattr({cls.__module__}.{cls.__qualname__}, {name!r}) in a checkpoint"
             )
         return getattr(obj, name, *default)
+
+
+def _numpy_value_class(cls: type) -> bool:
+    import numpy
+
+    return cls in (numpy.ndarray, numpy.dtype) or issubclass(cls, numpy.generic)
 
 
 def restricted_loads(data, *, trusted_modules: Iterable[str] = ()):

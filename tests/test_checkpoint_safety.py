@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stream_learner.checkpoint import MAGIC, CheckpointRefused, CheckpointStore
 from stream_learner.files import atomic_write
@@ -65,6 +67,9 @@ def _payloads(marker: Path):
     yield "river re-export", b"\x80\x04\x95" + _global_call("river.utils.math", "math", "fsum")
     yield "getattr of a class", pickle.dumps(_Reduce(getattr, StreamProcessor, "__init__"))
     yield "ndarray.tofile", pickle.dumps(_Reduce(getattr, np.zeros(2), "tofile"))
+    yield "numpy.memmap", pickle.dumps(_Reduce(np.memmap, str(marker), np.uint8, "w+", 0, (4,)))
+    yield "numpy.load", b"\x80\x04\x95" + _global_call("numpy", "load", str(marker))
+    yield "a fusion feed", b"\x80\x04\x95" + _global_call("stream_learner.fusion", "ModelFeed", str(marker))
 
 
 def _global_call(module: str, name: str, argument: str) -> bytes:
@@ -86,6 +91,31 @@ def test_a_signed_malicious_pickle_is_refused_and_never_run(tmp_path, name):
         CheckpointStore(tmp_path, KEY).load_latest()
     assert not marker.exists()
     assert list(CheckpointStore(tmp_path, KEY).paths())  # refused, not moved aside as corrupt
+
+
+_DANGEROUS_MODULES = [
+    "os", "posix", "subprocess", "builtins", "sys", "importlib", "shutil", "socket", "pickle",
+    "io", "codecs", "ctypes", "runpy", "code", "pty", "numpy", "numpy.lib.npyio", "river.datasets.base",
+    "river.stream", "stream_learner.worker", "stream_learner.sinks", "stream_learner.datasets",
+]
+_DANGEROUS_NAMES = [
+    "system", "popen", "Popen", "eval", "exec", "open", "getattr", "__import__", "rmtree", "load",
+    "loads", "fromfile", "memmap", "DataSource", "run_path", "spawn", "iter_csv", "KafkaSink", "fetch",
+    "InteractiveInterpreter", "compile", "setattr", "delattr", "globals", "vars", "breakpoint", "input",
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(module=st.sampled_from(_DANGEROUS_MODULES), name=st.sampled_from(_DANGEROUS_NAMES))
+def test_no_dangerous_global_is_ever_resolved(module, name):
+    # getattr is resolved, to a restricted stand-in that refuses what pickled bound methods never need.
+    if (module, name) == ("builtins", "getattr"):
+        with pytest.raises(UnpicklingRefused):
+            restricted_loads(pickle.dumps(_Reduce(getattr, np.zeros(1), "tofile")))
+        return
+    # Refused, or (a name an allowed module does not have) not found: never resolved, never run.
+    with pytest.raises((UnpicklingRefused, AttributeError)):
+        restricted_loads(b"\x80\x04\x95" + _global_call(module, name, "x"))
 
 
 def test_the_unpickler_maps_renamed_classes(monkeypatch):
