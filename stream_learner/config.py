@@ -104,7 +104,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("checkpoint_keep", int, "how many checkpoints to keep"),
     _Option("checkpoint_key_file", _optional_text, "file holding the group secret that checkpoint (and fusion) keys derive from (else $STREAM_LEARNER_CHECKPOINT_KEY, else $XDG_CONFIG_HOME/stream-learner/checkpoint.key)"),
     _Option("generate_key", _bool, "create a random secret if none is configured: in --checkpoint-key-file if given, else in $XDG_CONFIG_HOME/stream-learner/checkpoint.key (mode 0600)"),
-    _Option("allow_fresh_start", _bool, "start with empty learners when the checkpoint directory held checkpoints but none is valid (default: refuse to start)"),
+    _Option("allow_fresh_start", _bool, "start with empty learners when the checkpoint directory held checkpoints but none is valid (without it the worker refuses to start)"),
     _Option("predictions_topic", _optional_text, "predictions topic (default <input>.predictions; none: off)"),
     _Option("dead_letter_topic", _optional_text, "dead-letter topic (default <input>.dlq; none: off)"),
     _Option("drift_topic", _optional_text, "drift-events topic (default: off)"),
