@@ -3,7 +3,9 @@
 Every setting has a flag (``--checkpoint-dir``), an environment variable
 (``STREAM_LEARNER_CHECKPOINT_DIR``) and a key in an optional TOML file (``checkpoint_dir``, at
 the top level or in any table). A flag beats the environment, which beats the file, which
-beats the default. Secrets (SASL and SSL passwords) are never shown by ``repr`` or logs.
+beats the default. Secrets (SASL and SSL passwords) are never shown by ``repr`` or logs, and
+never taken from a flag (any user can read a command line in ``ps``): they come from the
+environment, a file (``--sasl-plain-password-file``) or the TOML file.
 
 >>> config = load_config(["--topic", "reviews", "--learners", "nb,neural"], environ={})
 >>> config.topics, config.learners, config.predictions_topic, config.dead_letter_topic
@@ -23,7 +25,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["WorkerConfig", "ConfigError", "add_config_arguments", "config_from_args", "load_config", "ENV_PREFIX"]
+__all__ = [
+    "WorkerConfig",
+    "ConfigError",
+    "add_config_arguments",
+    "config_from_args",
+    "load_config",
+    "to_environment",
+    "ENV_PREFIX",
+]
 
 ENV_PREFIX = "STREAM_LEARNER_"
 CLIENTS = ("kafka-python", "confluent")
@@ -72,7 +82,7 @@ class _Option:
     name: str
     kind: Callable[[Any], Any]
     help: str
-    secret: bool = False
+    secret: bool = False  # never logged, never a flag: environment, TOML or a *_file option
 
 
 _OPTIONS: tuple[_Option, ...] = (
@@ -96,7 +106,9 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("checkpoint_every_records", int, "checkpoint after this many records"),
     _Option("checkpoint_every_seconds", float, "checkpoint after this many seconds"),
     _Option("checkpoint_keep", int, "how many checkpoints to keep"),
-    _Option("checkpoint_key_file", _optional_text, "file holding the checkpoint signing key (else $STREAM_LEARNER_CHECKPOINT_KEY, else generated)"),
+    _Option("checkpoint_key_file", _optional_text, "file holding the group secret that checkpoint (and fusion) keys derive from (else $STREAM_LEARNER_CHECKPOINT_KEY, else $XDG_CONFIG_HOME/stream-learner/checkpoint.key)"),
+    _Option("generate_key", _bool, "create a random secret if none is configured: in --checkpoint-key-file if given, else in $XDG_CONFIG_HOME/stream-learner/checkpoint.key (mode 0600)"),
+    _Option("allow_fresh_start", _bool, "start with empty learners when the checkpoint directory held checkpoints but none is valid (without it the worker refuses to start)"),
     _Option("predictions_topic", _optional_text, "predictions topic (default <input>.predictions; none: off)"),
     _Option("dead_letter_topic", _optional_text, "dead-letter topic (default <input>.dlq; none: off)"),
     _Option("drift_topic", _optional_text, "drift-events topic (default: off)"),
@@ -128,11 +140,13 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("security_protocol", str, "PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL"),
     _Option("sasl_mechanism", _optional_text, "PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512 | OAUTHBEARER | GSSAPI"),
     _Option("sasl_plain_username", _optional_text, "SASL username"),
-    _Option("sasl_plain_password", _optional_text, "SASL password (never logged)", secret=True),
+    _Option("sasl_plain_password", _optional_text, "SASL password (never logged; environment or TOML only, a flag is refused)", secret=True),
+    _Option("sasl_plain_password_file", _optional_text, "file holding the SASL password"),
     _Option("ssl_cafile", _optional_text, "CA bundle for the brokers' certificates"),
     _Option("ssl_certfile", _optional_text, "client certificate (PEM)"),
     _Option("ssl_keyfile", _optional_text, "client private key (PEM)"),
-    _Option("ssl_password", _optional_text, "password of the client key (never logged)", secret=True),
+    _Option("ssl_password", _optional_text, "password of the client key (never logged; environment or TOML only, a flag is refused)", secret=True),
+    _Option("ssl_password_file", _optional_text, "file holding the password of the client key"),
     _Option("ssl_check_hostname", _bool, "verify the broker host name against its certificate"),
 )
 
@@ -163,6 +177,8 @@ class WorkerConfig:
     checkpoint_every_seconds: float = 30.0
     checkpoint_keep: int = 3
     checkpoint_key_file: str | None = None
+    generate_key: bool = False
+    allow_fresh_start: bool = False
     predictions_topic: str | None = ""  # "" means the default, <input>.predictions
     dead_letter_topic: str | None = ""
     drift_topic: str | None = None
@@ -195,10 +211,12 @@ class WorkerConfig:
     sasl_mechanism: str | None = None
     sasl_plain_username: str | None = None
     sasl_plain_password: str | None = dataclasses.field(default=None, repr=False)
+    sasl_plain_password_file: str | None = dataclasses.field(default=None, repr=False)
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     ssl_password: str | None = dataclasses.field(default=None, repr=False)
+    ssl_password_file: str | None = dataclasses.field(default=None, repr=False)
     ssl_check_hostname: bool = True
 
     def __post_init__(self):
@@ -335,10 +353,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             shown = "; default off"
         else:
             shown = f"; default {_show(default)}"
+        switch = {"nargs": "?", "const": "true"} if option.kind is _bool else {}  # --flag alone: true
         group.add_argument(
             *names,
             dest=option.name,
             default=None,
+            **switch,
             metavar="BOOL" if option.kind is _bool else option.name.split("_")[-1].upper(),
             help=f"{option.help} (env {env_name(option.name)}{shown})".replace("%", "%%"),
         )
@@ -390,6 +410,12 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
     values: dict[str, Any] = {}
     for option in _OPTIONS:
         flag_value = getattr(args, option.name, None)
+        if flag_value is not None and option.secret:
+            flag = "--" + option.name.replace("_", "-")
+            raise ConfigError(
+                f"{flag} is refused: a command line is visible to every user (ps); set "
+                f"${env_name(option.name)} or give {flag}-file (or {option.name} in the --config file)"
+            )
         if flag_value is not None:
             raw, where = flag_value, "--" + option.name.replace("_", "-")
         elif environ.get(env_name(option.name)) is not None:
@@ -405,7 +431,50 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
             raise ConfigError(f"{where}: bad value {shown}: {error}") from None
     if "topics" not in values:
         raise ConfigError("no input topic: give --topic (or STREAM_LEARNER_TOPICS, or topics in the config file)")
+    for name in ("sasl_plain_password", "ssl_password"):
+        values.update(_password_from_file(name, values))
     return WorkerConfig(**values)
+
+
+def _password_from_file(name: str, values: Mapping[str, Any]) -> dict[str, str]:
+    """``{name: password}`` read from ``<name>_file`` when that is given (trailing newline dropped)."""
+    path = values.get(f"{name}_file")
+    if path is None:
+        return {}
+    if values.get(name) is not None:
+        raise ConfigError(f"give the {name.replace('_', ' ')} once: ${env_name(name)} or --{name.replace('_', '-')}-file, not both")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"--{name.replace('_', '-')}-file: cannot read {path}: {error}") from None
+    return {name: text.rstrip("\r\n")}
+
+
+def to_environment(config: WorkerConfig) -> dict[str, str]:
+    """Every setting of ``config`` as ``STREAM_LEARNER_*`` variables, secrets included: how
+    ``--processes`` hands settings to its workers (never on a command line, which ``ps`` shows).
+
+    >>> config = load_config(["--topic", "a,b", "--label-ttl", "none", "--producer-process", "false"], environ={})
+    >>> config_from_args(argparse.Namespace(), environ=to_environment(config)) == config
+    True
+    """
+    environ = {}
+    for option in _OPTIONS:
+        if option.name in ("sasl_plain_password_file", "ssl_password_file"):
+            continue  # already read: the password itself is handed over
+        value = getattr(config, option.name)
+        if value is None:
+            if option.secret:
+                continue
+            text = "none"
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, tuple):
+            text = ",".join(value)
+        else:
+            text = str(value)
+        environ[env_name(option.name)] = text
+    return environ
 
 
 def load_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> WorkerConfig:

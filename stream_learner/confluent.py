@@ -28,7 +28,14 @@ from typing import Any
 
 from .retry import Backoff, FatalBrokerError, fatal_message, is_fatal
 from .sinks import Headers, SinkError, _raise_if_fatal, _Refusals, output_refusal
-from .sources import Message, Partition, RebalanceHandler, SourceUnavailable
+from .sources import (
+    Message,
+    Partition,
+    RebalanceHandler,
+    SourceUnavailable,
+    assign_with_metadata,
+    commit_metadata,
+)
 
 __all__ = ["ConfluentSource", "ConfluentSink", "librdkafka_options"]
 
@@ -319,12 +326,14 @@ class ConfluentSource:
                 log.warning("could not read committed offsets (%s); using the checkpoint's", _text(error))
                 committed = []
             known: dict[Partition, int | None] = {name: None for name in by_name}
+            metadata: dict[Partition, str] = {}
             for tp in committed:
                 if tp.error is None and tp.offset >= 0:
                     known[(tp.topic, tp.partition)] = tp.offset
+                    metadata[(tp.topic, tp.partition)] = tp.metadata or ""
             seeks = {
                 name: offset
-                for name, offset in self.handler.partitions_assigned(set(by_name), known).items()
+                for name, offset in assign_with_metadata(self.handler, set(by_name), known, metadata).items()
                 if name in by_name
             }
         finally:
@@ -353,8 +362,9 @@ class ConfluentSource:
             if not wanted:
                 return
             try:
+                metadata = commit_metadata(self.handler)
                 consumer.commit(
-                    offsets=[TopicPartition(t, p, o) for (t, p), o in wanted.items()], asynchronous=False
+                    offsets=[TopicPartition(t, p, o, metadata) for (t, p), o in wanted.items()], asynchronous=False
                 )
             except KafkaException as error:  # the checkpoint has them; the next owner may re-read some
                 log.warning("commit on revoke failed (%s); the next owner may re-read records", _text(error))
@@ -455,7 +465,8 @@ class ConfluentSource:
 
         owned = self.assignment()
         # Never commit for a partition another worker owns now: that would move its offset.
-        wanted = [TopicPartition(t, p, o) for (t, p), o in offsets.items() if (t, p) in owned]
+        metadata = commit_metadata(self.handler)
+        wanted = [TopicPartition(t, p, o, metadata) for (t, p), o in offsets.items() if (t, p) in owned]
         if wanted:
             # Asynchronous: a broker that does not answer must not stall the loop (librdkafka's
             # sync commit waits up to socket.timeout.ms, 60 s). The result arrives in a later

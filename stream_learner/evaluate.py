@@ -329,9 +329,10 @@ def _run(args) -> int:
 
 
 def _save_models(processor: StreamProcessor, directory: str) -> list[str]:
+    from .files import private_directory
     from .neural import NeuralClassifier, neural_step, save
 
-    os.makedirs(directory, exist_ok=True)
+    private_directory(directory)  # models may be trained on users' texts: 0700, files 0600
     saved = []
     for name, model in processor.learners.items():
         try:

@@ -34,7 +34,6 @@ import hashlib
 import hmac
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -137,21 +136,16 @@ def _parts(model):
 
 
 def save(model, path, *, hashing: dict | None = None, key: bytes | None = None) -> None:
-    """Write ``model`` to ``path`` (an ``.npz`` file), atomically.
+    """Write ``model`` to ``path`` (an ``.npz`` file), atomically, readable by its owner only.
 
     ``model`` is a :class:`NeuralClassifier` or a ``TextFeaturizer | NeuralClassifier``
     pipeline; the pipeline's hashing configuration goes into the header. For a bare learner,
     pass the ``hashing`` configuration of the featurizer that feeds it, if known. With a
     ``key`` (the group secret) the file carries a MAC that :func:`load` checks when given it.
     """
-    data = dumps(model, hashing=hashing, key=key)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    from .files import atomic_write
+
+    atomic_write(path, [dumps(model, hashing=hashing, key=key)])  # mode 0600, directory created 0700
 
 
 def dumps(model, *, hashing: dict | None = None, key: bytes | None = None) -> bytes:

@@ -254,9 +254,10 @@ class KafkaSource:
         from kafka.structs import OffsetAndMetadata
 
         owned = self.assignment()
+        metadata = commit_metadata(self.handler)
         # Never commit for a partition another worker owns now: that would move its offset.
         wanted = {
-            TopicPartition(topic, partition): OffsetAndMetadata(offset, "", -1)
+            TopicPartition(topic, partition): OffsetAndMetadata(offset, metadata, -1)
             for (topic, partition), offset in offsets.items()
             if (topic, partition) in owned
         }
@@ -366,8 +367,9 @@ class _Listener(AsyncConsumerRebalanceListener):
         try:
             # The public commit() blocks on the IO thread we are running on; await the
             # coroutine it wraps instead.
+            metadata = commit_metadata(self.source.handler)
             await self._coordinator._commit_offsets_sync_async(
-                {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in by_tp.items()}
+                {tp: OffsetAndMetadata(offset, metadata, -1) for tp, offset in by_tp.items()}
             )
         except Exception as error:  # the checkpoint has them; the next owner may re-read some
             log.warning("commit on revoke failed (%s); the next owner may re-read records", error)
@@ -388,7 +390,9 @@ class _Listener(AsyncConsumerRebalanceListener):
             (tp.topic, tp.partition): (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else None)
             for tp in assigned
         }
-        seeks = self.source.handler.partitions_assigned(set(by_name), known)
+        # (The embedded Tansu broker hands back every commit's metadata as null; Kafka keeps it.)
+        metadata = {(tp.topic, tp.partition): committed[tp].metadata for tp in assigned if tp in committed}
+        seeks = assign_with_metadata(self.source.handler, set(by_name), known, metadata)
         for name, offset in seeks.items():
             if name in by_name:
                 self.source._consumer.seek(by_name[name], offset)
@@ -396,6 +400,21 @@ class _Listener(AsyncConsumerRebalanceListener):
 
     async def on_partitions_lost(self, lost):
         self.source.handler.partitions_lost({(tp.topic, tp.partition) for tp in lost})
+
+
+def commit_metadata(handler) -> str:
+    """The metadata string of a commit: who committed (the worker's ``commit_metadata``)."""
+    return str(getattr(handler, "commit_metadata", "") or "")
+
+
+def assign_with_metadata(handler, partitions, committed, metadata):
+    """``handler.partitions_assigned``, with the committed offsets' metadata if it takes them."""
+    try:
+        return handler.partitions_assigned(partitions, committed, metadata=metadata)
+    except TypeError as error:
+        if "metadata" not in str(error):
+            raise
+        return handler.partitions_assigned(partitions, committed)
 
 
 def _fmt(offsets) -> str:
@@ -584,10 +603,10 @@ class ProcessSource:
         try:
             if kind == "revoked":
                 self._assignment -= argument
-                answer = dict(self.handler.partitions_revoked(argument) or {})
+                answer = (dict(self.handler.partitions_revoked(argument) or {}), commit_metadata(self.handler))
             elif kind == "assigned":
                 self._assignment |= argument
-                answer = dict(self.handler.partitions_assigned(argument, item[2]) or {})
+                answer = dict(assign_with_metadata(self.handler, argument, item[2], item[3]) or {})
                 for tp, offset in self._resume.items():
                     if tp in argument:
                         answer.setdefault(tp, offset)  # the handler's seek knows better
@@ -606,7 +625,7 @@ class ProcessSource:
         if self._closed:
             raise RuntimeError("source is closed")
         if offsets:
-            self._send(("commit", dict(offsets)))
+            self._send(("commit", dict(offsets), commit_metadata(self.handler)))
 
     def assignment(self) -> set[Partition]:
         return set(self._assignment)
@@ -664,12 +683,17 @@ class _ForwardingHandler:
 
     def __init__(self, child: _ConsumerProcess):
         self.child = child
+        self.commit_metadata = ""  # the worker's, as of its last commit or revoke answer
 
     def partitions_revoked(self, partitions):
-        return self.child.ask(("revoked", set(partitions))) or {}
+        answer = self.child.ask(("revoked", set(partitions)))
+        if not answer:
+            return {}
+        offsets, self.commit_metadata = answer
+        return offsets
 
-    def partitions_assigned(self, partitions, committed):
-        return self.child.ask(("assigned", set(partitions), dict(committed))) or {}
+    def partitions_assigned(self, partitions, committed, metadata=None):
+        return self.child.ask(("assigned", set(partitions), dict(committed), dict(metadata or {}))) or {}
 
     def partitions_lost(self, partitions):
         self.child.ask(("lost", set(partitions)))
@@ -754,6 +778,7 @@ class _ConsumerProcess:
                     in_flight -= 1
                 elif command[0] == "commit":
                     try:
+                        source.handler.commit_metadata = command[2]
                         source.commit(command[1])
                     except Exception as error:  # the checkpoint holds them: commit next time
                         log.warning("offset commit failed (will retry at the next checkpoint): %s", error)

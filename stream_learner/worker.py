@@ -21,12 +21,21 @@ in the dead-letter topic with its reason, and its offset is committed like any o
 Rebalances: on revoke the worker checkpoints and commits; on assign it seeks to its
 checkpointed offset, except for a partition it handed over earlier in this run, where it takes
 the later of its checkpoint and the committed offset (another worker moved it on).
+
+Fallbacks: when the newest checkpoints are corrupt and an older one is loaded, every partition
+a lost checkpoint covered is re-read from the loaded checkpoint's offset, or, if it lacks the
+partition, from where this worker began reading it (the checkpoint manifest), whatever was
+committed since: nothing learned after the fallback point is lost. Every commit carries
+``{"worker": id, "store": checkpoint directory's identity, "checkpoint": sequence}`` as its
+metadata, so that without the manifest a worker still tells its own later commits (re-read
+from the beginning) from another worker's.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -47,6 +56,7 @@ from .retry import Backoff, FatalBrokerError, fatal_message, is_fatal, retry
 from .runner import LearnerFailure, Outcome, StreamProcessor
 from .sinks import Outputs, Sink, SinkError
 from .sources import Message, Partition, Source, SourceError, SourceUnavailable
+from .unpickle import module_of_factory
 
 __all__ = ["Worker", "build_processor", "run_worker", "add_run_parser"]
 
@@ -111,6 +121,9 @@ class Worker:
         fusion_start_wait: float = 15.0,
         mini_batch: int = 0,
         max_event_time_skew: float | None = None,
+        name: str = "",
+        rewind: Mapping[Partition, int] | None = None,
+        loaded_sequence: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.processor = processor
@@ -151,6 +164,12 @@ class Worker:
         self._last_checkpoint = clock()
         self._checkpointed_offsets: dict[Partition, int] = dict(self.offsets)
         self._record_seconds: list[float] = []  # this batch's, for the latency histogram
+        self.name = name
+        # Partitions lost checkpoints covered and the loaded one lacks: where to re-read them.
+        self.rewind: dict[Partition, int] = dict(rewind or {})
+        self.loaded_sequence = loaded_sequence
+        self.saved_sequence = loaded_sequence
+        self.started: dict[Partition, int] = {}  # where this worker began reading a partition
 
     # -- one message ---------------------------------------------------------------------
 
@@ -338,7 +357,13 @@ class Worker:
             self._count_output_errors()
         if self.store is not None and (self._since_checkpoint or self._folded or not self.store.paths()):
             try:
-                path = self.store.save(self.state(), self.offsets, info={"reason": reason, "messages": self.counts["messages"]})
+                path = self.store.save(
+                    self.state(),
+                    self.offsets,
+                    info={"reason": reason, "messages": self.counts["messages"], "worker": self.name},
+                    started=self.started,
+                )
+                self.saved_sequence = self.store.last_sequence
             except Exception as error:  # disk full, a learner that cannot be pickled, ...
                 log.error("checkpoint (%s) failed, state kept, will retry: %s", reason, _describe(error))
                 self.metrics.checkpoint_failed()
@@ -432,6 +457,14 @@ class Worker:
             if self.broker is not None and offsets:
                 self.broker.contact()
 
+    @property
+    def commit_metadata(self) -> str:
+        """Who committed: the metadata string of every offset commit (sources read it)."""
+        store = self.store.identity if self.store is not None else ""
+        return json.dumps(
+            {"worker": self.name, "store": store, "checkpoint": self.saved_sequence}, separators=(",", ":")
+        )
+
     def state(self) -> dict:
         state = {"format": STATE_FORMAT, "processor": self.processor, "counts": dict(self.counts)}
         if self.fusion is not None:
@@ -460,7 +493,10 @@ class Worker:
         return {tp: self._checkpointed_offsets[tp] for tp in partitions if tp in self._checkpointed_offsets}
 
     def partitions_assigned(
-        self, partitions: set[Partition], committed: Mapping[Partition, int | None]
+        self,
+        partitions: set[Partition],
+        committed: Mapping[Partition, int | None],
+        metadata: Mapping[Partition, str] | None = None,
     ) -> dict[Partition, int]:
         self.owned |= partitions
         self._owned_changed()
@@ -470,13 +506,35 @@ class Worker:
         for tp in partitions:
             mine, theirs = self.offsets.get(tp), committed.get(tp)
             if mine is None:
-                continue  # never read it: start at the committed offset (or the reset policy)
+                rewind = self._rewind_to(tp, (metadata or {}).get(tp))
+                if rewind is not None:
+                    seeks[tp] = self.offsets[tp] = rewind
+                    self.started.setdefault(tp, rewind)
+                    log.warning(
+                        "%s[%d]: re-reading from offset %d what lost checkpoints had learned "
+                        "(committed: %s)", tp[0], tp[1], rewind, theirs,
+                    )
+                else:  # never read it: start at the committed offset (or the reset policy)
+                    self.started.setdefault(tp, theirs if theirs is not None else 0)
+                continue
             if tp in self._handed_over and theirs is not None:
                 seeks[tp] = max(mine, theirs)  # another worker may have moved it on meanwhile
             else:
                 seeks[tp] = mine  # the checkpoint is the source of truth
             self.offsets[tp] = seeks[tp]
         return seeks
+
+    def _rewind_to(self, tp: Partition, metadata: str | None) -> int | None:
+        """Where to re-read a partition the loaded checkpoint lacks, or None (not needed)."""
+        if tp in self.rewind:
+            return self.rewind.pop(tp)
+        committer = _committer(metadata)
+        mine = self.store.identity if self.store is not None else None
+        if committer is not None and committer[0] == mine and committer[1] > self.loaded_sequence:
+            # Our own later checkpoint committed it, and the manifest does not say where we
+            # began: re-read it all rather than lose what that checkpoint had learned.
+            return 0
+        return None
 
     def partitions_lost(self, partitions: set[Partition]) -> None:
         log.warning("partitions lost without a commit (session expired?): %s", sorted(partitions))
@@ -677,6 +735,21 @@ def _close_within(client, seconds: float | None) -> None:
         client.close()
 
 
+def _committer(metadata: str | None) -> tuple[str, int] | None:
+    """``(checkpoint store identity, sequence)`` of a commit's metadata, None if not a worker's.
+
+    >>> _committer('{"worker":"node-1","store":"9f2c","checkpoint":7}')
+    ('9f2c', 7)
+    >>> _committer("") is None and _committer("{not json") is None
+    True
+    """
+    try:
+        document = json.loads(metadata or "")
+        return str(document["store"]), int(document["checkpoint"])
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
 def _describe(error: BaseException) -> str:
     text = str(error)
     name = type(error).__name__
@@ -787,8 +860,13 @@ def run_worker(
         return 2
     try:
         try:
-            key = resolve_key(config.checkpoint_dir, config.checkpoint_key_file)
-            store = CheckpointStore(config.checkpoint_dir, key, keep=config.checkpoint_keep)
+            key = resolve_key(config.checkpoint_dir, config.checkpoint_key_file, generate=config.generate_key)
+            store = CheckpointStore(
+                config.checkpoint_dir,
+                key,
+                keep=config.checkpoint_keep,
+                trusted_modules=[m for m in map(module_of_factory, config.learners) if m],
+            )
             checkpoint = store.load_latest()
         except CheckpointRefused as error:
             log.error("refusing to start: %s", error)
@@ -796,6 +874,21 @@ def run_worker(
         except CheckpointError as error:
             log.error("%s", error)
             return 2
+        if checkpoint is None and store.had_checkpoints() and not config.allow_fresh_start:
+            log.error(
+                "refusing to start: %s held checkpoints but none is valid (corrupt ones moved aside "
+                "as *.corrupt); pass --allow-fresh-start to start with empty learners",
+                config.checkpoint_dir,
+            )
+            return 2
+        rewind = store.rewind(checkpoint)
+        if rewind:
+            log.warning(
+                "falling back to %s: re-reading %d partition(s) that newer checkpoints covered: %s",
+                checkpoint.path.name if checkpoint is not None else "empty learners",
+                len(rewind),
+                ", ".join(f"{t}[{p}] from {o}" for (t, p), o in sorted(rewind.items())),
+            )
         if checkpoint is not None:
             state = checkpoint.state
             if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
@@ -874,6 +967,9 @@ def run_worker(
             models_topic=config.models_topic,
             mini_batch=config.mini_batch,
             max_event_time_skew=config.max_event_time_skew,
+            name=worker_id(config),
+            rewind=rewind,
+            loaded_sequence=checkpoint.sequence if checkpoint is not None else 0,
         )
         try:
             source = _with_retries("consumer", lambda: make_source(config, worker), stop, broker)
@@ -1094,10 +1190,8 @@ def _run(args) -> int:
     if config.processes > 1:
         from .supervisor import run_processes
 
-        raw = getattr(args, "raw_argv", None) or []
-        run_argv = raw[raw.index("run") + 1 :] if "run" in raw else []
         os.environ.setdefault("STREAM_LEARNER_LOG_LEVEL", logging.getLevelName(logging.getLogger().getEffectiveLevel()))
-        return run_processes(config, run_argv)
+        return run_processes(config)  # settings go through the children's environment, not argv
     stop = threading.Event()
 
     def request_stop(signum, _frame):

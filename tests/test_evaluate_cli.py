@@ -50,6 +50,8 @@ def test_warm_start_from_a_saved_model(tmp_path, capsys):
     assert main(["evaluate", str(first), "-m", "neural", "--save-models", str(models), "--no-progress", "--drift", "none"]) == 0
     saved = models / "neural.npz"
     assert saved.exists()
+    # Trained on users' texts: private to its owner.
+    assert saved.stat().st_mode & 0o777 == 0o600 and models.stat().st_mode & 0o777 == 0o700
     capsys.readouterr()
     assert main(["evaluate", str(later), "-m", str(saved), "-m", "neural", "--no-progress", "--drift", "none"]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.strip()}

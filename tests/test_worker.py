@@ -220,9 +220,11 @@ def test_flags_beat_environment_beat_toml_beat_defaults(tmp_path):
 
 
 def test_secrets_are_never_shown(tmp_path):
+    password_file = tmp_path / "sasl-password"
+    password_file.write_text("hunter2-secret\n")
     config = load_config(
         ["--topic", "t", "--security-protocol", "SASL_SSL", "--sasl-mechanism", "PLAIN",
-         "--sasl-plain-username", "me", "--sasl-plain-password", "hunter2-secret"],
+         "--sasl-plain-username", "me", "--sasl-plain-password-file", str(password_file)],
         environ={"STREAM_LEARNER_SSL_PASSWORD": "key-secret"},
     )
     assert "hunter2-secret" not in repr(config) and "key-secret" not in repr(config)
