@@ -5,7 +5,8 @@ River pipeline. Its output is ``{bucket_id: weight}`` with integer bucket ids in
 ``range(n_buckets)``. Bucket ids come from CRC-32 (with ``seed`` as the initial value) and a
 multiplicative mix, so they are the same in every process and after every restart — unlike
 Python's ``hash``, which is salted per process. Memory is bounded: the only state is a
-token → hash cache that is emptied when it reaches ``cache_size`` entries.
+token → hash cache (and the batch path's chunk caches), each emptied when it reaches
+``cache_size`` entries or ``cache_bytes`` bytes.
 
 >>> featurizer = TextFeaturizer(n_buckets=2**10)
 >>> featurizer.tokens("Visit https://example.com, NOW!!! Call 555-1234 or mail bob@ex.org @alice")
@@ -34,6 +35,7 @@ import dataclasses
 import functools
 import itertools
 import re
+import sys
 import unicodedata
 import zlib
 
@@ -251,6 +253,10 @@ class BucketBatch:
 
 
 _crc32 = zlib.crc32
+_getsizeof = sys.getsizeof
+# Bytes a cache entry costs beyond its key and value: the dict's slot and index; the int.
+_TOKEN_ENTRY_BYTES = 72
+_CHUNK_ENTRY_BYTES = 120  # and the headers of the key and value
 
 
 def stable_hash(token: str, seed: int = 0) -> int:
@@ -296,6 +302,10 @@ class TextFeaturizer(base.Transformer):
         When given, ``x`` is a dict and the text is ``x[on]``; otherwise ``x`` is the text.
     cache_size
         Most token hashes kept in memory.
+    cache_bytes
+        Most memory each cache may hold (the token cache; the batch path's chunk caches),
+        estimated from the sizes of its keys and values: a cache is emptied when it grows
+        past either bound, so a stream of long, never repeated words cannot exhaust memory.
     segment_unspaced
         Split runs of scripts written without spaces between words (Han, Hiragana, Katakana,
         Hangul, Thai, Lao, Khmer, Myanmar) into letters: each letter is a token, and the
@@ -317,6 +327,7 @@ class TextFeaturizer(base.Transformer):
         seed: int = 0,
         on: str | None = None,
         cache_size: int = 2**17,
+        cache_bytes: int = 2**25,
         segment_unspaced: bool = True,
     ):
         self.n_buckets = n_buckets
@@ -330,11 +341,15 @@ class TextFeaturizer(base.Transformer):
         self.seed = seed
         self.on = on
         self.cache_size = cache_size
+        self.cache_bytes = cache_bytes
         self.segment_unspaced = segment_unspaced
         self._hash_cache: dict[str, int] = {}
+        self._hash_cache_bytes = 0
 
-    # What a featurizer pickled before this parameter existed did.
+    # What a featurizer pickled before these parameters existed did.
     segment_unspaced = False
+    cache_bytes = 2**25
+    _hash_cache_bytes = 0
 
     @property
     def _tags(self):
@@ -349,6 +364,7 @@ class TextFeaturizer(base.Transformer):
         # The cache is derived data: keep it out of pickles and checkpoints.
         state = self.__dict__.copy()
         state["_hash_cache"] = {}
+        state["_hash_cache_bytes"] = 0
         state.pop("_chunk_caches", None)
         return state
 
@@ -422,9 +438,14 @@ class TextFeaturizer(base.Transformer):
         cache = self._hash_cache
         hashes = list(map(cache.get, tokens))
         if None in hashes:
-            if len(cache) + len(tokens) > self.cache_size:
+            if (
+                len(cache) + len(tokens) > self.cache_size
+                or self._hash_cache_bytes > self.cache_bytes
+            ):
                 cache.clear()
+                self._hash_cache_bytes = 0
             seed = self.seed & _MASK32
+            added = 0
             for i, h in enumerate(hashes):
                 if h is None:
                     token = tokens[i]
@@ -433,7 +454,9 @@ class TextFeaturizer(base.Transformer):
                         h = cache[token] = (
                             zlib.crc32(token.encode("utf-8", "surrogatepass"), seed) * _MIX
                         ) & _MASK32
+                        added += _getsizeof(token) + _TOKEN_ENTRY_BYTES
                     hashes[i] = h
+            self._hash_cache_bytes += added
         return hashes
 
     def buckets(self, text: str) -> list[int]:
@@ -473,8 +496,8 @@ class TextFeaturizer(base.Transformer):
         weights). On batches of a hundred or more it costs a fraction of one ``transform_one``
         per record: the batch is lower-cased text by text, then split on whitespace once;
         each distinct whitespace-free chunk is normalized, tokenized and hashed once and kept
-        in a cache (bounded by ``cache_size``, like the token cache), and the word n-grams of
-        the whole batch are combined in numpy.
+        in a cache (bounded by ``cache_size`` and ``cache_bytes``, like the token cache), and
+        the word n-grams of the whole batch are combined in numpy.
 
         >>> featurizer = TextFeaturizer(n_buckets=2**10, binary=True)
         >>> batch = featurizer.buckets_many(["a a b", "b"])
@@ -520,7 +543,11 @@ class TextFeaturizer(base.Transformer):
         """The chunk → token hashes and chunk → character n-gram hashes caches. A chunk missing
         from the first is tokenized and hashed on lookup (and entered in both)."""
         caches = getattr(self, "_chunk_caches", None)
-        if caches is None or len(caches[0]) + len(chunks) > self.cache_size:
+        if (
+            caches is None
+            or len(caches[0]) + len(chunks) > self.cache_size
+            or caches[0].bytes > self.cache_bytes
+        ):
             # Emptied when full, as the token cache: memory stays bounded on a stream.
             word_cache = _ChunkCache(self)
             word_cache[_SEPARATOR] = _NOT_A_HASH_BYTES
@@ -531,7 +558,9 @@ class TextFeaturizer(base.Transformer):
         tokens = self._split_tokens(chunk)
         seed = self.seed & _MASK32
         if self.char_ngrams:
-            self._chunk_caches[1][chunk] = _hash_bytes(self._char_grams(tokens), seed)
+            word_cache, gram_cache = self._chunk_caches
+            grams = gram_cache[chunk] = _hash_bytes(self._char_grams(tokens), seed)
+            word_cache.bytes += len(grams) + _CHUNK_ENTRY_BYTES
         return _hash_bytes(tokens, seed)
 
     def _char_grams(self, tokens: list[str]) -> list[str]:
@@ -650,7 +679,7 @@ def _concatenate(lists: list[list[int]]):
 class _ChunkCache(dict):
     """chunk → the uint32 bytes of its tokens' hashes, computed on a miss."""
 
-    __slots__ = ("_featurizer", "_seed", "_punctuation", "_simple", "_segment")
+    __slots__ = ("_featurizer", "_seed", "_punctuation", "_simple", "_segment", "bytes")
 
     def __init__(self, featurizer: TextFeaturizer):
         super().__init__()
@@ -659,8 +688,15 @@ class _ChunkCache(dict):
         self._punctuation = featurizer.punctuation
         self._simple = not featurizer.char_ngrams
         self._segment = featurizer.segment_unspaced
+        self.bytes = 0  # estimated size of the entries of this cache and of its gram cache
 
     def __missing__(self, chunk: str) -> bytes:
+        value = self[chunk] = self._entry(chunk)
+        # Four bytes a character for the key: exact for the widest strings, safe for others.
+        self.bytes += 4 * len(chunk) + len(value) + _CHUNK_ENTRY_BYTES
+        return value
+
+    def _entry(self, chunk: str) -> bytes:
         # Most chunks are a word, maybe with an apostrophe inside or a punctuation mark before
         # or after it. Letters are \w; a non-\w character next to letters is punctuation that no
         # normalization takes (mentions need "@", e-mails "@" and \w after it, numbers digits).
@@ -674,27 +710,23 @@ class _ChunkCache(dict):
                 and chunk[0] != "'"
                 and chunk[-1] != "'"
             ):
-                value = self[chunk] = (
+                return (
                     (_crc32(chunk.encode("utf-8", "surrogatepass"), seed) * _MIX) & _MASK32
                 ).to_bytes(4, "little")
-                return value
             # Two tokens at most: concatenated, without _hash_bytes' list and join.
             head, tail = chunk[:-1], chunk[-1]
             if head.isalpha() and not (tail.isalnum() or tail == "_" or tail == "@"):
                 value = _hash4(head, seed)
                 if self._punctuation:
                     value += _hash4(tail, seed)
-                self[chunk] = value
                 return value
             head, tail = chunk[0], chunk[1:]
             if tail.isalpha() and not (head.isalnum() or head == "_" or head == "@"):
                 value = _hash4(tail, seed)
                 if self._punctuation:
                     value = _hash4(head, seed) + value
-                self[chunk] = value
                 return value
-        value = self[chunk] = self._featurizer._chunk_entry(chunk)
-        return value
+        return self._featurizer._chunk_entry(chunk)
 
 
 def _hash4(token: str, seed: int) -> bytes:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from stream_learner.features import TextFeaturizer
+from stream_learner.features import _SEPARATOR, TextFeaturizer
 
 
 def test_unicode_is_nfkc_normalized_and_casefolded():
@@ -303,3 +303,42 @@ def test_mixed_script_texts_give_each_letter_and_each_word(parts):
     # Only texts with such letters are tokenized differently.
     if not any(c >= "\u0e00" for c in text):
         assert TextFeaturizer(segment_unspaced=False).tokens(text) == expected
+
+
+# --- caches bounded in bytes ----------------------------------------------------------------------
+
+
+def _held_bytes(cache: dict) -> int:
+    return sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in cache.items())
+
+
+@pytest.mark.parametrize("config", [{}, {"char_ngrams": (3, 3)}], ids=str)
+def test_caches_stay_within_their_byte_budget_on_long_fresh_words(config):
+    budget = 2**19
+    featurizer = TextFeaturizer(cache_bytes=budget, **config)
+    fresh = TextFeaturizer(**config)
+    one_text = 0
+    for i in range(10):  # 60 kB words that never repeat: over 1 MB without the byte bound
+        texts = [f"{i}{j}" + "ab" * 30_000 + f" w{i}" for j in range(2)]
+        one_text = max(one_text, *(len(t.encode()) for t in texts))
+        assert featurizer.transform_one(texts[0]) == fresh.transform_one(texts[0])
+        batch = featurizer.buckets_many(texts)
+        assert [batch.record(j) for j in range(2)] == [fresh.transform_one(t) for t in texts]
+        # At most the budget, plus what the last call added before the check.
+        assert _held_bytes(featurizer._hash_cache) <= budget + 2 * 8 * one_text
+        word_cache, gram_cache = featurizer._chunk_caches
+        held = _held_bytes(word_cache) + _held_bytes(gram_cache)
+        assert held <= budget + 2 * 40 * one_text
+        assert word_cache.bytes >= _held_bytes(word_cache) - sys.getsizeof(_SEPARATOR) * 2
+
+
+def test_the_byte_budget_does_not_empty_caches_on_ordinary_text():
+    featurizer = TextFeaturizer()
+    texts = [f"the quick brown fox w{i % 50} jumps over the lazy dog" for i in range(500)]
+    for text in texts:
+        featurizer.transform_one(text)
+    featurizer.buckets_many(texts)
+    cached = len(featurizer._hash_cache)
+    featurizer.transform_one(texts[0])
+    assert len(featurizer._hash_cache) == cached > 10
+    assert 0 < featurizer._hash_cache_bytes < 100_000
