@@ -27,7 +27,7 @@ PIECES = (
     "(", ")", "<", ">", '"', " ", "\t", "\n", "\x00", "\x01", "\u200b", "\ufeff",
     "a.", "a@", "@a", "a'", "1.", "1a", "a1", "1,", "http://", "www.", "://", "..", "?!",
     "中", "か", "カ", "한", "\u1100\u1161", "ก", "ที่", "ລ", "ក្", "ကြ", "a中", "中a",
-    "\u0301", "\u0316", "e\u0301", "ß", "ﬃ", "\ufdfa", "Ａ", "İ", "ǅ", "\U0001f600",
+    "\u0301", "\u0316", "e\u0301", "\u0f73", "\uff9e", "ß", "ﬃ", "\ufdfa", "Ａ", "İ", "ǅ", "\U0001f600",
 )  # fmt: skip
 ENDINGS = ("", " @b", "@b", "@b.c", " http://", "www.", "a", "1", ".", "!", "中", "\u0301")
 
@@ -85,6 +85,7 @@ def worst_cases(size: int = 60_000) -> dict[str, str]:
         "combining_marks_reordered": _fill("\u0301\u0316", size, head="a"),
         "combining_marks_alone": _fill("\u0301", size),
         "combining_marks_sorted_badly": _fill("\u0316", size, head="a" + "\u0301" * (size // 4)),
+        "tibetan_vowel_signs": _fill("\u0f73", size, head="a"),  # no combining class; NFKC: 2 marks
         "nfkc_expansion": _fill("\ufdfa", size),
         "casefold_expansion": _fill("ß", size),
         "full_width": _fill("Ａ", size),

@@ -123,8 +123,15 @@ _UNSPACED_LETTER_AND_WORD = re.compile(
 
 # NFKC's canonical reordering is quadratic in the length of a run of combining marks (CPython
 # sorts them by insertion): a run is cut to 30 marks first, the limit of Unicode's stream-safe
-# format (UAX #15), which real text never reaches (Zalgo text can).
-_COMBINING = _ranges_class(c for c in range(0x300, 0x1F000) if unicodedata.combining(chr(c)))
+# format (UAX #15), which real text never reaches (Zalgo text can). Marks are the characters
+# with a combining class, and the few without one that decompose into marks (tested).
+_DECOMPOSE_INTO_MARKS = (0x0F73, 0x0F75, 0x0F81, 0xFF9E, 0xFF9F)
+_COMBINING = _ranges_class(
+    sorted(
+        {c for c in range(0x300, 0x1F000) if unicodedata.combining(chr(c))}
+        | set(_DECOMPOSE_INTO_MARKS)
+    )
+)
 _LONG_COMBINING_RUN = re.compile(f"(?<![{_COMBINING}])([{_COMBINING}]{{30}})[{_COMBINING}]++")
 
 

@@ -5,6 +5,7 @@ Speed figures are in benchmarks/adversarial.py."""
 from __future__ import annotations
 
 import time
+import unicodedata
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -105,3 +106,20 @@ def test_long_runs_of_combining_marks_are_cut_before_nfkc():
     assert featurizer.tokens(zalgo) == featurizer.tokens("a" + "\u0301" * 30 + " b")
     assert featurizer.tokens("e\u0301 x") == ["é", "x"]  # short runs compose as before
     _featurize_under_guard(featurizer, "a" + "\u0301\u0316" * 100_000)
+
+
+def test_every_character_that_decomposes_into_marks_counts_as_one():
+    from stream_learner.features import _DECOMPOSE_INTO_MARKS
+
+    def into_marks(char: str) -> bool:
+        return unicodedata.combining(unicodedata.normalize("NFKD", char)[0]) != 0
+
+    found = [
+        c
+        for c in range(0x110000)
+        if not 0xD800 <= c <= 0xDFFF and not unicodedata.combining(chr(c)) and into_marks(chr(c))
+    ]
+    assert sorted(found) == sorted(_DECOMPOSE_INTO_MARKS)
+    featurizer = TextFeaturizer()
+    for code in _DECOMPOSE_INTO_MARKS:
+        _featurize_under_guard(featurizer, "a" + chr(code) * 200_000)
