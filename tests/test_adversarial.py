@@ -4,6 +4,7 @@ Speed figures are in benchmarks/adversarial.py."""
 
 from __future__ import annotations
 
+import json
 import time
 import unicodedata
 
@@ -123,3 +124,28 @@ def test_every_character_that_decomposes_into_marks_counts_as_one():
     featurizer = TextFeaturizer()
     for code in _DECOMPOSE_INTO_MARKS:
         _featurize_under_guard(featurizer, "a" + chr(code) * 200_000)
+
+
+@pytest.mark.parametrize("mini_batch", [0, 16])
+def test_the_corpus_through_the_decoder_and_evaluate(mini_batch):
+    from stream_learner.evaluate import evaluate
+    from stream_learner.records import DecodeError, Decoder
+    from stream_learner.runner import StreamProcessor
+
+    decoder = Decoder()
+    records, refused = [], {}
+    start = time.perf_counter()
+    for i, (name, text) in enumerate(worst_cases(60_000).items()):
+        for raw in (json.dumps({"id": name, "text": text, "label": "abc"[i % 3]}), text):
+            try:
+                record = decoder.decode(raw.encode("utf-8", "surrogatepass"))
+            except DecodeError as error:
+                refused[name] = error.reason
+            else:
+                if record.label is not None:
+                    records.append(record)
+    assert time.perf_counter() - start < GUARD_SECONDS * 4
+    assert refused == {"batch_separator": "empty_text"}  # only NULs and spaces: no content
+    result = evaluate(records, StreamProcessor(["nb", "neural"]), mini_batch=mini_batch)
+    assert result.records == len(records) == len(worst_cases(60_000)) - 1
+    assert result.learner_errors == 0
