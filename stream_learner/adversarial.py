@@ -86,6 +86,7 @@ def worst_cases(size: int = 60_000) -> dict[str, str]:
         "combining_marks_alone": _fill("\u0301", size),
         "combining_marks_sorted_badly": _fill("\u0316", size, head="a" + "\u0301" * (size // 4)),
         "tibetan_vowel_signs": _fill("\u0f73", size, head="a"),  # no combining class; NFKC: 2 marks
+        "marks_beyond_the_bmp": _fill("\U0001d165\U0001d167", size, head="a"),
         "nfkc_expansion": _fill("\ufdfa", size),
         "casefold_expansion": _fill("ß", size),
         "full_width": _fill("Ａ", size),

@@ -126,19 +126,24 @@ _UNSPACED_LETTER_AND_WORD = re.compile(
 # format (UAX #15), which real text never reaches (Zalgo text can). Marks are the characters
 # with a combining class, and the few without one that decompose into marks (tested).
 _DECOMPOSE_INTO_MARKS = (0x0F73, 0x0F75, 0x0F81, 0xFF9E, 0xFF9F)
-_COMBINING = _ranges_class(
-    sorted(
-        {c for c in range(0x300, 0x1F000) if unicodedata.combining(chr(c))}
-        | set(_DECOMPOSE_INTO_MARKS)
-    )
+_MARK_CODES = sorted(
+    {c for c in range(0x300, 0x1F000) if unicodedata.combining(chr(c))} | set(_DECOMPOSE_INTO_MARKS)
 )
-_LONG_COMBINING_RUN = re.compile(f"(?<![{_COMBINING}])([{_COMBINING}]{{30}})[{_COMBINING}]++")
+# Two patterns: a class with characters beyond the BMP is checked range by range, one below it
+# by a bitmap, and the second is needed only when a text holds such characters.
+_BMP_MARK = f"[{_ranges_class(c for c in _MARK_CODES if c <= 0xFFFF)}]"
+_ASTRAL_MARK = f"[{_ranges_class(c for c in _MARK_CODES if c > 0xFFFF)}]"
+_ANY_MARK = f"(?:{_BMP_MARK}|(?=[\U00010000-\U0010ffff]){_ASTRAL_MARK})"
+_LONG_BMP_MARK_RUN = re.compile(f"({_BMP_MARK}{{30}}){_BMP_MARK}++")
+_LONG_MARK_RUN = re.compile(f"({_ANY_MARK}{{30}}){_ANY_MARK}++")
+_BEYOND_BMP = re.compile("[\U00010000-\U0010ffff]")
 
 
 def _nfkc_casefold(text: str) -> str:
     """``text`` in NFKC, case-folded; runs of more than 30 combining marks cut to 30."""
-    if _LONG_COMBINING_RUN.search(text):
-        text = _LONG_COMBINING_RUN.sub(r"\1", text)
+    long_run = _LONG_MARK_RUN if _BEYOND_BMP.search(text) else _LONG_BMP_MARK_RUN
+    if long_run.search(text):
+        text = long_run.sub(r"\1", text)
     return unicodedata.normalize("NFKC", text).casefold()
 
 # Ends each text of a batch. Should a text hold the same chunk, buckets_many finds more ends

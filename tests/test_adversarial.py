@@ -107,6 +107,11 @@ def test_long_runs_of_combining_marks_are_cut_before_nfkc():
     assert featurizer.tokens(zalgo) == featurizer.tokens("a" + "\u0301" * 30 + " b")
     assert featurizer.tokens("e\u0301 x") == ["é", "x"]  # short runs compose as before
     _featurize_under_guard(featurizer, "a" + "\u0301\u0316" * 100_000)
+    # Marks beyond the BMP (musical symbols: combining classes 216 and 1), alone and mixed.
+    stem, flag = "\U0001d165", "\U0001d167"
+    assert featurizer.tokens("a" + stem * 40) == featurizer.tokens("a" + stem * 30)
+    _featurize_under_guard(featurizer, "a" + (stem + flag) * 50_000)
+    _featurize_under_guard(featurizer, "a" + ("\u0301" + flag) * 50_000)
 
 
 def test_every_character_that_decomposes_into_marks_counts_as_one():
