@@ -265,8 +265,8 @@ def write_report(args, groups, ordinary, adversarial, single, batch, before) -> 
         "What is left above ordinary text is the number of tokens per byte, not the time per "
         "token: ordinary text makes 150–215 tokens per KiB, `@a@a…`, `a@a@…` and U+FDFA repeated "
         "(NFKC turns each 3 bytes into 4 words) 1,024, `''a''a…` 683, `a a a…` 512. Per token "
-        "these cost less than ordinary text, whose tokens are more often new (hashed, not found "
-        "in the cache). Meeting 2× on them would take a cheaper per-token path or a cap on "
+        "these cost about what ordinary text costs (its tokens are more often new: hashed, not "
+        "found in the cache). Meeting 2× on them would take a cheaper per-token path or a cap on "
         "tokens per record, not a fix to any pattern; the cost stays linear in the input.",
         "",
         "![time per KiB, adversarial against ordinary](adversarial.png)",
