@@ -28,6 +28,8 @@ import datetime as dt
 import enum
 import json
 import math
+import re
+import unicodedata
 
 __all__ = ["Record", "Reason", "DecodeError", "Decoder"]
 
@@ -94,6 +96,41 @@ class DecodeError(ValueError):
 
 
 _INT64 = 2**63
+# A string (skipped whole: brackets inside it do not nest) or a bracket. Possessive: linear.
+_JSON_NESTING = re.compile(r'"(?:[^"\\]++|\\.)*+"?|[\[\]{}]', re.DOTALL)
+
+
+def _nesting_beyond(value: str, limit: int) -> tuple[int, bool] | None:
+    """None when ``value`` nests arrays and objects at most ``limit`` deep; else (its deepest
+    nesting, whether its brackets close). A scan, without recursion."""
+    if value.count("[") + value.count("{") <= limit:
+        return None  # the common case, at C speed
+    depth = deepest = 0
+    for match in _JSON_NESTING.finditer(value):
+        bracket = match.group()
+        if bracket == "[" or bracket == "{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif bracket == "]" or bracket == "}":
+            depth -= 1
+            if depth < 0:
+                break
+    return (deepest, depth == 0) if deepest > limit else None
+
+
+# Whitespace (Z*), control (Cc) and format (Cf) characters: no content to learn from.
+_NOT_CONTENT = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})
+
+
+def _has_content(text: str) -> bool:
+    """Whether ``text`` holds a character other than whitespace, control and format ones."""
+    text = text.strip()
+    if not text:
+        return False
+    if text[0].isprintable():  # not C* or Z*: the common case, at once
+        return True
+    category = unicodedata.category
+    return any(category(char) not in _NOT_CONTENT for char in text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +146,12 @@ class Decoder:
     allow_plain_text
         Take a value that is not a JSON object as a record with text only. When False,
         such a value is an ``invalid_json`` / ``not_an_object`` error.
+    max_json_depth
+        Deepest nesting of arrays and objects accepted; a JSON value nested deeper is
+        ``invalid_json``, whatever its shape (checked without recursion, before parsing).
+
+    A UTF-8 byte-order mark before the value is dropped. A text without printable content
+    (only whitespace, control and format characters) is ``empty_text``.
 
     """
 
@@ -118,6 +161,7 @@ class Decoder:
     ts_field: str = "ts"
     max_text_bytes: int = 64 * 1024
     allow_plain_text: bool = True
+    max_json_depth: int = 128
 
     @property
     def max_message_bytes(self) -> int:
@@ -143,8 +187,19 @@ class Decoder:
         except UnicodeDecodeError as error:
             raise DecodeError(Reason.INVALID_UTF8, str(error), raw) from None
 
+        value = value.removeprefix("\ufeff")  # a byte-order mark some producers write
         first = value.lstrip()[:1]
-        if first == "{" or (first == "[" and not self.allow_plain_text):
+        if first in ("{", "[") and (too_deep := _nesting_beyond(value, self.max_json_depth)):
+            # The JSON parser recurses: a deeper value would exhaust the stack. After "[", an
+            # unclosed one is no JSON at all: text.
+            deepest, closed = too_deep
+            if closed or first == "{" or not self.allow_plain_text:
+                raise DecodeError(
+                    Reason.INVALID_JSON,
+                    f"JSON nests {deepest} levels deep, limit {self.max_json_depth}",
+                    raw,
+                )
+        elif first == "{" or (first == "[" and not self.allow_plain_text):
             try:
                 obj = json.loads(value)
             except (ValueError, RecursionError) as error:
@@ -191,8 +246,12 @@ class Decoder:
         return Record(id=record_id, text=self._check_text(text, raw), label=label, ts=ts)
 
     def _check_text(self, text: str, raw: bytes) -> str:
-        if not text.strip():
-            raise DecodeError(Reason.EMPTY_TEXT, "text is empty or blank", raw)
+        if not _has_content(text):
+            raise DecodeError(
+                Reason.EMPTY_TEXT,
+                "text is empty or only whitespace, control or format characters",
+                raw,
+            )
         # Lone surrogates (from "\ud800" in JSON) cannot be encoded: reject them here, where
         # the reason is clear, not later in the tokenizer.
         try:

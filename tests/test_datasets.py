@@ -18,6 +18,7 @@ import pickle
 import stat
 import sys
 import tarfile
+import unicodedata
 import zipfile
 from email.message import EmailMessage
 from email.mime.multipart import MIMEMultipart
@@ -649,7 +650,10 @@ def test_any_file_gives_records_or_dataset_errors(tmp_path, lines, suffix):
 
 
 _safe_text = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=30)
-_record_text = _safe_text.filter(lambda t: t.strip())
+# A text with content: not only whitespace, control and format characters (empty_text).
+_record_text = _safe_text.filter(
+    lambda t: any(unicodedata.category(c) not in ("Zs", "Zl", "Zp", "Cc", "Cf") for c in t)
+)
 _timestamps = st.one_of(
     st.none(),
     st.floats(min_value=-1e11, max_value=1e11, allow_nan=False),

@@ -308,3 +308,28 @@ def test_files_saved_without_a_key_still_load_and_are_refused_when_a_key_is_requ
     assert _same_model(_load_bytes(tmp_path, data), model)
     with pytest.raises(NeuralFormatError, match="no MAC"):
         _load_bytes(tmp_path, data, key=SECRET)
+
+
+def test_a_pipeline_saved_before_unspaced_segmentation_loads_as_it_was(tmp_path):
+    model = make_learner("neural", n_buckets=2**10, seed=3)
+    model.steps[list(model.steps)[0]].segment_unspaced = False
+    for text, label in TEXTS * 2:
+        model.learn_one(text, label)
+    path = tmp_path / "model.npz"
+    save(model, path)
+
+    def as_written_before(header):  # no parameter, no key in the hashing configuration
+        del header["featurizer"]["segment_unspaced"]
+        assert "unspaced" not in header["hashing"]
+
+    old_hashing = read_header(path)["hashing"]
+    loaded = _load_bytes(
+        tmp_path,
+        _rewrite(path.read_bytes(), edit_header=as_written_before, fix_checksum=True),
+        expected_hashing=old_hashing,
+    )
+    featurizer = list(loaded.steps.values())[0]
+    assert featurizer.segment_unspaced is False
+    assert featurizer.tokens("東京タワー") == ["東京タワー"]
+    text = "東京 great match"
+    assert loaded.predict_proba_one(text) == model.predict_proba_one(text)
