@@ -44,6 +44,7 @@ import hashlib
 import html
 import html.parser
 import io
+import itertools
 import json
 import logging
 import math
@@ -60,7 +61,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from .records import DecodeError, Decoder, Record
+from .records import DecodeError, Decoder, Reason, Record
 
 try:  # POSIX only; without it concurrent fetches of one dataset are not serialized.
     import fcntl
@@ -989,6 +990,8 @@ def iter_records(
     limit: int | None = None,
     on_error: str = "raise",
     on_skip: Callable[[DatasetError], object] | None = None,
+    oversize: str = "error",
+    on_truncate: Callable[[int], object] | None = None,
 ) -> Iterator[Record]:
     """Records of a fetched dataset (by name) or of a file, in file order.
 
@@ -1010,11 +1013,18 @@ def iter_records(
         line and reason. ``"skip"``: it is passed to ``on_skip`` (if given) and reading goes
         on. Blank lines are not rows. Problems with the whole file (missing, unreadable, no
         text column) always raise.
+    oversize
+        A text over the decoder's limit (64 KiB of UTF-8): ``"error"``, a row error like any
+        other (``text_too_long``); ``"truncate"``: cut to the limit (at a character
+        boundary), ``on_truncate(line)`` is called and the record kept; ``"skip"``: passed to
+        ``on_skip`` whatever ``on_error`` says; ``"raise"``: raised whatever ``on_error`` says.
 
     The file is opened and checked when this is called; rows are read lazily.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    if oversize not in ("error", "truncate", "skip", "raise"):
+        raise ValueError(f"oversize must be 'error', 'truncate', 'skip' or 'raise', not {oversize!r}")
     if limit is not None and limit < 0:
         raise ValueError("limit must be >= 0")
     path, fmt = _resolve(source, fmt)
@@ -1023,7 +1033,37 @@ def iter_records(
     fields = _Fields(id_field, text_field, label_field, ts_field)
     rows = _ROW_READERS[fmt](path, fields)
     first = next(rows, None)  # opens the file and checks the header now, not on first use
-    return _records(_prepend(first, rows), fields, str(path), limit, on_error, on_skip)
+    oversized = _Oversize(oversize, on_truncate)
+    return _records(_prepend(first, rows), fields, str(path), limit, on_error, on_skip, oversized)
+
+
+def fields_of(source: str | os.PathLike, *, fmt: str | None = None, rows: int = 100) -> list[str]:
+    """The field (JSON) or column (CSV/TSV) names of the first ``rows`` rows of ``source``,
+    in order of first appearance: what a user can pass as ``--text-field`` and the like."""
+    path, fmt = _resolve(source, fmt)
+    if fmt == "text":
+        return []
+    names: dict[str, None] = {}
+    if fmt in ("csv", "tsv"):
+        with _open_binary(path) as binary:
+            text = io.TextIOWrapper(binary, encoding="utf-8-sig", errors="replace", newline="")
+            try:
+                header = next(csv.reader(text, delimiter="," if fmt == "csv" else "\t"), [])
+            except csv.Error:
+                header = []
+        return [name.strip() for name in header]
+    try:
+        for _, payload in itertools.islice(_ROW_READERS[fmt](path, _Fields("", "", "", "")), rows):
+            if isinstance(payload, bytes):
+                try:
+                    obj = json.loads(payload)
+                except ValueError:
+                    continue
+                if isinstance(obj, dict):
+                    names.update(dict.fromkeys(map(str, obj)))
+    except DatasetError:
+        pass
+    return list(names)
 
 
 def _prepend(first, rest):
@@ -1086,8 +1126,34 @@ def _open_binary(path: Path):
 Row = tuple[int, "bytes | DatasetError"]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Oversize:
+    policy: str = "error"
+    on_truncate: Callable[[int], object] | None = None
+
+    def truncated(self, decoder: Decoder, payload: bytes, line: int) -> Record | None:
+        """The record of an over-long row with its text cut to the limit, or None."""
+        if self.policy != "truncate":
+            return None
+        limit = decoder.max_text_bytes
+        lenient = dataclasses.replace(decoder, max_text_bytes=max(len(payload), limit))
+        try:
+            record = lenient.decode(payload)
+        except DecodeError:
+            return None
+        text, _ = _cap_text(record.text, limit)
+        if not text.strip():
+            return None
+        if self.on_truncate is not None:
+            self.on_truncate(line)
+        return dataclasses.replace(record, text=text)
+
+
+_OVERSIZE_REASONS = (Reason.TEXT_TOO_LONG, Reason.MESSAGE_TOO_LARGE)
+
+
 def _records(
-    rows: Iterable[Row], fields: _Fields, source: str, limit, on_error, on_skip
+    rows: Iterable[Row], fields: _Fields, source: str, limit, on_error, on_skip, oversize=_Oversize()
 ) -> Iterator[Record]:
     # Every payload is a JSON object (the readers build one per CSV/text row), so anything
     # else in a JSON file is an error, never silently a plain-text record.
@@ -1108,14 +1174,18 @@ def _records(
             try:
                 record = decoder.decode(payload)
             except DecodeError as error:
+                record = None
+                if error.reason in _OVERSIZE_REASONS:
+                    record = oversize.truncated(decoder, payload, line)
                 problem = _row_error(source, line, error.reason, error.detail, payload)
-            else:
+            if record is not None:
                 yield record
                 produced += 1
                 if limit is not None and produced >= limit:
                     return
                 continue
-        if on_error == "raise":
+        policy = oversize.policy if problem.reason in _OVERSIZE_REASONS else "error"
+        if policy == "raise" or (on_error == "raise" and policy != "skip"):
             raise problem
         if on_skip is not None:
             on_skip(problem)
