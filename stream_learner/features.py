@@ -42,16 +42,96 @@ from river import base
 
 __all__ = ["BucketBatch", "TextFeaturizer", "stable_hash"]
 
-# A URL does not end in sentence punctuation: "see http://x.org, then" keeps the comma.
+# Every pattern here sees producers' text, so each runs in time linear in it: possessive
+# quantifiers where a match could backtrack, and e-mails are found from their "@" (see
+# _replace_emails) rather than by a pattern tried at every position of a long word.
+# A URL does not end in sentence punctuation: "see http://x.org, then" keeps the comma. Linear
+# as it is: it starts only at "http"/"www." and gives back at most the run's punctuation tail.
 _URL = re.compile(r"(?:https?://|www\.)[^\s<>\"']*[^\s<>\"'.,;:!?)\]]", re.IGNORECASE)
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
-_MENTION = re.compile(r"(?<![\w@])@\w+")
+_EMAIL_DOMAIN = re.compile(r"[\w-]++(?:\.[\w-]++)++")
+_EMAIL_LOCAL_PART = re.compile(r"[\w.+-]++")  # matched on the reversed text, from the "@" back
+_MENTION = re.compile(r"(?<![\w@])@\w++")
+# A digit run glued to letters gives back one digit at most before the look-ahead holds, so it
+# is linear; it is left greedy because "10am" -> "__num__ 0am" is what saved models learned.
 _NUMBER = re.compile(r"(?<![^\W\d])\d+(?:[.,:/]\d+)*(?![^\W\d])")
-_URL_HOST = re.compile(r"(?:https?://)?(?:www\d?\.)?([^/?#:\s]+)")
-_NON_WORD = re.compile(r"\W+")
+_URL_HOST = re.compile(r"(?:https?://)?(?:www\d?\.)?([^/?#:\s]++)")
+_NON_WORD = re.compile(r"\W++")
 _DIGIT = re.compile(r"\d")
-_WORD_AND_PUNCT = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]+")
-_WORD_ONLY = re.compile(r"\w+(?:['’]\w+)*")
+_WORD_AND_PUNCT = re.compile(r"\w++(?:['’]\w++)*+|[^\w\s]++")
+_WORD_ONLY = re.compile(r"\w++(?:['’]\w++)*+")
+
+
+def _ranges_class(code_points) -> str:
+    """A regex character-class body for ``code_points`` (sorted), as ranges."""
+    ranges: list[list[int]] = []
+    for c in code_points:
+        if ranges and ranges[-1][1] == c - 1:
+            ranges[-1][1] = c
+        else:
+            ranges.append([c, c])
+    return "".join(
+        re.escape(chr(a)) + ("-" + re.escape(chr(b)) if b > a else "") for a, b in ranges
+    )
+
+
+# Scripts written without spaces between words. Their letters are tokens one by one (with the
+# combining marks that follow them); bigrams come from word n-grams or, with word_ngrams=1,
+# are added. Blocks with marks, digits or punctuation are read letter by letter; the big Han
+# and Hangul syllable blocks are letters throughout.
+_UNSPACED_WHOLE_BLOCKS = (
+    (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2FA1F),
+    (0x30000, 0x323AF),  # Han
+    (0xAC00, 0xD7A3),  # Hangul syllables
+)  # fmt: skip
+_UNSPACED_MIXED_BLOCKS = (
+    (0x3005, 0x3007), (0x3021, 0x3029), (0x3031, 0x3035), (0x303B, 0x303C),  # Han marks, numerals
+    (0x3040, 0x30FF), (0x31F0, 0x31FF),  # Hiragana, Katakana
+    (0x1100, 0x11FF), (0x3130, 0x318F), (0xA960, 0xA97F), (0xD7B0, 0xD7FF),  # Hangul jamo
+    (0x0E00, 0x0E7F), (0x0E80, 0x0EFF),  # Thai, Lao
+    (0x1780, 0x17FF), (0x19E0, 0x19FF),  # Khmer
+    (0x1000, 0x109F), (0xA9E0, 0xA9FF), (0xAA60, 0xAA7F),  # Myanmar
+)  # fmt: skip
+
+
+def _unspaced_classes() -> tuple[str, str]:
+    """Character-class bodies of the letters and of the combining marks of those scripts."""
+    letters, marks = [], []
+    for low, high in _UNSPACED_MIXED_BLOCKS:
+        for c in range(low, high + 1):
+            char = chr(c)
+            if char.isalnum() and not char.isdecimal():  # digits stay numbers
+                letters.append(c)
+            elif unicodedata.category(char).startswith("M"):
+                marks.append(c)
+    whole = "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in _UNSPACED_WHOLE_BLOCKS)
+    return _ranges_class(letters) + whole, _ranges_class(marks)
+
+
+_UNSPACED_LETTERS, _UNSPACED_MARKS = _unspaced_classes()
+_UNSPACED_LETTER = re.compile(f"[{_UNSPACED_LETTERS}]")
+# A letter of those scripts (group 1) or, as _WORD_AND_PUNCT, a word of other letters or a run
+# of punctuation.
+_UNSPACED_WORD = rf"[^\W{_UNSPACED_LETTERS}]++(?:['’][^\W{_UNSPACED_LETTERS}]++)*+"
+_UNSPACED_LETTER_AND_WORD_AND_PUNCT = re.compile(
+    rf"([{_UNSPACED_LETTERS}][{_UNSPACED_MARKS}]*+)|{_UNSPACED_WORD}|[^\w\s]++"
+)
+_UNSPACED_LETTER_AND_WORD = re.compile(
+    rf"([{_UNSPACED_LETTERS}][{_UNSPACED_MARKS}]*+)|{_UNSPACED_WORD}"
+)
+
+# NFKC's canonical reordering is quadratic in the length of a run of combining marks (CPython
+# sorts them by insertion): a run is cut to 30 marks first, the limit of Unicode's stream-safe
+# format (UAX #15), which real text never reaches (Zalgo text can).
+_COMBINING = _ranges_class(c for c in range(0x300, 0x1F000) if unicodedata.combining(chr(c)))
+_LONG_COMBINING_RUN = re.compile(f"(?<![{_COMBINING}])([{_COMBINING}]{{30}})[{_COMBINING}]++")
+
+
+def _nfkc_casefold(text: str) -> str:
+    """``text`` in NFKC, case-folded; runs of more than 30 combining marks cut to 30."""
+    if _LONG_COMBINING_RUN.search(text):
+        text = _LONG_COMBINING_RUN.sub(r"\1", text)
+    return unicodedata.normalize("NFKC", text).casefold()
+
 # Ends each text of a batch. Should a text hold the same chunk, buckets_many finds more ends
 # than texts and takes the per-text path instead.
 _SEPARATOR = "\x00\x00"
@@ -80,8 +160,41 @@ def _url_tokens(match: re.Match) -> str:
     return f" __url__ __host_{_NON_WORD.sub('_', host)}__ "
 
 
+def _replace_emails(text: str) -> str:
+    r"""``text`` with each e-mail address replaced by `` __email__ ``: what
+    ``re.sub(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+", " __email__ ", text)`` gives, in linear time.
+    That pattern, tried at every position of a long word not followed by an address, rescans
+    the rest of the word each time (quadratic); here each "@" is tried once, its local part
+    read backwards from it, never past the previous "@" or the previous address.
+    """
+    pieces = []
+    done = 0  # text[:done] is settled
+    reversed_text = None
+    size = len(text)
+    at = text.find("@")
+    while at != -1:
+        domain = _EMAIL_DOMAIN.match(text, at + 1)
+        if domain is not None and at > done:
+            if reversed_text is None:
+                reversed_text = text[::-1]
+            local = _EMAIL_LOCAL_PART.match(reversed_text, size - at, size - done)
+            if local is not None:
+                pieces += (text[done : at - (local.end() - local.start())], " __email__ ")
+                done = domain.end()
+                at = text.find("@", done)
+                continue
+        at = text.find("@", at + 1)
+    if not pieces:
+        return text
+    pieces.append(text[done:])
+    return "".join(pieces)
+
+
 _KINDS = frozenset({"urls", "emails", "mentions", "numbers"})
-_MIX = 0x9E3779B1  # Knuth's multiplicative constant: spreads CRC-32 over the buckets.
+# Knuth's multiplicative constant. Bucket ids are the product's low bits, which depend only on
+# the hash's low bits: with a power-of-two n_buckets the mix permutes buckets and does not
+# reduce collisions (CRC-32's low bits are uniform already). Kept: saved models use its ids.
+_MIX = 0x9E3779B1
 _MASK32 = 0xFFFFFFFF
 
 
@@ -183,6 +296,11 @@ class TextFeaturizer(base.Transformer):
         When given, ``x`` is a dict and the text is ``x[on]``; otherwise ``x`` is the text.
     cache_size
         Most token hashes kept in memory.
+    segment_unspaced
+        Split runs of scripts written without spaces between words (Han, Hiragana, Katakana,
+        Hangul, Thai, Lao, Khmer, Myanmar) into letters: each letter is a token, and the
+        letter bigrams within a run are features (as word bigrams; added when
+        ``word_ngrams=1``). Off, such a run is one long word.
 
     """
 
@@ -199,6 +317,7 @@ class TextFeaturizer(base.Transformer):
         seed: int = 0,
         on: str | None = None,
         cache_size: int = 2**17,
+        segment_unspaced: bool = True,
     ):
         self.n_buckets = n_buckets
         self.word_ngrams = word_ngrams
@@ -211,7 +330,11 @@ class TextFeaturizer(base.Transformer):
         self.seed = seed
         self.on = on
         self.cache_size = cache_size
+        self.segment_unspaced = segment_unspaced
         self._hash_cache: dict[str, int] = {}
+
+    # What a featurizer pickled before this parameter existed did.
+    segment_unspaced = False
 
     @property
     def _tags(self):
@@ -235,7 +358,7 @@ class TextFeaturizer(base.Transformer):
 
     def hashing_config(self) -> dict:
         """What decides bucket ids. Two featurizers with equal configs map text identically."""
-        return {
+        config = {
             "scheme": "crc32-mix-v1",
             "n_buckets": self.n_buckets,
             "word_ngrams": self.word_ngrams,
@@ -244,13 +367,16 @@ class TextFeaturizer(base.Transformer):
             "punctuation": self.punctuation,
             "seed": self.seed,
         }
+        if self.segment_unspaced:  # absent when off: the config of a featurizer made before it
+            config["unspaced"] = "letters-v1"
+        return config
 
     def tokens(self, text: str) -> list[str]:
         """The word tokens of ``text`` after normalization, before n-grams and hashing."""
         if text.isascii():
             text = text.lower()  # what NFKC + casefold give for ASCII, at a fraction of the cost
         else:
-            text = unicodedata.normalize("NFKC", text).casefold()
+            text = _nfkc_casefold(text)
         return self._split_tokens(text)
 
     def _split_tokens(self, text: str) -> list[str]:
@@ -261,13 +387,36 @@ class TextFeaturizer(base.Transformer):
                 text = _URL.sub(_url_tokens, text)
             if "@" in text:
                 if "emails" in kinds:
-                    text = _EMAIL.sub(" __email__ ", text)
+                    text = _replace_emails(text)
                 if "mentions" in kinds:
                     text = _MENTION.sub(" __user__ ", text)
             if "numbers" in kinds and _DIGIT.search(text):
                 text = _NUMBER.sub(" __num__ ", text)
+        if self.segment_unspaced and not text.isascii() and _UNSPACED_LETTER.search(text):
+            return self._split_unspaced(text)
         pattern = _WORD_AND_PUNCT if self.punctuation else _WORD_ONLY
         return pattern.findall(text)
+
+    def _split_unspaced(self, text: str) -> list[str]:
+        """The tokens of a text with letters of scripts written without spaces: each such
+        letter is a token; with ``word_ngrams=1`` each pair of them side by side is one too."""
+        if self.punctuation:
+            pattern = _UNSPACED_LETTER_AND_WORD_AND_PUNCT
+        else:
+            pattern = _UNSPACED_LETTER_AND_WORD
+        add_pairs = self.word_ngrams < 2
+        tokens = []
+        previous, previous_end = None, -1  # the last letter token and where it ended
+        for match in pattern.finditer(text):
+            token = match.group()
+            tokens.append(token)
+            if match.lastindex is None:
+                previous = None
+                continue
+            if add_pairs and previous is not None and match.start() == previous_end:
+                tokens.append(previous + token)
+            previous, previous_end = token, match.end()
+        return tokens
 
     def _hashes(self, tokens: list[str]) -> list[int]:
         cache = self._hash_cache
@@ -348,10 +497,7 @@ class TextFeaturizer(base.Transformer):
         if joined.isascii():
             joined = joined.lower()
         else:
-            joined = end.join(
-                t.lower() if t.isascii() else unicodedata.normalize("NFKC", t).casefold()
-                for t in texts
-            ) + end
+            joined = end.join(t.lower() if t.isascii() else _nfkc_casefold(t) for t in texts) + end
         # Every match of the tokenizer and of the normalizations lies inside a whitespace-free
         # chunk (none spans whitespace; their look-arounds read whitespace as a text's end), so a
         # text's tokens are its chunks' tokens in order: tokenize each distinct chunk once.
@@ -504,7 +650,7 @@ def _concatenate(lists: list[list[int]]):
 class _ChunkCache(dict):
     """chunk → the uint32 bytes of its tokens' hashes, computed on a miss."""
 
-    __slots__ = ("_featurizer", "_seed", "_punctuation", "_simple")
+    __slots__ = ("_featurizer", "_seed", "_punctuation", "_simple", "_segment")
 
     def __init__(self, featurizer: TextFeaturizer):
         super().__init__()
@@ -512,13 +658,16 @@ class _ChunkCache(dict):
         self._seed = featurizer.seed & _MASK32
         self._punctuation = featurizer.punctuation
         self._simple = not featurizer.char_ngrams
+        self._segment = featurizer.segment_unspaced
 
     def __missing__(self, chunk: str) -> bytes:
         # Most chunks are a word, maybe with an apostrophe inside or a punctuation mark before
         # or after it. Letters are \w; a non-\w character next to letters is punctuation that no
         # normalization takes (mentions need "@", e-mails "@" and \w after it, numbers digits).
         seed = self._seed
-        if self._simple:
+        if self._simple and (
+            chunk.isascii() or not self._segment or not _UNSPACED_LETTER.search(chunk)
+        ):
             if chunk.isalpha() or (
                 chunk.replace("'", "").isalpha()
                 and "''" not in chunk

@@ -251,6 +251,9 @@ def _build(header: dict, arrays: dict[str, np.ndarray], path, expected_hashing: 
         if header.get("featurizer") is None:
             return learner
         params = dict(header["featurizer"])
+        # Files from before the featurizer segmented scripts without spaces: keep them mapping
+        # text as they did.
+        params.setdefault("segment_unspaced", False)
         if params.get("char_ngrams") is not None:
             params["char_ngrams"] = tuple(params["char_ngrams"])
         featurizer = TextFeaturizer(**params)

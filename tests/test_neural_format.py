@@ -282,3 +282,28 @@ def test_a_failed_load_changes_nothing(saved, tmp_path):
     assert path.read_bytes() == data
     for name, array in model.parameters().items():
         np.testing.assert_array_equal(array, before[name])
+
+
+def test_a_pipeline_saved_before_unspaced_segmentation_loads_as_it_was(tmp_path):
+    model = make_learner("neural", n_buckets=2**10, seed=3)
+    model.steps[list(model.steps)[0]].segment_unspaced = False
+    for text, label in TEXTS * 2:
+        model.learn_one(text, label)
+    path = tmp_path / "model.npz"
+    save(model, path)
+
+    def as_written_before(header):  # no parameter, no key in the hashing configuration
+        del header["featurizer"]["segment_unspaced"]
+        assert "unspaced" not in header["hashing"]
+
+    old_hashing = read_header(path)["hashing"]
+    loaded = _load_bytes(
+        tmp_path,
+        _rewrite(path.read_bytes(), edit_header=as_written_before, fix_checksum=True),
+        expected_hashing=old_hashing,
+    )
+    featurizer = list(loaded.steps.values())[0]
+    assert featurizer.segment_unspaced is False
+    assert featurizer.tokens("東京タワー") == ["東京タワー"]
+    text = "東京 great match"
+    assert loaded.predict_proba_one(text) == model.predict_proba_one(text)
