@@ -138,7 +138,7 @@ class WorkerConfig:
     bootstrap_servers: str = "127.0.0.1:9092"
     labels_topic: str | None = None
     group_id: str = "stream-learner"
-    learners: tuple[str, ...] = ("nb",)
+    learners: tuple[str, ...] = ("neural",)  # the best on the dev streams: README "Defaults"
     serving: str = "leader"
     drift_detector: str = "adwin"
     drift_reaction: str = "alert"

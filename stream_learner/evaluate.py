@@ -23,7 +23,7 @@ __all__ = ["EvaluationResult", "InputProblems", "evaluate", "delay_labels", "add
 
 # What `evaluate` and `run` serve when no learner is named: chosen by measurement on the dev
 # streams (benchmarks/results/learners.md; README "Defaults").
-DEFAULT_LEARNERS = ("nb",)
+DEFAULT_LEARNERS = ("neural",)
 
 
 @dataclasses.dataclass
@@ -224,7 +224,7 @@ def add_evaluate_parser(subparsers) -> None:
         dest="models",
         metavar="NAME",
         help="learner from `stream-learner learners`, or module:factory; repeat for several "
-        "(default: nb)",
+        "(default: neural, the wide-and-deep numpy learner: the best on the dev streams)",
     )
     parser.add_argument(
         "--serving",

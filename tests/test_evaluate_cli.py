@@ -122,3 +122,13 @@ def test_evaluate_says_plainly_when_nothing_could_be_scored(tmp_path, capsys):
     blanks = _lines(tmp_path / "blank.jsonl", [{"text": " ", "label": "a"}] * 3)
     assert main(["evaluate", str(blanks), "-m", "nb", "--no-progress"]) == 1
     assert "every one of the 3 rows" in capsys.readouterr().err
+
+
+def test_evaluate_without_a_model_serves_the_default_learner(stream_file, capsys):
+    from stream_learner.config import WorkerConfig
+    from stream_learner.evaluate import DEFAULT_LEARNERS
+
+    assert main(["evaluate", str(stream_file), "--no-progress", "--limit", "300"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in table[2:3]] == list(DEFAULT_LEARNERS) == ["neural"]
+    assert WorkerConfig(topics=("t",)).learners == DEFAULT_LEARNERS  # `run` serves the same

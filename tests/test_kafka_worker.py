@@ -44,6 +44,8 @@ def worker_config(client, broker, names, tmp_path, *extra, idle="3"):
             "--session-timeout-ms", "3000",
             "--stop-when-idle", idle,
             "--client", client,
+            # nb unless a test names its learners: small, fast checkpoints.
+            *(() if "--learners" in extra else ("--learners", "nb")),
             *extra,
         ],
         environ={"STREAM_LEARNER_CHECKPOINT_KEY": KEY},
