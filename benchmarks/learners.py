@@ -167,7 +167,7 @@ def write(report: dict) -> None:
         + (f" (this run: `--quick`, first {report['limit']:,} records)" if report["limit"] else ""),
         "",
         f"Machine: {report['machine']}, 2 cores shared with other work; records/s are per CPU "
-        "second of this process (robust to the other work), comparable within a stream only. Accuracy is prequential (each record predicted before it is "
+        "second of this process (robust to the other work; wall-clock for scikit-learn), comparable within a stream only. Accuracy is prequential (each record predicted before it is "
         "learned; the first record counts as an error for every learner).",
         "",
     ]
@@ -176,7 +176,7 @@ def write(report: dict) -> None:
         rows = data["rows"]
         lines += [f"## {stream} ({data['records']:,} records)", "", "| learner | accuracy | records/s |", "|---|---|---|"]
         for name, row in sorted(rows.items(), key=lambda kv: -kv[1]["accuracy"]):
-            lines.append(f"| {name} | {row['accuracy']:.4f} | {row['records_per_s']:,.0f} |")
+            lines.append(f"| {name} | {row['accuracy']:.4f} | {_cpu_rate(row):,.0f} |")
         lines.append("")
         for name in ("nb", "softmax"):
             ratio = rows[f"evaluate:{name}"]["records_per_s"] / rows[f"river plain loop:{name}"]["records_per_s"]
@@ -237,7 +237,7 @@ def _plot(report: dict) -> None:
         ax.set_title(f"{stream}: prequential accuracy")
         ax.tick_params(axis="y", labelsize=7)
         for i, n in enumerate(names):
-            ax.text(rows[n]["accuracy"], i, f" {rows[n]['records_per_s']:,.0f}/s", va="center", fontsize=6)
+            ax.text(rows[n]["accuracy"], i, f" {_cpu_rate(rows[n]):,.0f}/s", va="center", fontsize=6)
     fig.suptitle("red: the default configuration; orange: stream-learner evaluate; grey: anchors (records/s at bar end)")
     fig.tight_layout()
     fig.savefig(RESULTS / "learners.png")
