@@ -458,6 +458,8 @@ def _markdown(r) -> str:
         f"Latest section run: {r.get('when', '?')} (sections can be rerun one at a time with --sections; the JSON keeps the others).",
         "",
     ]
+    if r.get("note"):
+        lines += [r["note"], ""]
     if "accuracy" in r:
         lines += [
             "## Prequential accuracy (%), whole streams",
@@ -487,13 +489,7 @@ def _markdown(r) -> str:
                 f"{name}: " + ", ".join(f"{k} {_pct(v)}" for k, v in row["river"].items())
                 for name, row in r["accuracy"].items()
             )
-            + ". Left out for taking more than "
-            f"{RIVER_BUDGET_SECONDS:.0f} s on the stream (records/s when stopped): "
-            + "; ".join(
-                f"{name}: " + ", ".join(f"{k} {v:.1f}" for k, v in row["river_too_slow"].items())
-                for name, row in r["accuracy"].items()
-                if row.get("river_too_slow")
-            )
+            + _too_slow(r["accuracy"])
             + f". scikit-learn is scored by batches of {BATCH} (each predicted before it is "
             "learned): `partial_fit` one record at a time runs at about 25 records/s with "
             "2^18 features. It tokenizes with its own analyzer, which keeps the pieces of "
@@ -688,6 +684,17 @@ def _markdown(r) -> str:
         ]
     lines += ["![neural benchmark](neural.png)", ""]
     return "\n".join(lines)
+
+
+def _too_slow(rows) -> str:
+    slow = "; ".join(
+        f"{name}: " + ", ".join(f"{k} {v:.1f}" for k, v in row["river_too_slow"].items())
+        for name, row in rows.items()
+        if row.get("river_too_slow")
+    )
+    if not slow:
+        return ""
+    return f". Left out for taking more than {RIVER_BUDGET_SECONDS:.0f} s on the stream (records/s when stopped): {slow}"
 
 
 def _plot(r, path):
