@@ -132,3 +132,21 @@ def test_evaluate_without_a_model_serves_the_default_learner(stream_file, capsys
     table = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in table[2:3]] == list(DEFAULT_LEARNERS) == ["neural"]
     assert WorkerConfig(topics=("t",)).learners == DEFAULT_LEARNERS  # `run` serves the same
+
+
+def test_the_progress_line_counts_what_was_skipped_truncated_and_dropped(tmp_path):
+    from stream_learner.datasets import iter_records
+    from stream_learner.evaluate import InputProblems, _RichProgress
+    from stream_learner.runner import StreamProcessor
+
+    problems = InputProblems()
+    records = problems.watch(
+        iter_records(_messy(tmp_path), on_error="skip", on_skip=problems.skip, oversize="truncate", on_truncate=problems.truncate)
+    )
+    processor = StreamProcessor(["nb"])
+    for record in records:
+        processor.process(record)
+    assert problems.short() == "skipped 2  truncated 1  ts dropped 1"
+    bar = _RichProgress(total=None, problems=problems)
+    bar(63, 1.0, processor)
+    assert bar._progress.tasks[0].fields["problems"] == "skipped 2  truncated 1  ts dropped 1"
