@@ -163,7 +163,7 @@ class WorkerConfig:
     label_field: str = "label"
     id_field: str = "id"
     ts_field: str = "ts"
-    learners: tuple[str, ...] = ("nb",)
+    learners: tuple[str, ...] = ("neural",)  # the best on the dev streams: README "Defaults"
     serving: str = "leader"
     drift_detector: str = "adwin"
     drift_reaction: str = "alert"

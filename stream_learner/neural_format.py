@@ -44,7 +44,9 @@ from .features import TextFeaturizer
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "NeuralFormatError", "save", "load", "read_header"]
 
 FORMAT_NAME = "stream-learner-neural"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 files (no wide term) load as they are: their learners have ``wide=False``.
+READABLE_VERSIONS = (1, 2)
 _HEADER = "header.json"
 _MAX_HEADER_BYTES = 64 * 1024 * 1024
 
@@ -222,10 +224,10 @@ def _parse(data: bytes, path, key: bytes | None = None) -> tuple[dict, dict[str,
             header = json.loads(raw.tobytes().decode("utf-8"))
             if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
                 raise NeuralFormatError(f"{path} is not a stream-learner neural model")
-            if header.get("version") != FORMAT_VERSION:
+            if header.get("version") not in READABLE_VERSIONS:
                 raise NeuralFormatError(
-                    f"{path} has format version {header.get('version')!r}; "
-                    f"this stream-learner reads version {FORMAT_VERSION}"
+                    f"{path} has format version {header.get('version')!r}; this stream-learner "
+                    f"reads versions {', '.join(map(str, READABLE_VERSIONS))}"
                 )
             expected = header.get("arrays")
             if not isinstance(expected, list) or set(expected) != names - {_HEADER}:
@@ -315,6 +317,8 @@ def _restore(learner, state: dict, arrays: dict[str, np.ndarray]) -> None:
     shapes = {"emb": (learner.n_buckets, learner.dim), "out": (len(classes), width + 1)}
     if learner.hidden:
         shapes["w1"] = (learner.hidden, learner.dim + 1)
+    if learner.wide:
+        shapes["wide"] = (learner.n_buckets, len(classes))
     if set(params) != set(shapes):
         raise NeuralFormatError(f"parameters {sorted(params)} do not fit the learner")
     for name, shape in shapes.items():

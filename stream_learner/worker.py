@@ -261,6 +261,10 @@ class Worker:
 
     def _record(self, message: Message) -> Record:
         record = self.decoder.decode(message.value)
+        if record.ts_error is not None:
+            # An unreadable timestamp costs the record its event time, not its place.
+            self.counts["timestamp_dropped"] += 1
+            log.debug("timestamp dropped at %s[%d]@%d: %s", message.topic, message.partition, message.offset, record.ts_error)
         if record.id is None:
             # Plain text or JSON without an id: the message key, else its coordinates.
             if message.key:

@@ -53,6 +53,8 @@ def assert_same_future(a, b, stream):
         {},
         {"hidden": 6, "dropout": 0.3, "optimizer": "adam", "lr": 0.01, "dim": 8},
         {"optimizer": "sgd", "lr": 1.0, "dtype": "float64", "dim": 4, "lr_decay": 0.01},
+        {"wide": True},
+        {"wide": True, "hidden": 4, "optimizer": "adam", "lr": 0.01, "wide_lr": 0.05, "dim": 8},
     ],
 )
 def test_round_trip_restores_the_learner_exactly(tmp_path, params):
@@ -196,8 +198,37 @@ def test_other_format_version_is_refused_by_name(saved, tmp_path):
     def bump(header):
         header["version"] = FORMAT_VERSION + 1
 
-    with pytest.raises(NeuralFormatError, match="format version 2"):
+    with pytest.raises(NeuralFormatError, match=f"format version {FORMAT_VERSION + 1}"):
         _load_bytes(tmp_path, _rewrite(saved[2], edit_header=bump, fix_checksum=True))
+
+
+def test_version_1_files_load_as_learners_without_the_wide_term(saved, tmp_path):
+    def downgrade(header):
+        header["version"] = 1
+        for name in ("wide", "wide_lr"):
+            del header["params"][name]
+
+    restored = _load_bytes(tmp_path, _rewrite(saved[2], edit_header=downgrade, fix_checksum=True))
+    assert _same_model(restored, saved[0]) and restored.wide is False
+
+
+def test_a_wide_file_without_its_wide_table_is_refused(tmp_path):
+    model = NeuralClassifier(n_buckets=32, dim=4, wide=True)
+    model.learn_one({1: 1.0}, "a")
+    path = tmp_path / "wide.npz"
+    save(model, path)
+
+    def drop(arrays):
+        for name in ("param.wide", "slot.wide.0"):
+            del arrays[name]
+
+    def unlist(header):
+        header["arrays"] = [a for a in header["arrays"] if "wide" not in a]
+        header["state"]["slots"].pop("wide")
+
+    data = _rewrite(path.read_bytes(), edit_arrays=drop, edit_header=unlist, fix_checksum=True)
+    with pytest.raises(NeuralFormatError, match="do not fit"):
+        _load_bytes(tmp_path, data)
 
 
 def test_inconsistent_but_checksummed_files_are_refused(saved, tmp_path):
