@@ -82,7 +82,10 @@ def input_schema(decoder: Decoder | None = None) -> dict:
         ),
         "type": "object",
         "properties": {
-            text: {"type": "string", "minLength": 1, "pattern": r"\S"},
+            text: {
+                "description": "The text; null or absent in a label-only record.",
+                "anyOf": [{"type": "string", "minLength": 1, "pattern": r"\S"}, {"type": "null"}],
+            },
             record_id: {
                 "description": "Joins a late label to its record and keys the outputs.",
                 "anyOf": [
