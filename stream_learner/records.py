@@ -73,6 +73,27 @@ class Reason(enum.StrEnum):
     LEARNER_ERROR = "learner_error"
 
 
+def json_type(value) -> str:
+    """How a JSON value's type reads in a sentence: ``an array``, ``a number``, ``null``.
+
+    >>> json_type([1]), json_type(5), json_type(None), json_type({"a": 1})
+    ('an array', 'a number', 'null', 'an object')
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
 class DecodeError(ValueError):
     """A message that cannot become a :class:`Record`.
 
@@ -215,7 +236,7 @@ class Decoder:
                 raise DecodeError(Reason.INVALID_JSON, str(error)[:200], raw) from None
             if not isinstance(obj, dict):
                 raise DecodeError(
-                    Reason.NOT_AN_OBJECT, f"JSON value is a {type(obj).__name__}", raw
+                    Reason.NOT_AN_OBJECT, f"the JSON value is {json_type(obj)}, not an object", raw
                 )
             return self._from_object(obj, raw)
         if first == "[":
@@ -249,7 +270,7 @@ class Decoder:
         if not isinstance(text, str):
             raise DecodeError(
                 Reason.TEXT_NOT_STRING,
-                f"{self.text_field!r} is a {type(text).__name__}, not a string",
+                f"field {self.text_field!r} holds {json_type(text)}, not a string",
                 raw,
             )
         text = self._check_text(text, raw)
@@ -279,7 +300,7 @@ class Decoder:
             return None
         if isinstance(value, bool) or not isinstance(value, str | int):
             raise DecodeError(
-                Reason.INVALID_ID, f"{self.id_field!r} is a {type(value).__name__}", raw
+                Reason.INVALID_ID, f"field {self.id_field!r} holds {json_type(value)}, not a string or an integer", raw
             )
         value = str(value)
         if not value or len(value) > 1024:
@@ -313,7 +334,7 @@ class Decoder:
             return value
         raise DecodeError(
             Reason.INVALID_LABEL,
-            f"{self.label_field!r} is a {type(value).__name__}; expected string or integer",
+            f"field {self.label_field!r} holds {json_type(value)}, not a string, an integer or a boolean",
             raw,
         )
 
@@ -323,7 +344,7 @@ class Decoder:
             return None, None
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise DecodeError(
-                Reason.INVALID_TIMESTAMP, f"timestamp is a {type(value).__name__}", raw
+                Reason.INVALID_TIMESTAMP, f"the timestamp is {json_type(value)}, not a number or a string", raw
             )
         try:
             return parse_timestamp(value), None
@@ -382,7 +403,7 @@ def parse_timestamp(value: str | int | float) -> float:
             return _epoch(float(text))
         return _parse_date_time(text, value)
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"timestamp is a {type(value).__name__}")
+        raise ValueError(f"the timestamp is {json_type(value)}, not a number or a string")
     return _epoch(float(value))
 
 

@@ -206,18 +206,24 @@ class StreamProcessor:
         if not isinstance(learners, dict):
             names = list(learners)
             if len(set(names)) != len(names):
-                raise ValueError(f"learner names must be unique: {names}")
+                raise ValueError(f"learner names must be unique; given: {', '.join(names)}")
             learners = {name: make_learner(name, seed=seed) for name in names}
         if not learners:
             raise ValueError("at least one learner is needed")
         if drift_reaction not in REACTIONS:
-            raise ValueError(f"unknown drift reaction {drift_reaction!r}; known: {REACTIONS}")
+            raise ValueError(
+                f"unknown drift reaction {drift_reaction!r}; choose one of {', '.join(REACTIONS)}"
+            )
         self.serving = serving
         if serving.startswith("fixed:"):
             if serving[6:] not in learners:
-                raise ValueError(f"{serving!r} names no learner; learners: {list(learners)}")
+                raise ValueError(
+                    f"serving {serving!r} names no learner of this run ({', '.join(learners)})"
+                )
         elif serving not in ("leader", "ensemble"):
-            raise ValueError(f"unknown serving policy {serving!r}; known: {SERVING_POLICIES}")
+            raise ValueError(
+                f"unknown serving policy {serving!r}; choose leader, ensemble or fixed:LEARNER"
+            )
         detector = None if drift_detector in (None, "none") else drift_detector
         self.drift_detector = drift_detector or "none"
         self.drift_reaction = drift_reaction
