@@ -36,7 +36,7 @@ from stream_learner.learners import LearnerError, available_learners, make_learn
 from stream_learner.runner import StreamProcessor
 
 STREAMS = ("spamassassin", "vader", "healthtweets", "poetry")
-DEFAULT = "evaluate (default: no --model)"
+DEFAULT = "evaluate (default: no --learners)"
 DEFAULT_BATCH = "evaluate (default, --mini-batch 256)"
 # River's learners, as anchors: the featurizer-free River pipelines and our River linear models.
 RIVER_ANCHORS = (

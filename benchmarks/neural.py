@@ -530,8 +530,8 @@ def _markdown(r) -> str:
                 "predict_many / learn_many on lists of dicts",
                 "minibatch_dicts",
             ),
-            ("`stream-learner evaluate -m neural` (the stream processor: scores, serving), one record at a time", "processor_per_sample"),
-            (f"`stream-learner evaluate -m neural --mini-batch {BATCH}` (`StreamProcessor.process_many`)", "processor_minibatch"),
+            ("`stream-learner evaluate --learners neural` (the stream processor: scores, serving), one record at a time", "processor_per_sample"),
+            (f"`stream-learner evaluate --learners neural --mini-batch {BATCH}` (`StreamProcessor.process_many`)", "processor_minibatch"),
         ]
         for label, key in rows:
             if key + "_cpu" not in s:

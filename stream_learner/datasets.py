@@ -1195,6 +1195,11 @@ class _Fields:
     ts: str
 
 
+def resolve_source(source: str | os.PathLike, fmt: str | None = None) -> tuple[Path, str]:
+    """``(path, format)`` of a fetched dataset or a file, as :func:`iter_records` reads it."""
+    return _resolve(source, fmt)
+
+
 def _resolve(source, fmt: str | None) -> tuple[Path, str]:
     if isinstance(source, str) and source in DATASET_NAMES:
         if not is_fetched(source):

@@ -6,10 +6,12 @@ shows records/s and rolling accuracy; a leaderboard ends the run.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import dataclasses
 import itertools
 import os
+import shlex
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -38,11 +40,10 @@ class EvaluationResult:
         return self.records / self.seconds if self.seconds else float("nan")
 
     def rows(self) -> list[dict]:
-        extra = {name: {"records_per_s": self.records_per_s} for name in self.processor.learners}
-        rows = leaderboard(self.processor.learner_stats(), extra)
+        rows = leaderboard(self.processor.learner_stats())
         if len(rows) > 1:
             served = self.processor.served_stats()
-            rows.append({"learner": f"served ({self.processor.serving})", **served})
+            rows.append({"learner": self.processor.served_name, **served})
         return rows
 
 
@@ -164,7 +165,8 @@ def evaluate(
 
 
 class _RichProgress:
-    """A progress line with records/s and the leader's rolling accuracy."""
+    """One progress line, at most 80 columns: records done (of the total where it is known),
+    records/s, the served rolling accuracy, input problems, elapsed time."""
 
     def __init__(self, total: int | None, problems: InputProblems | None = None):
         from rich.progress import (
@@ -177,9 +179,9 @@ class _RichProgress:
 
         self._progress = Progress(
             TextColumn("[bold]evaluate"),
-            BarColumn(),
+            BarColumn(bar_width=12),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]:>8} rec/s"),
+            TextColumn("{task.fields[rate]:>7} rec/s"),
             TextColumn("{task.fields[accuracy]}"),
             TextColumn("{task.fields[problems]}"),
             TimeElapsedColumn(),
@@ -187,7 +189,7 @@ class _RichProgress:
         )
         self._problems = problems
         self._task = self._progress.add_task(
-            "evaluate", total=total, rate="", accuracy="", problems=""
+            "evaluate", total=total, rate="", accuracy="acc n/a", problems=""
         )
 
     def __enter__(self):
@@ -198,8 +200,8 @@ class _RichProgress:
         self._progress.__exit__(*exc)
 
     def __call__(self, n, seconds, processor):
-        stats = processor.learner_stats()
-        accuracy = "  ".join(f"{name} {row['rolling_accuracy']:.3f}" for name, row in stats.items())
+        served = processor.served_stats()
+        accuracy = f"acc {served['rolling_accuracy']:.3f}" if served["n"] else "acc n/a"
         self._progress.update(
             self._task,
             completed=n,
@@ -209,34 +211,97 @@ class _RichProgress:
         )
 
 
+def record_total(source, fmt: str | None, limit: int | None) -> int | None:
+    """How many records ``evaluate`` will read, where that is known without reading them: a
+    fetched dataset's count, or the non-blank lines of an uncompressed JSONL or text file."""
+    from .datasets import DATASET_NAMES, DatasetError, dataset_meta, resolve_source
+
+    total = None
+    try:
+        if isinstance(source, str) and source in DATASET_NAMES:
+            total = int(dataset_meta(source)["records"])
+        else:
+            path, resolved = resolve_source(source, fmt)
+            if resolved in ("jsonl", "text") and path.suffix.lower() != ".gz":
+                total = _count_lines(path)
+    except (DatasetError, OSError, KeyError, ValueError):
+        total = None
+    if limit is not None:
+        total = limit if total is None else min(total, limit)
+    return total
+
+
+def _count_lines(path) -> int:
+    lines = 0
+    with open(path, "rb") as file:
+        for line in file:
+            lines += bool(line.strip())
+    return lines
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling kept for one release: it works, and says what replaces it."""
+
+    def __init__(self, *args, replacement: str, append: bool = False, **kwargs):
+        self.replacement, self.append = replacement, append
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(
+            f"note: {option_string} is deprecated; use {self.replacement}", file=sys.stderr
+        )
+        if self.append:
+            values = [*(getattr(namespace, self.dest, None) or []), values]
+        setattr(namespace, self.dest, values)
+
+
+# Options that change what a run computes, in the order the report's Command: line names them.
+_REPRODUCED = (
+    "learners", "serving", "drift_detector", "drift_reaction", "window", "series_every",
+    "labels_delay", "limit", "mini_batch", "seed", "fmt", "on_error", "on_oversize",
+    "text_field", "label_field", "id_field", "ts_field",
+)  # fmt: skip
+
+
 def add_evaluate_parser(subparsers) -> None:
+    from .datasets import add_field_arguments
+
     parser = subparsers.add_parser(
         "evaluate",
         help="prequential (test-then-train) evaluation over a dataset or file",
         description="Run learners prequentially over SOURCE: a fetched dataset name "
-        "(see `stream-learner datasets list`) or a .jsonl/.csv/.tsv/.txt file.",
+        "(see 'stream-learner datasets list') or a .jsonl/.json/.csv/.tsv/.txt file. Every "
+        "record is predicted by every learner before any learner learns it.",
     )
     parser.add_argument("source", help="dataset name or file path")
     parser.add_argument(
-        "--model",
-        "-m",
+        "--learners",
         action="append",
-        dest="models",
-        metavar="NAME",
-        help="learner from `stream-learner learners`, or module:factory; repeat for several "
-        "(default: neural, the wide-and-deep numpy learner: the best on the dev streams)",
+        metavar="NAMES",
+        help="learners side by side, comma-separated (repeatable): names from "
+        "'stream-learner learners', module:factory, or a saved model.npz "
+        f"(default: {','.join(DEFAULT_LEARNERS)}, the wide-and-deep numpy learner: the best "
+        "on the dev streams)",
     )
+    parser.add_argument(
+        "--model", "-m", dest="learners", action=_DeprecatedAlias, append=True,
+        replacement="--learners", help=argparse.SUPPRESS,
+    )  # fmt: skip
     parser.add_argument(
         "--serving",
         default="leader",
-        help="which prediction is served: leader, ensemble or fixed:<learner> (default %(default)s)",
+        help="which prediction is served: leader, ensemble or fixed:LEARNER (default %(default)s)",
     )
     parser.add_argument(
-        "--drift",
+        "--drift-detector",
         default="adwin",
         choices=[*DETECTORS, "none"],
-        help="drift detector (default %(default)s)",
+        help="drift detector watching each learner's errors (default %(default)s)",
     )
+    parser.add_argument(
+        "--drift", dest="drift_detector", action=_DeprecatedAlias, choices=[*DETECTORS, "none"],
+        replacement="--drift-detector", default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+    )  # fmt: skip
     parser.add_argument(
         "--drift-reaction",
         default="alert",
@@ -244,7 +309,10 @@ def add_evaluate_parser(subparsers) -> None:
         help="reaction to drift (default %(default)s)",
     )
     parser.add_argument(
-        "--window", type=int, default=1000, help="rolling-accuracy window (default %(default)s)"
+        "--window",
+        type=int,
+        default=1000,
+        help="rolling-accuracy window, records (default %(default)s)",
     )
     parser.add_argument(
         "--series-every",
@@ -257,21 +325,27 @@ def add_evaluate_parser(subparsers) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="hold each label back N records and send it as a label-only record (delayed labels)",
+        help="hold each label back N records and send it as a label-only record, as late "
+        "labels arrive (default %(default)s: labels come with their records)",
     )
-    parser.add_argument("--limit", type=int, default=None, help="stop after N records")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="stop after N records (default: all)"
+    )
     parser.add_argument(
         "--mini-batch",
         type=int,
         default=0,
         metavar="N",
-        help="predict, then learn, N records at a time (numpy learners learn them in one step)",
+        help="predict, then learn, N records at a time (numpy learners learn them in one "
+        "step; default %(default)s: one record at a time)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed of the learners (default %(default)s)"
+    )
     parser.add_argument(
         "--format",
         dest="fmt",
-        choices=["jsonl", "csv", "tsv", "lines"],
+        choices=["jsonl", "json", "csv", "tsv", "text"],
         default=None,
         help="file format (default: from the extension)",
     )
@@ -289,31 +363,66 @@ def add_evaluate_parser(subparsers) -> None:
         help="a text over the 64 KiB limit: cut it to the limit (counted), skip it, or stop "
         "(default %(default)s)",
     )
-    parser.add_argument("--text-field", default="text")
-    parser.add_argument("--label-field", default="label")
-    parser.add_argument("--id-field", default="id")
-    parser.add_argument("--ts-field", default="ts")
-    parser.add_argument("--report", metavar="OUT.md", help="write a markdown report")
-    parser.add_argument("--plot", metavar="OUT.png", help="write the rolling-accuracy plot")
+    add_field_arguments(parser, what="of the records")
+    parser.add_argument(
+        "--report", metavar="OUT.md", help="write a markdown report (default: none)"
+    )
+    parser.add_argument(
+        "--plot", metavar="OUT.png", help="write the rolling-accuracy plot (default: none)"
+    )
     parser.add_argument(
         "--save-models",
         metavar="DIR",
         help="save each neural learner at the end as DIR/<learner>.npz (warm start: pass the "
-        "file to --model later)",
+        "file to --learners later; default: not saved)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=_run)
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress line (default: shown on a terminal)",
+    )
+    parser.set_defaults(func=_run, parser=parser)
+
+
+def learner_names(values: list[str] | None) -> list[str]:
+    """``--learners a,b --learners c`` → ``["a", "b", "c"]``; the default when none is given.
+
+    >>> learner_names(["nb,neural", "pa"]), learner_names(None)
+    (['nb', 'neural', 'pa'], ['neural'])
+    """
+    names = [name.strip() for value in values or () for name in value.split(",") if name.strip()]
+    return names or list(DEFAULT_LEARNERS)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The ``stream-learner evaluate`` command that reruns this run, every option that changes
+    its results spelled out (so a later release's defaults cannot change it)."""
+    parser: argparse.ArgumentParser = args.parser
+    flags = {
+        action.dest: next(o for o in action.option_strings if o.startswith("--"))
+        for action in parser._actions
+        if action.option_strings and action.help != argparse.SUPPRESS
+    }
+    words = ["stream-learner", "evaluate", str(args.source)]
+    for dest in _REPRODUCED:
+        value = getattr(args, dest, None)
+        if dest == "learners":
+            value = ",".join(learner_names(value))
+        if value is None:
+            continue
+        words += [flags[dest], str(value)]
+    return shlex.join(words)
 
 
 def _run(args) -> int:
     from .datasets import DatasetError, iter_records
 
-    models = args.models or list(DEFAULT_LEARNERS)
+    models = learner_names(args.learners)
     try:
         processor = StreamProcessor(
             models,
             serving=args.serving,
-            drift_detector=args.drift,
+            drift_detector=args.drift_detector,
             drift_reaction=args.drift_reaction,
             window=args.window,
             series_every=args.series_every,
@@ -346,7 +455,8 @@ def _run(args) -> int:
             sys.stderr.isatty() or os.environ.get("STREAM_LEARNER_PROGRESS") == "1"
         ):
             try:
-                bar = _RichProgress(total=None, problems=problems)
+                total = None if args.labels_delay else record_total(args.source, args.fmt, args.limit)
+                bar = _RichProgress(total=total, problems=problems)
             except ImportError:  # rich is in the `report` extra
                 bar = None
         if bar is not None:
@@ -393,9 +503,7 @@ def _run(args) -> int:
             print(f"saved: {path}")
     if args.report:
         notes = [
-            f"Command: `stream-learner evaluate {args.source} "
-            + " ".join(f"--model {m}" for m in models)
-            + f" --serving {args.serving} --drift {args.drift} --drift-reaction {args.drift_reaction}`",
+            f"Command: `{command_line(args)}`",
             "",
             f"{result.records:,} records in {result.seconds:.1f} s.",
             *(f"\n{line}." for line in problems.lines()),

@@ -21,10 +21,10 @@ def add_learners_parser(subparsers) -> None:
 def _run(args) -> int:
     specs = available_learners()
     width = max(len(name) for name in specs)
-    print("learners (use with --model; or module:factory for your own River pipeline):")
+    print("learners (use with --learners; or module:factory for your own River pipeline):")
     for name, spec in specs.items():
         print(f"  {name.ljust(width)}  {spec.description}")
-    print(f"default (evaluate without --model, run without --learners): {', '.join(DEFAULT_LEARNERS)}")
+    print(f"default (evaluate and run without --learners): {', '.join(DEFAULT_LEARNERS)}")
     print(f"drift detectors: {', '.join([*DETECTORS, 'none'])}")
     print(f"drift reactions: {', '.join(REACTIONS)}")
     print(f"serving policies: {', '.join(SERVING_POLICIES)}")

@@ -25,8 +25,8 @@ def stream_file(tmp_path):
 def test_evaluate_writes_leaderboard_report_and_plot(stream_file, tmp_path, capsys):
     report, plot = tmp_path / "out.md", tmp_path / "out.png"
     code = main(
-        ["evaluate", str(stream_file), "-m", "nb", "-m", "neural", "--serving", "ensemble",
-         "--drift", "adwin", "--drift-reaction", "reset", "--report", str(report), "--plot", str(plot),
+        ["evaluate", str(stream_file), "--learners", "nb", "--learners", "neural", "--serving", "ensemble",
+         "--drift-detector", "adwin", "--drift-reaction", "reset", "--report", str(report), "--plot", str(plot),
          "--no-progress"]
     )  # fmt: skip
     assert code == 0
@@ -39,7 +39,7 @@ def test_evaluate_writes_leaderboard_report_and_plot(stream_file, tmp_path, caps
 
 
 def test_delayed_labels_option_joins_every_label(stream_file, capsys):
-    assert main(["evaluate", str(stream_file), "-m", "nb", "--labels-delay", "25", "--no-progress"]) == 0
+    assert main(["evaluate", str(stream_file), "--learners", "nb", "--labels-delay", "25", "--no-progress"]) == 0
     assert "delayed labels: joined 1,500, unmatched 0" in capsys.readouterr().out
 
 
@@ -47,13 +47,13 @@ def test_warm_start_from_a_saved_model(tmp_path, capsys):
     first = _write(tmp_path / "first.jsonl", topic_stream(1000, seed=4))
     later = _write(tmp_path / "later.jsonl", topic_stream(300, seed=5))
     models = tmp_path / "models"
-    assert main(["evaluate", str(first), "-m", "neural", "--save-models", str(models), "--no-progress", "--drift", "none"]) == 0
+    assert main(["evaluate", str(first), "--learners", "neural", "--save-models", str(models), "--no-progress", "--drift-detector", "none"]) == 0
     saved = models / "neural.npz"
     assert saved.exists()
     # Trained on users' texts: private to its owner.
     assert saved.stat().st_mode & 0o777 == 0o600 and models.stat().st_mode & 0o777 == 0o700
     capsys.readouterr()
-    assert main(["evaluate", str(later), "-m", str(saved), "-m", "neural", "--no-progress", "--drift", "none"]) == 0
+    assert main(["evaluate", str(later), "--learners", str(saved), "--learners", "neural", "--no-progress", "--drift-detector", "none"]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.strip()}
     warm, cold = float(rows[str(saved)][2]), float(rows["neural"][2])
     assert warm > cold  # it already knew the topics: no cold start
@@ -62,14 +62,14 @@ def test_warm_start_from_a_saved_model(tmp_path, capsys):
 def test_bad_inputs_are_refused_with_a_reason(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "fine", "label": "a"}) + "\n" + "{not json\n")
-    assert main(["evaluate", str(bad), "-m", "nb", "--no-progress", "--on-error", "stop"]) == 2
+    assert main(["evaluate", str(bad), "--learners", "nb", "--no-progress", "--on-error", "stop"]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl:2: invalid_json" in err
-    assert main(["evaluate", str(bad), "-m", "nb", "--no-progress"]) == 0
+    assert main(["evaluate", str(bad), "--learners", "nb", "--no-progress"]) == 0
     assert "bad.jsonl:2: invalid_json" in capsys.readouterr().out
-    assert main(["evaluate", str(bad), "-m", "no-such-learner", "--no-progress"]) == 2
+    assert main(["evaluate", str(bad), "--learners", "no-such-learner", "--no-progress"]) == 2
     assert "unknown learner" in capsys.readouterr().err
-    assert main(["evaluate", str(tmp_path / "missing.npz"), "-m", "nb", "--no-progress"]) == 2
+    assert main(["evaluate", str(tmp_path / "missing.npz"), "--learners", "nb", "--no-progress"]) == 2
 
 
 def _lines(path, lines):
@@ -91,7 +91,7 @@ def _messy(tmp_path):
 
 def test_evaluate_skips_and_counts_what_it_cannot_use_and_goes_on(tmp_path, capsys):
     report = tmp_path / "report.md"
-    code = main(["evaluate", str(_messy(tmp_path)), "-m", "nb", "--no-progress", "--report", str(report)])
+    code = main(["evaluate", str(_messy(tmp_path)), "--learners", "nb", "--no-progress", "--report", str(report)])
     assert code == 0
     out = capsys.readouterr().out
     assert "63 records" in out  # 60 good, the truncated one, both with odd timestamps
@@ -102,27 +102,27 @@ def test_evaluate_skips_and_counts_what_it_cannot_use_and_goes_on(tmp_path, caps
 
 def test_evaluate_can_still_stop_at_the_first_bad_record(tmp_path, capsys):
     messy = _messy(tmp_path)
-    assert main(["evaluate", str(messy), "-m", "nb", "--no-progress", "--on-error", "stop"]) == 2
+    assert main(["evaluate", str(messy), "--learners", "nb", "--no-progress", "--on-error", "stop"]) == 2
     assert "messy.jsonl:31: empty_text" in capsys.readouterr().err
-    code = main(["evaluate", str(messy), "-m", "nb", "--no-progress", "--on-oversize", "stop"])
+    code = main(["evaluate", str(messy), "--learners", "nb", "--no-progress", "--on-oversize", "stop"])
     assert code == 2 and "text_too_long" in capsys.readouterr().err
-    code = main(["evaluate", str(messy), "-m", "nb", "--no-progress", "--on-oversize", "skip"])
+    code = main(["evaluate", str(messy), "--learners", "nb", "--no-progress", "--on-oversize", "skip"])
     out = capsys.readouterr().out
     assert code == 0 and "62 records" in out and "text_too_long 1" in out
 
 
 def test_evaluate_says_plainly_when_nothing_could_be_scored(tmp_path, capsys):
     stream = _lines(tmp_path / "s.jsonl", [{"body": "some words", "sentiment": "pos", "id": i} for i in range(5)])
-    assert main(["evaluate", str(stream), "-m", "nb", "--no-progress", "--text-field", "body"]) == 1
+    assert main(["evaluate", str(stream), "--learners", "nb", "--no-progress", "--text-field", "body"]) == 1
     err = capsys.readouterr().err
     assert "no record could be scored" in err and "'label'" in err
     assert "fields seen: body, sentiment, id" in err
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    assert main(["evaluate", str(empty), "-m", "nb", "--no-progress"]) == 1
+    assert main(["evaluate", str(empty), "--learners", "nb", "--no-progress"]) == 1
     assert "holds no records" in capsys.readouterr().err
     blanks = _lines(tmp_path / "blank.jsonl", [{"text": " ", "label": "a"}] * 3)
-    assert main(["evaluate", str(blanks), "-m", "nb", "--no-progress"]) == 1
+    assert main(["evaluate", str(blanks), "--learners", "nb", "--no-progress"]) == 1
     assert "every one of the 3 rows" in capsys.readouterr().err
 
 
