@@ -35,6 +35,7 @@ from .sources import (
     SourceUnavailable,
     assign_with_metadata,
     commit_metadata,
+    describe_starts,
 )
 
 __all__ = ["ConfluentSource", "ConfluentSink", "librdkafka_options"]
@@ -271,6 +272,7 @@ class ConfluentSource:
         self._startup_errors: list | None = []
         self._contact: float | None = None
         self._join_state: str | None = None  # librdkafka's, from its statistics
+        self._auto_offset_reset = auto_offset_reset  # for the "starting at" log line
         self._polled = False
         self._rebalances = 0
         self._eof = confluent_kafka.KafkaError._PARTITION_EOF
@@ -347,7 +349,11 @@ class ConfluentSource:
                 consumer.incremental_assign(start)
             else:
                 consumer.assign(start)
-        log.info("assigned %s; starting at %s", sorted(by_name), _fmt(seeks))
+        log.info(
+            "assigned %s; starting at %s",
+            sorted(by_name),
+            describe_starts(by_name, seeks, self._auto_offset_reset),
+        )
 
     def _on_revoke(self, consumer, revoked) -> None:
         from confluent_kafka import KafkaException, TopicPartition

@@ -396,7 +396,8 @@ class _Listener(AsyncConsumerRebalanceListener):
         for name, offset in seeks.items():
             if name in by_name:
                 self.source._consumer.seek(by_name[name], offset)
-        log.info("assigned %s; starting at %s", sorted(by_name), _fmt(seeks))
+        reset = self.source._consumer.config.get("auto_offset_reset", "earliest")
+        log.info("assigned %s; starting at %s", sorted(by_name), describe_starts(by_name, seeks, reset))
 
     async def on_partitions_lost(self, lost):
         self.source.handler.partitions_lost({(tp.topic, tp.partition) for tp in lost})
@@ -415,6 +416,23 @@ def assign_with_metadata(handler, partitions, committed, metadata):
         if "metadata" not in str(error):
             raise
         return handler.partitions_assigned(partitions, committed)
+
+
+def describe_starts(partitions, seeks: Mapping, reset: str) -> str:
+    """Where reading starts on each partition, in words: ``t[0] at 1200`` for a known offset,
+    ``t[1] from the earliest (no committed offset)`` where the consumer's reset policy decides.
+
+    >>> describe_starts([("t", 1), ("t", 0)], {("t", 0): 1200}, "earliest")
+    't[0] at 1200, t[1] from the earliest (no committed offset)'
+    """
+    words = []
+    for topic, partition in sorted(partitions, key=lambda tp: (str(tp[0]), tp[1])):
+        offset = seeks.get((topic, partition))
+        if offset is None:
+            words.append(f"{topic}[{partition}] from the {reset} (no committed offset)")
+        else:
+            words.append(f"{topic}[{partition}] at {offset}")
+    return ", ".join(words) or "nothing"
 
 
 def _fmt(offsets) -> str:
