@@ -14,10 +14,12 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 
+from .config import _byte_size
 from .drift import DETECTORS, REACTIONS
+from .labels import DEFAULT_MAX_BYTES
 from .records import Record
 from .report import format_table, leaderboard, markdown_report, plot_accuracy
-from .runner import LearnerFailure, StreamProcessor
+from .runner import DEFAULT_MAX_CLASSES, LearnerFailure, RecordRejected, StreamProcessor
 
 __all__ = ["EvaluationResult", "evaluate", "delay_labels", "add_evaluate_parser"]
 
@@ -28,6 +30,7 @@ class EvaluationResult:
     records: int
     seconds: float
     learner_errors: int
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # reason -> records
 
     @property
     def records_per_s(self) -> float:
@@ -76,6 +79,7 @@ def evaluate(
     :meth:`StreamProcessor.process_many <stream_learner.runner.StreamProcessor.process_many>`
     that many at a time (each batch predicted before it is learned)."""
     learner_errors = 0
+    skipped: collections.Counter = collections.Counter()
     n = 0
     start = time.perf_counter()
     if mini_batch > 1:
@@ -84,23 +88,27 @@ def evaluate(
             results = processor.process_many(batch, [record.ts for record in batch])
             for result in results:
                 n += 1
-                if isinstance(result, LearnerFailure):
+                if isinstance(result, RecordRejected):
+                    skipped[str(result.reason)] += 1
+                elif isinstance(result, LearnerFailure):
                     learner_errors += 1
                     print(f"record {n}: {result}", file=sys.stderr)
             if progress is not None and n // progress_every != (n - len(batch)) // progress_every:
                 progress(n, time.perf_counter() - start, processor)
-        return EvaluationResult(processor, n, time.perf_counter() - start, learner_errors)
+        return EvaluationResult(processor, n, time.perf_counter() - start, learner_errors, skipped)
     process = processor.process
     for n, record in enumerate(records, 1):
         try:
             process(record, now=record.ts)
+        except RecordRejected as rejected:
+            skipped[str(rejected.reason)] += 1
         except LearnerFailure as failure:
             learner_errors += 1
             print(f"record {n}: {failure}", file=sys.stderr)
         if progress is not None and n % progress_every == 0:
             progress(n, time.perf_counter() - start, processor)
     seconds = time.perf_counter() - start
-    return EvaluationResult(processor, n, seconds, learner_errors)
+    return EvaluationResult(processor, n, seconds, learner_errors, skipped)
 
 
 class _RichProgress:
@@ -194,6 +202,22 @@ def add_evaluate_parser(subparsers) -> None:
         metavar="N",
         help="hold each label back N records and send it as a label-only record (delayed labels)",
     )
+    parser.add_argument(
+        "--label-buffer-bytes",
+        type=_byte_size,
+        default=DEFAULT_MAX_BYTES,
+        metavar="BYTES",
+        help="most bytes the records waiting for a delayed label take; the oldest are evicted "
+        "(KiB/MiB/GiB allowed; default 256MiB)",
+    )
+    parser.add_argument(
+        "--max-classes",
+        type=int,
+        default=DEFAULT_MAX_CLASSES,
+        metavar="N",
+        help="most classes learned; records with a label past them are skipped "
+        "(too_many_classes) (default %(default)s)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="stop after N records")
     parser.add_argument(
         "--mini-batch",
@@ -239,6 +263,8 @@ def _run(args) -> int:
             window=args.window,
             series_every=args.series_every,
             label_ttl=None,
+            label_buffer_bytes=args.label_buffer_bytes,
+            max_classes=args.max_classes,
             seed=args.seed,
         )
     except ValueError as error:
@@ -290,6 +316,8 @@ def _run(args) -> int:
         )
     if result.learner_errors:
         print(f"{result.learner_errors} records made a learner fail (see stderr)")
+    for reason, count in sorted(result.skipped.items()):
+        print(f"{count:,} records skipped: {reason}")
     if args.plot:
         plot_accuracy(
             processor.series,

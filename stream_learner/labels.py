@@ -1,18 +1,24 @@
 """The delayed-label buffer: what was predicted for an unlabelled record, until its label comes.
 
-Bounded in entries (oldest evicted first) and in age (entries older than ``ttl`` seconds
-expire). Evictions, expiries and labels that match nothing are counted, never raised.
+Bounded in bytes and in entries (oldest evicted first) and in age (entries older than ``ttl``
+seconds expire). Evictions, expiries and labels that match nothing are counted, never raised.
+
+A waiting record is kept compact: each learner input ``{bucket id: weight}`` (what
+:meth:`TextFeaturizer.transform_one <stream_learner.features.TextFeaturizer.transform_one>`
+gives) as two numpy arrays, each probability dict as a tuple of labels and an array, so that
+a 60 KB text costs about 12 bytes per distinct feature instead of a dict's ~100. :meth:`pop`
+gives back the dicts the learners took, equal key for key, in the same order.
 
 >>> buffer = LabelBuffer(max_entries=2, ttl=60.0)
 >>> buffer.put("a", features={0: {1: 1}}, predictions={}, now=0.0)
 >>> buffer.put("b", features={0: {2: 1}}, predictions={}, now=1.0)
 >>> buffer.put("c", features={0: {3: 1}}, predictions={}, now=2.0)  # evicts "a"
->>> buffer.pop("a", now=3.0) is None, buffer.pop("b", now=3.0) is not None
-(True, True)
+>>> buffer.pop("a", now=3.0) is None, buffer.pop("b", now=3.0).features
+(True, {0: {2: 1}})
 >>> buffer.pop("c", now=100.0) is None  # expired
 True
 >>> buffer.stats()
-{'size': 0, 'evicted': 1, 'expired': 1, 'unmatched': 2, 'joined': 1}
+{'size': 0, 'evicted': 1, 'expired': 1, 'unmatched': 2, 'joined': 1, 'bytes': 0}
 
 """
 
@@ -20,16 +26,174 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import sys
 
-__all__ = ["LabelBuffer", "PendingRecord"]
+import numpy as np
+
+__all__ = ["LabelBuffer", "PendingRecord", "DEFAULT_MAX_BYTES"]
+
+#: 256 MiB: ~150,000 tweet-sized records of two learners (more than the default entry cap),
+#: or ~1,000 records of 60 KB text, in a worker whose numpy model alone takes ~70 MB.
+DEFAULT_MAX_BYTES = 256 * 2**20
+
+# What one entry costs beyond its arrays and containers, measured with tracemalloc on
+# CPython 3.11: the OrderedDict slot and link, the entry's tuple of sizes.
+_ENTRY_OVERHEAD = 200
+_INT32 = np.iinfo(np.int32)
 
 
 @dataclasses.dataclass(slots=True)
 class PendingRecord:
     features: dict  # featurizer key -> x (the learner's input, computed once)
     predictions: dict  # learner name -> (label, proba) made back then
-    served: tuple | None  # (label, proba, learner) that was served
+    served: object | None  # the runner's Prediction (label, proba, learner) that was served
     inserted: float
+
+
+class SparseFeatures:
+    """A ``{bucket id: weight}`` dict as two arrays, ids in the dict's order and weights."""
+
+    __slots__ = ("ids", "weights")
+
+    def __init__(self, ids: np.ndarray, weights: np.ndarray):
+        self.ids = ids
+        self.weights = weights
+
+    @classmethod
+    def from_dict(cls, x: dict) -> SparseFeatures | None:
+        """None when ``x`` is not a dict of integer keys and numeric weights."""
+        try:
+            ids = np.array(list(x), dtype=np.int64)
+            weights = np.array(list(x.values()))
+        except (TypeError, ValueError, OverflowError):
+            return None
+        if weights.dtype.kind not in "biuf" or ids.ndim != 1 or weights.shape != ids.shape:
+            return None
+        return cls(_narrow(ids), _narrow(weights))
+
+    @classmethod
+    def from_batch(cls, batch, i: int) -> SparseFeatures:
+        """Record ``i`` of a :class:`~stream_learner.features.BucketBatch`: what
+        ``from_dict(batch.record(i))`` gives, without the dict."""
+        start, end = int(batch.offsets[i]), int(batch.offsets[i + 1])
+        ids = batch.ids[start:end]
+        if batch.weights is not None:
+            return cls(_narrow(ids), batch.weights[start:end].copy())
+        # Repeated ids: distinct ids in order of first occurrence, with their counts (Counter's).
+        distinct, first, counts = np.unique(ids, return_index=True, return_counts=True)
+        order = np.argsort(first, kind="stable")
+        return cls(_narrow(distinct[order]), _narrow(counts[order]))
+
+    def to_dict(self) -> dict:
+        return dict(zip(self.ids.tolist(), self.weights.tolist(), strict=True))
+
+    @property
+    def nbytes(self) -> int:
+        return sys.getsizeof(self) + sys.getsizeof(self.ids) + sys.getsizeof(self.weights)
+
+
+def _narrow(values: np.ndarray) -> np.ndarray:
+    """``values`` as an array of its own, int32 when they are integers that fit (``tolist()``
+    gives the same Python ints back)."""
+    if (
+        values.dtype.kind in "iu"
+        and values.size
+        and _INT32.min <= values.min()
+        and values.max() <= _INT32.max
+    ):
+        return values.astype(np.int32)
+    return values if values.base is None else values.copy()
+
+
+class CompactProba:
+    """A probability dict as a tuple of labels (shared with the learner) and an array."""
+
+    __slots__ = ("labels", "values")
+
+    def __init__(self, proba: dict):
+        self.labels = tuple(proba)
+        self.values = np.fromiter(proba.values(), np.float64, count=len(proba))
+
+    def to_dict(self) -> dict:
+        return dict(zip(self.labels, self.values.tolist(), strict=True))
+
+    @property
+    def nbytes(self) -> int:
+        return sys.getsizeof(self) + sys.getsizeof(self.labels) + sys.getsizeof(self.values)
+
+
+def _compact_features(x):
+    """A learner input as it is kept: SparseFeatures for bucket dicts, the text as is."""
+    if isinstance(x, dict) and x:
+        return SparseFeatures.from_dict(x) or x
+    return x
+
+
+def _compact_proba(proba):
+    if isinstance(proba, dict) and proba:
+        try:
+            return CompactProba(proba)
+        except (TypeError, ValueError):
+            return proba
+    return proba
+
+
+def _expand(value):
+    return value.to_dict() if isinstance(value, (SparseFeatures, CompactProba)) else value
+
+
+def _size(value) -> int:
+    """Bytes ``value`` holds (arrays and containers; labels and keys shared with the learners
+    are not counted again, each dict entry is)."""
+    if isinstance(value, (SparseFeatures, CompactProba)):
+        return value.nbytes
+    if isinstance(value, str):
+        return sys.getsizeof(value)
+    if isinstance(value, dict):
+        # A dict that could not be made compact: its table plus a boxed key and value per entry.
+        return sys.getsizeof(value) + 64 * len(value)
+    return sys.getsizeof(value)
+
+
+class _Entry:
+    """A pending record as kept: compact features, predictions and served prediction."""
+
+    __slots__ = ("features", "predictions", "served", "served_proba", "inserted", "nbytes")
+
+    def __init__(self, record_id: str, features: dict, predictions: dict, served, inserted: float):
+        self.features = {key: _compact_features(x) for key, x in features.items()}
+        self.predictions = {name: _compact_proba(p) for name, p in predictions.items()}
+        self.inserted = inserted
+        self.served = served
+        self.served_proba = None
+        if served is not None:
+            # The served dict is usually one learner's own: keep it once.
+            if predictions.get(served.learner) is not served.proba:
+                self.served_proba = _compact_proba(served.proba)
+            self.served = dataclasses.replace(served, proba=None)
+        self.nbytes = (
+            _ENTRY_OVERHEAD
+            + sys.getsizeof(self)
+            + sys.getsizeof(record_id)
+            + sys.getsizeof(self.features)
+            + sys.getsizeof(self.predictions)
+            + sum(_size(x) for x in self.features.values())
+            + sum(_size(p) for p in self.predictions.values())
+            + (_size(self.served_proba) + sys.getsizeof(self.served) if served is not None else 0)
+        )
+
+    def expand(self) -> PendingRecord:
+        predictions = {name: _expand(p) for name, p in self.predictions.items()}
+        served = self.served
+        if served is not None:
+            proba = (
+                _expand(self.served_proba)
+                if self.served_proba is not None
+                else predictions.get(served.learner)
+            )
+            served = dataclasses.replace(served, proba=proba)
+        features = {key: _expand(x) for key, x in self.features.items()}
+        return PendingRecord(features, predictions, served, self.inserted)
 
 
 class LabelBuffer:
@@ -41,39 +205,102 @@ class LabelBuffer:
         Most records held; the oldest is evicted to make room.
     ttl
         Seconds a record waits for its label; None waits forever (still bounded by count).
+    max_bytes
+        Most bytes the waiting records take (their arrays and containers, as
+        :attr:`nbytes` counts them); the oldest are evicted to make room. A record larger
+        than the whole budget is not kept (counted as evicted).
 
     """
 
-    def __init__(self, max_entries: int = 100_000, ttl: float | None = 3600.0):
+    max_bytes = DEFAULT_MAX_BYTES  # for buffers pickled before the byte budget existed
+    nbytes = 0
+
+    def __init__(
+        self,
+        max_entries: int = 100_000,
+        ttl: float | None = 3600.0,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ):
+        if max_entries < 1 or max_bytes < 1:
+            raise ValueError("max_entries and max_bytes must be at least 1")
         self.max_entries = max_entries
         self.ttl = ttl
-        self._pending: collections.OrderedDict[str, PendingRecord] = collections.OrderedDict()
+        self.max_bytes = max_bytes
+        self._pending: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
+        self.nbytes = 0
         self.evicted = 0
         self.expired = 0
         self.unmatched = 0
         self.joined = 0
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if any(isinstance(entry, PendingRecord) for entry in self._pending.values()):
+            # A buffer pickled before entries were compact.
+            old, self._pending, self.nbytes = self._pending, collections.OrderedDict(), 0
+            for record_id, entry in old.items():
+                self._add(
+                    record_id,
+                    _Entry(
+                        record_id, entry.features, entry.predictions, entry.served, entry.inserted
+                    ),
+                )
+
     def __len__(self) -> int:
         return len(self._pending)
 
     def put(self, record_id: str, *, features: dict, predictions: dict, now: float, served=None):
-        pending = self._pending
+        """Keep a record's features and predictions until its label comes. A value of
+        ``features`` may already be a :class:`SparseFeatures`."""
         self.expire(now)
-        if record_id in pending:
-            del pending[record_id]  # a repeated id: the newer prediction wins
-        while len(pending) >= self.max_entries:
-            pending.popitem(last=False)
+        self._remove(record_id)  # a repeated id: the newer prediction wins
+        self._add(record_id, _Entry(record_id, features, predictions, served, now))
+
+    def _add(self, record_id: str, entry: _Entry) -> None:
+        if entry.nbytes > self.max_bytes:
             self.evicted += 1
-        pending[record_id] = PendingRecord(features, predictions, served, now)
+            return
+        pending = self._pending
+        while pending and (
+            len(pending) >= self.max_entries or self.nbytes + entry.nbytes > self.max_bytes
+        ):
+            _, oldest = pending.popitem(last=False)
+            self.nbytes -= oldest.nbytes
+            self.evicted += 1
+        pending[record_id] = entry
+        self.nbytes += entry.nbytes
+
+    def _remove(self, record_id: str) -> _Entry | None:
+        entry = self._pending.pop(record_id, None)
+        if entry is not None:
+            self.nbytes -= entry.nbytes
+        return entry
+
+    def set_limits(self, *, max_entries: int | None = None, max_bytes: int | None = None) -> None:
+        """Change the bounds (a restored worker takes its configuration's); evicts the oldest
+        records that no longer fit."""
+        if max_entries is not None:
+            self.max_entries = max_entries
+        if max_bytes is not None:
+            self.max_bytes = max_bytes
+        pending = self._pending
+        while pending and (len(pending) > self.max_entries or self.nbytes > self.max_bytes):
+            _, oldest = pending.popitem(last=False)
+            self.nbytes -= oldest.nbytes
+            self.evicted += 1
 
     def pop(self, record_id: str, *, now: float) -> PendingRecord | None:
         self.expire(now)
-        entry = self._pending.pop(record_id, None)
+        entry = self._remove(record_id)
         if entry is None:
             self.unmatched += 1
-        else:
-            self.joined += 1
-        return entry
+            return None
+        self.joined += 1
+        return entry.expand()
+
+    def discard(self, record_id: str) -> bool:
+        """Forget a record without counting it as joined or unmatched."""
+        return self._remove(record_id) is not None
 
     def expire(self, now: float) -> int:
         """Drop records older than ``ttl``; returns how many."""
@@ -88,6 +315,7 @@ class LabelBuffer:
             if oldest.inserted >= deadline:
                 break
             pending.popitem(last=False)
+            self.nbytes -= oldest.nbytes
             dropped += 1
         self.expired += dropped
         return dropped
@@ -99,4 +327,5 @@ class LabelBuffer:
             "expired": self.expired,
             "unmatched": self.unmatched,
             "joined": self.joined,
+            "bytes": self.nbytes,
         }
