@@ -382,3 +382,22 @@ def test_a_processor_pickled_before_the_budgets_loads_bounded():
     assert 0 < fresh.labels.nbytes < fresh.labels.max_bytes
     pending = fresh.labels.pop("p", now=0.0)
     assert pending.features == {processor._slots[0].key: x} and pending.served == served
+
+
+def test_the_buffer_bytes_and_the_new_reason_are_exported():
+    from prometheus_client import CollectorRegistry
+
+    from stream_learner.metrics import DEAD_LETTER_REASONS, StreamMetrics
+
+    registry = CollectorRegistry()
+    metrics = StreamMetrics(registry, learners=["nb"], detector="adwin")
+    metrics.set_label_buffer({"size": 2, "bytes": 4096, "expired": 0, "evicted": 0, "unmatched": 0})
+    assert registry.get_sample_value("stream_learner_label_buffer_bytes") == 4096
+    assert "too_many_classes" in DEAD_LETTER_REASONS
+    metrics.dead_lettered("too_many_classes")
+    assert (
+        registry.get_sample_value(
+            "stream_learner_dead_letters_total", {"reason": "too_many_classes"}
+        )
+        == 1
+    )
