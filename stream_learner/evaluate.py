@@ -309,6 +309,9 @@ def _run(args) -> int:
         print(
             f"delayed labels: joined {buffer['joined']:,}, unmatched {buffer['unmatched']:,}, evicted {buffer['evicted']:,}"
         )
+    drifts = sum(row["drifts"] for row in processor.learner_stats().values())
+    if drifts > len(processor.drift_events):
+        print(f"{drifts:,} drift events; the newest {len(processor.drift_events):,}:")
     for event in processor.drift_events:
         after = "" if event.accuracy_after is None else f" → {event.accuracy_after:.3f}"
         print(
