@@ -401,3 +401,48 @@ def test_the_buffer_bytes_and_the_new_reason_are_exported():
         )
         == 1
     )
+
+
+operations = st.lists(
+    st.tuples(
+        st.sampled_from(["put", "pop", "advance"]),
+        st.integers(0, 12),  # id
+        st.integers(0, 400),  # features in the record
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(ops=operations, max_entries=st.integers(1, 8), max_bytes=st.integers(1, 20_000))
+def test_the_buffer_stays_within_its_bounds_and_counts_every_record(ops, max_entries, max_bytes):
+    buffer = LabelBuffer(max_entries=max_entries, ttl=5.0, max_bytes=max_bytes)
+    now, put, popped = 0.0, 0, 0
+    for op, key, size in ops:
+        if op == "put":
+            features = {"k": {i * 7 + key: 1.0 / (i + 1) for i in range(size)}}
+            replaced = 1 if str(key) in buffer._pending else 0
+            buffer.put(
+                str(key), features=features, predictions={"m": {"a": 0.5, "b": 0.5}}, now=now
+            )
+            put += 1 - replaced
+        elif op == "pop":
+            popped += buffer.pop(str(key), now=now) is not None
+        else:
+            now += 2.0
+        assert len(buffer) <= max_entries and 0 <= buffer.nbytes <= max_bytes
+        assert buffer.nbytes == sum(entry.nbytes for entry in buffer._pending.values())
+        assert put == len(buffer) + popped + buffer.evicted + buffer.expired
+
+
+def test_lower_limits_on_a_restored_processor_evict_the_oldest():
+    processor = StreamProcessor(["nb"], drift_detector="none")
+    for i in range(10):
+        processor.process(Record(str(i), f"some words {i}"), now=float(i))
+    per_record = processor.labels.nbytes / 10
+    processor.set_limits(
+        label_buffer_bytes=int(per_record * 4.5), label_buffer_size=8, max_classes=1
+    )
+    assert list(processor.labels._pending) == ["6", "7", "8", "9"]
+    assert processor.label_buffer_stats()["evicted"] == 6
+    assert processor.max_classes == 1
