@@ -5,7 +5,7 @@ seconds expire). Evictions, expiries and labels that match nothing are counted, 
 
 A waiting record is kept compact: each learner input ``{bucket id: weight}`` (what
 :meth:`TextFeaturizer.transform_one <stream_learner.features.TextFeaturizer.transform_one>`
-gives) as two numpy arrays, each probability dict as a tuple of labels and an array, so that
+gives) as two arrays, a probability dict of many classes as a tuple of labels and an array:
 a 60 KB text costs about 12 bytes per distinct feature instead of a dict's ~100. :meth:`pop`
 gives back the dicts the learners took, equal key for key, in the same order.
 
@@ -24,22 +24,21 @@ True
 
 from __future__ import annotations
 
+import array
 import collections
 import dataclasses
 import sys
 
-import numpy as np
-
 __all__ = ["LabelBuffer", "PendingRecord", "DEFAULT_MAX_BYTES"]
 
-#: 256 MiB: ~150,000 tweet-sized records of two learners (more than the default entry cap),
-#: or ~1,000 records of 60 KB text, in a worker whose numpy model alone takes ~70 MB.
+#: 256 MiB: ~120,000 tweets waiting with two learners (more than the default entry cap), or
+#: ~1,150 texts of 60 KB, in a worker whose numpy model alone takes ~70 MB.
 DEFAULT_MAX_BYTES = 256 * 2**20
 
 # What one entry costs beyond its arrays and containers, measured with tracemalloc on
 # CPython 3.11: the OrderedDict slot and link, the entry's tuple of sizes.
 _ENTRY_OVERHEAD = 200
-_INT32 = np.iinfo(np.int32)
+_SMALL_PROBA = 8  # probability dicts up to this many classes are kept as dicts
 
 
 @dataclasses.dataclass(slots=True)
@@ -51,58 +50,54 @@ class PendingRecord:
 
 
 class SparseFeatures:
-    """A ``{bucket id: weight}`` dict as two arrays, ids in the dict's order and weights."""
+    """A ``{bucket id: weight}`` dict as two arrays (``array.array``: cheaper than numpy at a
+    tweet's few dozen entries), ids in the dict's order and weights."""
 
     __slots__ = ("ids", "weights")
 
-    def __init__(self, ids: np.ndarray, weights: np.ndarray):
+    def __init__(self, ids: array.array, weights: array.array):
         self.ids = ids
         self.weights = weights
 
     @classmethod
     def from_dict(cls, x: dict) -> SparseFeatures | None:
-        """None when ``x`` is not a dict of integer keys and numeric weights."""
+        """None unless ``x`` has integer keys and integer weights, or float weights (the
+        featurizer's: counts, binary or normalized; in a dict that mixes them, as a dense
+        normalized one would, an integer 0 comes back as 0.0)."""
         try:
-            ids = np.array(list(x), dtype=np.int64)
-            weights = np.array(list(x.values()))
-        except (TypeError, ValueError, OverflowError):
+            ids = _ints(list(x))
+            weights = list(x.values())
+            if type(weights[0]) is float:
+                weights = array.array("d", weights)
+            elif type(weights[0]) is int:
+                weights = _ints(weights)  # raises on a float
+            else:
+                return None
+        except (TypeError, OverflowError, IndexError):
             return None
-        if weights.dtype.kind not in "biuf" or ids.ndim != 1 or weights.shape != ids.shape:
-            return None
-        return cls(_narrow(ids), _narrow(weights))
+        return cls(ids, weights)
 
     @classmethod
-    def from_batch(cls, batch, i: int) -> SparseFeatures:
-        """Record ``i`` of a :class:`~stream_learner.features.BucketBatch`: what
-        ``from_dict(batch.record(i))`` gives, without the dict."""
-        start, end = int(batch.offsets[i]), int(batch.offsets[i + 1])
-        ids = batch.ids[start:end]
-        if batch.weights is not None:
-            return cls(_narrow(ids), batch.weights[start:end].copy())
-        # Repeated ids: distinct ids in order of first occurrence, with their counts (Counter's).
-        distinct, first, counts = np.unique(ids, return_index=True, return_counts=True)
-        order = np.argsort(first, kind="stable")
-        return cls(_narrow(distinct[order]), _narrow(counts[order]))
+    def from_batch(cls, batch, i: int) -> SparseFeatures | dict:
+        """Record ``i`` of a :class:`~stream_learner.features.BucketBatch`, compact (its
+        dict when it has no features)."""
+        x = batch.record(i)
+        return cls.from_dict(x) or x
 
     def to_dict(self) -> dict:
-        return dict(zip(self.ids.tolist(), self.weights.tolist(), strict=True))
+        return dict(zip(self.ids, self.weights, strict=True))
 
     @property
     def nbytes(self) -> int:
         return sys.getsizeof(self) + sys.getsizeof(self.ids) + sys.getsizeof(self.weights)
 
 
-def _narrow(values: np.ndarray) -> np.ndarray:
-    """``values`` as an array of its own, int32 when they are integers that fit (``tolist()``
-    gives the same Python ints back)."""
-    if (
-        values.dtype.kind in "iu"
-        and values.size
-        and _INT32.min <= values.min()
-        and values.max() <= _INT32.max
-    ):
-        return values.astype(np.int32)
-    return values if values.base is None else values.copy()
+def _ints(values: list) -> array.array:
+    """Integers as 32-bit ones, or 64-bit when they do not fit; raises TypeError on others."""
+    try:
+        return array.array("i", values)
+    except OverflowError:
+        return array.array("q", values)
 
 
 class CompactProba:
@@ -112,10 +107,10 @@ class CompactProba:
 
     def __init__(self, proba: dict):
         self.labels = tuple(proba)
-        self.values = np.fromiter(proba.values(), np.float64, count=len(proba))
+        self.values = array.array("d", proba.values())
 
     def to_dict(self) -> dict:
-        return dict(zip(self.labels, self.values.tolist(), strict=True))
+        return dict(zip(self.labels, self.values, strict=True))
 
     @property
     def nbytes(self) -> int:
@@ -130,7 +125,8 @@ def _compact_features(x):
 
 
 def _compact_proba(proba):
-    if isinstance(proba, dict) and proba:
+    # A few classes cost no less as arrays (two objects and their headers) and take longer.
+    if isinstance(proba, dict) and len(proba) > _SMALL_PROBA:
         try:
             return CompactProba(proba)
         except (TypeError, ValueError):
@@ -150,8 +146,10 @@ def _size(value) -> int:
     if isinstance(value, str):
         return sys.getsizeof(value)
     if isinstance(value, dict):
-        # A dict that could not be made compact: its table plus a boxed key and value per entry.
-        return sys.getsizeof(value) + 64 * len(value)
+        # A dict kept as is: its table plus boxed values (a float: 24 bytes), and keys when
+        # they are the record's own (bucket ids: 28 bytes; labels are the learners').
+        per_entry = 64 if value and type(next(iter(value))) is int else 32
+        return sys.getsizeof(value) + per_entry * len(value)
     return sys.getsizeof(value)
 
 
@@ -161,37 +159,36 @@ class _Entry:
     __slots__ = ("features", "predictions", "served", "served_proba", "inserted", "nbytes")
 
     def __init__(self, record_id: str, features: dict, predictions: dict, served, inserted: float):
+        size = _ENTRY_OVERHEAD + sys.getsizeof(self) + sys.getsizeof(record_id)
         self.features = {key: _compact_features(x) for key, x in features.items()}
         self.predictions = {name: _compact_proba(p) for name, p in predictions.items()}
+        size += sys.getsizeof(self.features) + sys.getsizeof(self.predictions)
+        for value in self.features.values():
+            size += value.nbytes if type(value) is SparseFeatures else _size(value)
+        for value in self.predictions.values():
+            size += _size(value)
         self.inserted = inserted
-        self.served = served
-        self.served_proba = None
+        self.served = self.served_proba = None
         if served is not None:
             # The served dict is usually one learner's own: keep it once.
             if predictions.get(served.learner) is not served.proba:
                 self.served_proba = _compact_proba(served.proba)
-            self.served = dataclasses.replace(served, proba=None)
-        self.nbytes = (
-            _ENTRY_OVERHEAD
-            + sys.getsizeof(self)
-            + sys.getsizeof(record_id)
-            + sys.getsizeof(self.features)
-            + sys.getsizeof(self.predictions)
-            + sum(_size(x) for x in self.features.values())
-            + sum(_size(p) for p in self.predictions.values())
-            + (_size(self.served_proba) + sys.getsizeof(self.served) if served is not None else 0)
-        )
+                size += _size(self.served_proba)
+            self.served = (type(served), served.label, served.learner)  # without its dict
+            size += sys.getsizeof(self.served)
+        self.nbytes = size
 
     def expand(self) -> PendingRecord:
         predictions = {name: _expand(p) for name, p in self.predictions.items()}
-        served = self.served
-        if served is not None:
+        served = None
+        if self.served is not None:
+            kind, label, learner = self.served
             proba = (
-                _expand(self.served_proba)
-                if self.served_proba is not None
-                else predictions.get(served.learner)
+                predictions.get(learner)
+                if self.served_proba is None
+                else _expand(self.served_proba)
             )
-            served = dataclasses.replace(served, proba=proba)
+            served = kind(label=label, proba=proba, learner=learner)
         features = {key: _expand(x) for key, x in self.features.items()}
         return PendingRecord(features, predictions, served, self.inserted)
 
