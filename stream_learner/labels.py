@@ -39,6 +39,7 @@ DEFAULT_MAX_BYTES = 256 * 2**20
 # CPython 3.11: the OrderedDict slot and link, the entry's tuple of sizes.
 _ENTRY_OVERHEAD = 200
 _SMALL_PROBA = 8  # probability dicts up to this many classes are kept as dicts
+_COMPACT_AT_ONCE = 512  # features in a record made compact as soon as it is put
 
 
 @dataclasses.dataclass(slots=True)
@@ -154,31 +155,53 @@ def _size(value) -> int:
 
 
 class _Entry:
-    """A pending record as kept: compact features, predictions and served prediction."""
+    """A pending record as kept: its features, predictions and served prediction, as the
+    caller gave them (``raw``) or compact."""
 
-    __slots__ = ("features", "predictions", "served", "served_proba", "inserted", "nbytes")
+    __slots__ = ("features", "predictions", "served", "served_proba", "inserted", "nbytes", "raw")
 
     def __init__(self, record_id: str, features: dict, predictions: dict, served, inserted: float):
+        self.features = features
+        self.predictions = predictions
+        self.inserted = inserted
+        self.served = served  # while raw: the caller's object, its dict counted below
+        self.served_proba = None
+        if served is not None and predictions.get(served.learner) is not served.proba:
+            self.served_proba = served.proba  # usually one learner's own dict: counted once
+        self.raw = True
+        self.nbytes = self._size(record_id)
+
+    def _size(self, record_id: str) -> int:
         size = _ENTRY_OVERHEAD + sys.getsizeof(self) + sys.getsizeof(record_id)
-        self.features = {key: _compact_features(x) for key, x in features.items()}
-        self.predictions = {name: _compact_proba(p) for name, p in predictions.items()}
         size += sys.getsizeof(self.features) + sys.getsizeof(self.predictions)
         for value in self.features.values():
             size += value.nbytes if type(value) is SparseFeatures else _size(value)
         for value in self.predictions.values():
             size += _size(value)
-        self.inserted = inserted
-        self.served = self.served_proba = None
+        if self.served is not None:
+            size += sys.getsizeof(self.served) + _size(self.served_proba)
+        return size
+
+    def compact(self, record_id: str) -> int:
+        """Make the features and probabilities compact; → bytes saved."""
+        before = self.nbytes
+        self.features = {key: _compact_features(x) for key, x in self.features.items()}
+        self.predictions = {name: _compact_proba(p) for name, p in self.predictions.items()}
+        self.served_proba = _compact_proba(self.served_proba)
+        served = self.served
         if served is not None:
-            # The served dict is usually one learner's own: keep it once.
-            if predictions.get(served.learner) is not served.proba:
-                self.served_proba = _compact_proba(served.proba)
-                size += _size(self.served_proba)
             self.served = (type(served), served.label, served.learner)  # without its dict
-            size += sys.getsizeof(self.served)
-        self.nbytes = size
+        self.raw = False
+        self.nbytes = self._size(record_id)
+        return before - self.nbytes
+
+    def drop(self) -> None:
+        """Let go of the payload (the entry may still be queued for compaction)."""
+        self.features = self.predictions = self.served_proba = None
 
     def expand(self) -> PendingRecord:
+        if self.raw:
+            return PendingRecord(self.features, self.predictions, self.served, self.inserted)
         predictions = {name: _expand(p) for name, p in self.predictions.items()}
         served = None
         if self.served is not None:
@@ -210,6 +233,8 @@ class LabelBuffer:
     """
 
     max_bytes = DEFAULT_MAX_BYTES  # for buffers pickled before the byte budget existed
+    #: Newest small records kept as given (their dicts, counted as such) before being made compact.
+    RECENT = 1000
     nbytes = 0
 
     def __init__(
@@ -224,6 +249,7 @@ class LabelBuffer:
         self.ttl = ttl
         self.max_bytes = max_bytes
         self._pending: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
+        self._recent: collections.deque[tuple[str, _Entry]] = collections.deque()  # still raw
         self.nbytes = 0
         self.evicted = 0
         self.expired = 0
@@ -232,40 +258,60 @@ class LabelBuffer:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        if "_recent" not in state:
+            self._recent = collections.deque()
         if any(isinstance(entry, PendingRecord) for entry in self._pending.values()):
             # A buffer pickled before entries were compact.
             old, self._pending, self.nbytes = self._pending, collections.OrderedDict(), 0
             for record_id, entry in old.items():
-                self._add(
-                    record_id,
-                    _Entry(
-                        record_id, entry.features, entry.predictions, entry.served, entry.inserted
-                    ),
+                new = _Entry(
+                    record_id, entry.features, entry.predictions, entry.served, entry.inserted
                 )
+                new.compact(record_id)
+                self._add(record_id, new)
 
     def __len__(self) -> int:
         return len(self._pending)
 
     def put(self, record_id: str, *, features: dict, predictions: dict, now: float, served=None):
-        """Keep a record's features and predictions until its label comes. A value of
-        ``features`` may already be a :class:`SparseFeatures`."""
+        """Keep a record's features and predictions until its label comes.
+
+        A small record is kept as given until ``RECENT`` newer ones have come (most labels
+        come sooner, and then converting it is wasted work); a large one is made compact at once.
+        """
         self.expire(now)
-        self._remove(record_id)  # a repeated id: the newer prediction wins
-        self._add(record_id, _Entry(record_id, features, predictions, served, now))
+        self.discard(record_id)  # a repeated id: the newer prediction wins
+        entry = _Entry(record_id, features, predictions, served, now)
+        if sum(len(x) for x in features.values() if type(x) is dict) > _COMPACT_AT_ONCE:
+            entry.compact(record_id)
+        else:
+            self._recent.append((record_id, entry))
+        self._add(record_id, entry)
+        recent = self._recent
+        while len(recent) > self.RECENT:
+            old_id, old = recent.popleft()
+            if old.raw and old.features is not None:
+                saved = old.compact(old_id)
+                self.nbytes -= saved
 
     def _add(self, record_id: str, entry: _Entry) -> None:
         if entry.nbytes > self.max_bytes:
+            entry.drop()
             self.evicted += 1
             return
         pending = self._pending
         while pending and (
             len(pending) >= self.max_entries or self.nbytes + entry.nbytes > self.max_bytes
         ):
-            _, oldest = pending.popitem(last=False)
-            self.nbytes -= oldest.nbytes
+            self._drop_oldest()
             self.evicted += 1
         pending[record_id] = entry
         self.nbytes += entry.nbytes
+
+    def _drop_oldest(self) -> None:
+        _, oldest = self._pending.popitem(last=False)
+        self.nbytes -= oldest.nbytes
+        oldest.drop()
 
     def _remove(self, record_id: str) -> _Entry | None:
         entry = self._pending.pop(record_id, None)
@@ -282,8 +328,7 @@ class LabelBuffer:
             self.max_bytes = max_bytes
         pending = self._pending
         while pending and (len(pending) > self.max_entries or self.nbytes > self.max_bytes):
-            _, oldest = pending.popitem(last=False)
-            self.nbytes -= oldest.nbytes
+            self._drop_oldest()
             self.evicted += 1
 
     def pop(self, record_id: str, *, now: float) -> PendingRecord | None:
@@ -293,11 +338,17 @@ class LabelBuffer:
             self.unmatched += 1
             return None
         self.joined += 1
-        return entry.expand()
+        pending = entry.expand()
+        entry.drop()
+        return pending
 
     def discard(self, record_id: str) -> bool:
         """Forget a record without counting it as joined or unmatched."""
-        return self._remove(record_id) is not None
+        entry = self._remove(record_id)
+        if entry is None:
+            return False
+        entry.drop()
+        return True
 
     def expire(self, now: float) -> int:
         """Drop records older than ``ttl``; returns how many."""
@@ -311,8 +362,7 @@ class LabelBuffer:
             oldest = next(iter(pending.values()))
             if oldest.inserted >= deadline:
                 break
-            pending.popitem(last=False)
-            self.nbytes -= oldest.nbytes
+            self._drop_oldest()
             dropped += 1
         self.expired += dropped
         return dropped

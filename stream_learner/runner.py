@@ -32,7 +32,7 @@ from river import base, compose
 from .drift import REACTIONS, DriftEvent, DriftMonitor, Signal
 from .evaluation import PrequentialScore
 from .features import TextFeaturizer
-from .labels import DEFAULT_MAX_BYTES, LabelBuffer, SparseFeatures
+from .labels import DEFAULT_MAX_BYTES, LabelBuffer
 from .learners import make_learner
 from .records import Reason, Record
 
@@ -483,7 +483,7 @@ class StreamProcessor:
                 if record.id is not None:
                     self.labels.put(
                         record.id,
-                        features=self._pending_features(batches, features, j),
+                        features=self._record_features(batches, features, j),
                         predictions=probas_j,
                         served=served,
                         now=now,
@@ -548,13 +548,6 @@ class StreamProcessor:
         """Record ``j``'s features per featurizer key, as :meth:`process` keeps them."""
         own = {key: xs[j] for key, xs in features.items()}
         own.update((key, batch.record(j)) for key, batch in batches.items())
-        return own
-
-    @staticmethod
-    def _pending_features(batches: dict, features: dict, j: int) -> dict:
-        """Record ``j``'s features per featurizer key, compact where they come from a batch."""
-        own = {key: xs[j] for key, xs in features.items()}
-        own.update((key, SparseFeatures.from_batch(batch, j)) for key, batch in batches.items())
         return own
 
     def _learn_batch(self, slot: _Slot, batch, learn: list[int], labels: list) -> dict:

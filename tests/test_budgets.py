@@ -170,6 +170,7 @@ def test_compact_features_give_back_the_featurizer_dict_key_for_key(text, learne
     featurizer = list(make_learner(learner, n_buckets=2**12).steps.values())[0]
     x = featurizer.transform_one(text)
     buffer = LabelBuffer()
+    buffer.RECENT = 0  # every record made compact at once
     buffer.put("r", features={"k": x}, predictions={}, now=0.0)
     back = buffer.pop("r", now=0.0).features["k"]
     assert list(back.items()) == list(x.items())
@@ -447,3 +448,25 @@ def test_lower_limits_on_a_restored_processor_evict_the_oldest():
     assert list(processor.labels._pending) == ["6", "7", "8", "9"]
     assert processor.label_buffer_stats()["evicted"] == 6
     assert processor.max_classes == 1
+
+
+def test_small_records_wait_as_given_then_compact_and_bytes_follow():
+    buffer = LabelBuffer(max_bytes=1 << 30)
+    buffer.RECENT = 3
+    x = {i * 1009: 0.25 for i in range(40)}
+    proba = {f"c{i}": 0.05 for i in range(20)}
+    for i in range(3):
+        buffer.put(str(i), features={"k": dict(x)}, predictions={"m": dict(proba)}, now=0.0)
+    raw = buffer.nbytes
+    assert all(entry.raw for entry in buffer._pending.values())
+    buffer.put(
+        "3", features={"k": dict(x)}, predictions={"m": dict(proba)}, now=0.0
+    )  # "0" compacts
+    assert not buffer._pending["0"].raw and buffer._pending["3"].raw
+    assert buffer.nbytes < raw * 4 / 3
+    assert buffer.nbytes == sum(entry.nbytes for entry in buffer._pending.values())
+    for i in range(4):
+        pending = buffer.pop(str(i), now=0.0)
+        assert list(pending.features["k"].items()) == list(x.items())
+        assert list(pending.predictions["m"].items()) == list(proba.items())
+    assert buffer.nbytes == 0
