@@ -6,9 +6,9 @@ them over, writing to a sink that counts and drops (so the outputs take no memor
 is a fresh child process, so its resident memory is its own:
 
 * **ordinary** — vader's tweets, labelled, cycled up to N records.
-* **adversarial** — 60 KB texts of random words under fresh ids without labels (each waits in
-  the late-label buffer), mixed with short records under labels never seen before (each a new
-  class); the rest of the N records are ordinary.
+* **adversarial** — 100 ordinary records, then 60 KB texts of random words under fresh ids
+  without labels (each waits in the late-label buffer), then short records each under a label
+  never seen before (each a new class, or a dead letter past the cap).
 * **records/s** — the worker over vader with its labels, and with every label sent 100 records
   late (the path through the label buffer), the code before the change and after, passes
   alternated in the same run.
@@ -82,7 +82,9 @@ def _stream(kind: str, n: int, big: int, fresh: int, seed: int = 0):
     if kind == "delayed":  # every label 100 records late
         from stream_learner.evaluate import delay_labels
 
-        yield from delay_labels((Record(f"o{i}", r.text, r.label) for i, r in enumerate(ordinary[:n])), 100)
+        yield from delay_labels(
+            (Record(f"o{i}", r.text, r.label) for i, r in enumerate(ordinary[:n])), 100
+        )
         return
     # Adversarial: a few ordinary records (two classes), then the 60 KB texts, then the labels.
     # (60 KB texts predicted among hundreds of classes take ~1 s each with these learners: at
@@ -161,7 +163,9 @@ def child(kind: str, n: int, big: int, fresh: int) -> dict:
         "label_buffer": processor.label_buffer_stats(),
         "classes": len(getattr(processor, "classes", None) or processor.per_class().get("nb", {})),
         "counts": {k: v for k, v in counts.items() if not k.startswith("dead_lettered:")},
-        "dead_letters": {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("dead_lettered:")},
+        "dead_letters": {
+            k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("dead_lettered:")
+        },
         "slowest_batch_per_record_ms": slowest * 1e3,
     }
 
@@ -172,7 +176,9 @@ def child(kind: str, n: int, big: int, fresh: int) -> dict:
 def extract(ref: str, into: Path) -> Path:
     """``ref``'s stream_learner package under ``into`` (git archive)."""
     archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", "--format=tar", ref, "stream_learner"], check=True, capture_output=True
+        ["git", "-C", str(ROOT), "archive", "--format=tar", ref, "stream_learner"],
+        check=True,
+        capture_output=True,
     ).stdout
     with tempfile.TemporaryFile() as handle:
         handle.write(archive)
@@ -200,14 +206,42 @@ def run_child(code: Path, kind: str, n: int, big: int = 0, fresh: int = 0) -> di
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--records", type=int, default=100_000, help="records per memory run (default %(default)s)")
-    parser.add_argument("--big", type=int, default=1_500, help="60 KB unlabelled records in the adversarial run (default %(default)s)")
-    parser.add_argument("--fresh", type=int, default=None, help="fresh-label records (default: the rest of --records)")
-    parser.add_argument("--before", default=BEFORE, help="git ref of the code before (default %(default)s)")
-    parser.add_argument("--before-big", type=int, default=100, help="60 KB records for the code before (default %(default)s)")
-    parser.add_argument("--before-fresh", type=int, default=2_000, help="fresh labels for the code before (default %(default)s)")
-    parser.add_argument("--speed-records", type=int, default=20_000, help="vader records per records/s pass")
-    parser.add_argument("--passes", type=int, default=5, help="records/s passes (default %(default)s)")
+    parser.add_argument(
+        "--records", type=int, default=100_000, help="records per memory run (default %(default)s)"
+    )
+    parser.add_argument(
+        "--big",
+        type=int,
+        default=1_500,
+        help="60 KB unlabelled records in the adversarial run (default %(default)s)",
+    )
+    parser.add_argument(
+        "--fresh",
+        type=int,
+        default=None,
+        help="fresh-label records (default: the rest of --records)",
+    )
+    parser.add_argument(
+        "--before", default=BEFORE, help="git ref of the code before (default %(default)s)"
+    )
+    parser.add_argument(
+        "--before-big",
+        type=int,
+        default=100,
+        help="60 KB records for the code before (default %(default)s)",
+    )
+    parser.add_argument(
+        "--before-fresh",
+        type=int,
+        default=2_000,
+        help="fresh labels for the code before (default %(default)s)",
+    )
+    parser.add_argument(
+        "--speed-records", type=int, default=20_000, help="vader records per records/s pass"
+    )
+    parser.add_argument(
+        "--passes", type=int, default=5, help="records/s passes (default %(default)s)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.child:

@@ -3,11 +3,13 @@
 Bounded in bytes and in entries (oldest evicted first) and in age (entries older than ``ttl``
 seconds expire). Evictions, expiries and labels that match nothing are counted, never raised.
 
-A waiting record is kept compact: each learner input ``{bucket id: weight}`` (what
+A record still waiting after :attr:`LabelBuffer.RECENT` newer ones (most labels come sooner),
+or a large one at once, is kept compact: each learner input ``{bucket id: weight}`` (what
 :meth:`TextFeaturizer.transform_one <stream_learner.features.TextFeaturizer.transform_one>`
 gives) as two arrays, a probability dict of many classes as a tuple of labels and an array:
-a 60 KB text costs about 12 bytes per distinct feature instead of a dict's ~100. :meth:`pop`
-gives back the dicts the learners took, equal key for key, in the same order.
+a 60 KB text costs about 12 bytes per distinct feature instead of a dict's ~100. Bytes are
+counted either way. :meth:`pop` gives back the dicts the learners took, equal key for key, in
+the same order.
 
 >>> buffer = LabelBuffer(max_entries=2, ttl=60.0)
 >>> buffer.put("a", features={0: {1: 1}}, predictions={}, now=0.0)
@@ -35,8 +37,8 @@ __all__ = ["LabelBuffer", "PendingRecord", "DEFAULT_MAX_BYTES"]
 #: ~1,150 texts of 60 KB, in a worker whose numpy model alone takes ~70 MB.
 DEFAULT_MAX_BYTES = 256 * 2**20
 
-# What one entry costs beyond its arrays and containers, measured with tracemalloc on
-# CPython 3.11: the OrderedDict slot and link, the entry's tuple of sizes.
+# What one entry costs beyond its arrays and containers (CPython 3.11): its OrderedDict slot
+# and link, its place in the queue of recent records.
 _ENTRY_OVERHEAD = 200
 _SMALL_PROBA = 8  # probability dicts up to this many classes are kept as dicts
 _COMPACT_AT_ONCE = 512  # features in a record made compact as soon as it is put
