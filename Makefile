@@ -39,6 +39,7 @@ bench: venv
 	$(BIN)/python -m benchmarks.neural --memory
 	$(BIN)/python -m benchmarks.pipeline
 	$(BIN)/python -m benchmarks.metrics_cost
+	$(BIN)/python -m benchmarks.adversarial
 	$(BIN)/python -m benchmarks.clients
 	$(BIN)/python -m benchmarks.scaling --fusion-every 0.05
 

@@ -55,13 +55,24 @@ def _escape(token: str) -> str:
     return token.replace("|", "¦").replace(":", "∶")
 
 
-def write_vw_file(texts: Sequence[str], labels: Sequence, path, classes: Sequence) -> None:
-    """One VW line ``<class number> |t tokens...`` per record (class numbers from 1)."""
+def characters(text: str) -> list[str]:
+    """The text's characters without whitespace, NFKC-casefolded: the plain tokenization for
+    scripts written without spaces (with ``--ngram 2``: character unigrams and bigrams)."""
+    import unicodedata
+
+    return [c for c in unicodedata.normalize("NFKC", text).casefold() if not c.isspace()]
+
+
+def write_vw_file(
+    texts: Sequence[str], labels: Sequence, path, classes: Sequence, *, tokenize=None
+) -> None:
+    """One VW line ``<class number> |t tokens...`` per record (class numbers from 1);
+    ``tokenize`` defaults to the featurizer's :meth:`TextFeaturizer.tokens`."""
     index = {c: i + 1 for i, c in enumerate(classes)}
-    featurizer = TextFeaturizer()
+    tokenize = tokenize or TextFeaturizer().tokens
     with open(path, "w", encoding="utf-8") as fh:
         for text, label in zip(texts, labels, strict=True):
-            tokens = " ".join(_escape(t) for t in featurizer.tokens(text))
+            tokens = " ".join(_escape(t) for t in tokenize(text))
             fh.write(f"{index[label]} |t {tokens}\n")
 
 
@@ -72,14 +83,17 @@ def run_vw(
     extra: str = "",
     bits: int = 18,
     name: str = "vw --oaa K --ngram 2",
+    tokenize=None,
 ) -> AnchorResult:
-    """Vowpal Wabbit ``--oaa K --ngram 2`` reading a file in C++; prequential accuracy."""
+    """Vowpal Wabbit ``--oaa K --ngram 2`` reading a file in C++; prequential accuracy.
+    ``tokenize``: text → tokens (default: the featurizer's words; :func:`characters` for
+    unspaced scripts)."""
     import vowpalwabbit
 
     classes = sorted(set(labels), key=str)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "stream.vw")
-        write_vw_file(texts, labels, path, classes)
+        write_vw_file(texts, labels, path, classes, tokenize=tokenize)
         args = f"-d {path} --oaa {len(classes)} --ngram 2 -b {bits} --quiet {extra}".strip()
         start, cpu_start = time.perf_counter(), time.process_time()
         workspace = vowpalwabbit.Workspace(args)  # parses and learns the whole file, in C++

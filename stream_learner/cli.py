@@ -24,7 +24,17 @@ _SUBCOMMANDS: list[tuple[str, str]] = [
     ("stream_learner.broker", "add_broker_parser"),
     ("stream_learner.produce", "add_produce_parser"),
     ("stream_learner.demo", "add_demo_parser"),
+    ("stream_learner.schemas", "add_schema_parser"),
 ]
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("stream-learner")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("STREAM_LEARNER_LOG_LEVEL", "INFO"),
         help="logging level (env STREAM_LEARNER_LOG_LEVEL; default %(default)s)",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name, function_name in _SUBCOMMANDS:
         try:
@@ -53,7 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.raw_argv = list(sys.argv[1:] if argv is None else argv)  # `run --processes` repeats it
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

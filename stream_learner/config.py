@@ -3,7 +3,9 @@
 Every setting has a flag (``--checkpoint-dir``), an environment variable
 (``STREAM_LEARNER_CHECKPOINT_DIR``) and a key in an optional TOML file (``checkpoint_dir``, at
 the top level or in any table). A flag beats the environment, which beats the file, which
-beats the default. Secrets (SASL and SSL passwords) are never shown by ``repr`` or logs.
+beats the default. Secrets (SASL and SSL passwords) are never shown by ``repr`` or logs, and
+never taken from a flag (any user can read a command line in ``ps``): they come from the
+environment, a file (``--sasl-plain-password-file``) or the TOML file.
 
 >>> config = load_config(["--topic", "reviews", "--learners", "nb,neural"], environ={})
 >>> config.topics, config.learners, config.predictions_topic, config.dead_letter_topic
@@ -23,7 +25,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["WorkerConfig", "ConfigError", "add_config_arguments", "config_from_args", "load_config", "ENV_PREFIX"]
+__all__ = [
+    "WorkerConfig",
+    "ConfigError",
+    "add_config_arguments",
+    "config_from_args",
+    "load_config",
+    "to_environment",
+    "ENV_PREFIX",
+]
 
 ENV_PREFIX = "STREAM_LEARNER_"
 CLIENTS = ("kafka-python", "confluent")
@@ -91,7 +101,7 @@ class _Option:
     name: str
     kind: Callable[[Any], Any]
     help: str
-    secret: bool = False
+    secret: bool = False  # never logged, never a flag: environment, TOML or a *_file option
 
 
 _OPTIONS: tuple[_Option, ...] = (
@@ -99,6 +109,10 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("topics", _csv, "input topic(s), comma-separated"),
     _Option("labels_topic", _optional_text, "topic of late label-only records (default: the input topics)"),
     _Option("group_id", str, "Kafka consumer group"),
+    _Option("text_field", str, "JSON field of the messages holding the text"),
+    _Option("label_field", str, "JSON field holding the label"),
+    _Option("id_field", str, "JSON field holding the record id (joins late labels, keys the outputs)"),
+    _Option("ts_field", str, "JSON field holding the event time"),
     _Option("learners", _csv, "learners to run side by side, comma-separated registry names"),
     _Option("serving", str, "which learner answers: leader | ensemble | fixed:NAME"),
     _Option("drift_detector", str, "adwin | page-hinkley | kswin | ddm | eddm | hddm-a | hddm-w | none"),
@@ -113,7 +127,9 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("checkpoint_every_records", int, "checkpoint after this many records"),
     _Option("checkpoint_every_seconds", float, "checkpoint after this many seconds"),
     _Option("checkpoint_keep", int, "how many checkpoints to keep"),
-    _Option("checkpoint_key_file", _optional_text, "file holding the checkpoint signing key (else $STREAM_LEARNER_CHECKPOINT_KEY, else generated)"),
+    _Option("checkpoint_key_file", _optional_text, "file holding the group secret that checkpoint (and fusion) keys derive from (else $STREAM_LEARNER_CHECKPOINT_KEY, else $XDG_CONFIG_HOME/stream-learner/checkpoint.key)"),
+    _Option("generate_key", _bool, "create a random secret if none is configured: in --checkpoint-key-file if given, else in $XDG_CONFIG_HOME/stream-learner/checkpoint.key (mode 0600)"),
+    _Option("allow_fresh_start", _bool, "start with empty learners when the checkpoint directory held checkpoints but none is valid (without it the worker refuses to start)"),
     _Option("predictions_topic", _optional_text, "predictions topic (default <input>.predictions; none: off)"),
     _Option("dead_letter_topic", _optional_text, "dead-letter topic (default <input>.dlq; none: off)"),
     _Option("drift_topic", _optional_text, "drift-events topic (default: off)"),
@@ -128,6 +144,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("fusion_every_records", _optional_int, "also publish and fold after this many records (none: by time only)"),
     _Option("fusion_full_every_seconds", float, "publish full snapshots (whole models, all counts) this often"),
     _Option("fusion_max_age", _optional_float, "ignore a peer's averaged/ensembled snapshot older than this many seconds (none: never)"),
+    _Option("fusion_peer_ttl", _optional_float, "forget a peer (free its models) that has published nothing for this many seconds; longer than --fusion-full-every-seconds (none: never)"),
     _Option("max_poll_records", int, "most records per poll (one batch)"),
     _Option("max_event_time_skew", _optional_float, "pause a partition whose records run this many seconds of event time ahead of the owned partition furthest behind, so a backlog is learned in time order (none: off)"),
     _Option("mini_batch", int, "predict, then learn, this many records at a time (numpy learners learn them in one step; 0: one record at a time)"),
@@ -137,16 +154,20 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("metrics_port", _optional_int, "port of /metrics, /healthz, /readyz (0: a free port; none: off)"),
     _Option("metrics_host", str, "address of the metrics endpoint"),
     _Option("stop_when_idle", _optional_float, "exit after this many seconds without records (default: run forever)"),
-    _Option("shutdown_timeout", float, "seconds allowed to finish the batch, checkpoint and close"),
+    _Option("shutdown_timeout", float, "seconds allowed from the stop signal to the exit: the batch, the checkpoint (its flush included) and closing the clients"),
+    _Option("broker_timeout", float, "seconds without an answer from the broker (fetch, group heartbeat, commit) after which /readyz reports not ready and the loss is logged"),
+    _Option("broker_liveness_timeout", _optional_float, "seconds without an answer from the broker after which /healthz also fails, so an orchestrator restarts the worker (none: never; waiting for the broker is alive)"),
     _Option("client_id", str, "Kafka client id"),
     _Option("security_protocol", str, "PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL"),
     _Option("sasl_mechanism", _optional_text, "PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512 | OAUTHBEARER | GSSAPI"),
     _Option("sasl_plain_username", _optional_text, "SASL username"),
-    _Option("sasl_plain_password", _optional_text, "SASL password (never logged)", secret=True),
+    _Option("sasl_plain_password", _optional_text, "SASL password (never logged; environment or TOML only, a flag is refused)", secret=True),
+    _Option("sasl_plain_password_file", _optional_text, "file holding the SASL password"),
     _Option("ssl_cafile", _optional_text, "CA bundle for the brokers' certificates"),
     _Option("ssl_certfile", _optional_text, "client certificate (PEM)"),
     _Option("ssl_keyfile", _optional_text, "client private key (PEM)"),
-    _Option("ssl_password", _optional_text, "password of the client key (never logged)", secret=True),
+    _Option("ssl_password", _optional_text, "password of the client key (never logged; environment or TOML only, a flag is refused)", secret=True),
+    _Option("ssl_password_file", _optional_text, "file holding the password of the client key"),
     _Option("ssl_check_hostname", _bool, "verify the broker host name against its certificate"),
 )
 
@@ -159,7 +180,11 @@ class WorkerConfig:
     bootstrap_servers: str = "127.0.0.1:9092"
     labels_topic: str | None = None
     group_id: str = "stream-learner"
-    learners: tuple[str, ...] = ("nb",)
+    text_field: str = "text"
+    label_field: str = "label"
+    id_field: str = "id"
+    ts_field: str = "ts"
+    learners: tuple[str, ...] = ("neural",)  # the best on the dev streams: README "Defaults"
     serving: str = "leader"
     drift_detector: str = "adwin"
     drift_reaction: str = "alert"
@@ -175,6 +200,8 @@ class WorkerConfig:
     checkpoint_every_seconds: float = 30.0
     checkpoint_keep: int = 3
     checkpoint_key_file: str | None = None
+    generate_key: bool = False
+    allow_fresh_start: bool = False
     predictions_topic: str | None = ""  # "" means the default, <input>.predictions
     dead_letter_topic: str | None = ""
     drift_topic: str | None = None
@@ -189,6 +216,7 @@ class WorkerConfig:
     fusion_every_records: int | None = None
     fusion_full_every_seconds: float = 60.0
     fusion_max_age: float | None = 600.0
+    fusion_peer_ttl: float | None = 600.0
     max_poll_records: int = 500
     mini_batch: int = 0
     max_event_time_skew: float | None = None
@@ -199,15 +227,19 @@ class WorkerConfig:
     metrics_host: str = "127.0.0.1"
     stop_when_idle: float | None = None
     shutdown_timeout: float = 30.0
+    broker_timeout: float = 30.0
+    broker_liveness_timeout: float | None = None
     client_id: str = "stream-learner"
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_plain_username: str | None = None
     sasl_plain_password: str | None = dataclasses.field(default=None, repr=False)
+    sasl_plain_password_file: str | None = dataclasses.field(default=None, repr=False)
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     ssl_password: str | None = dataclasses.field(default=None, repr=False)
+    ssl_password_file: str | None = dataclasses.field(default=None, repr=False)
     ssl_check_hostname: bool = True
 
     def __post_init__(self):
@@ -236,6 +268,9 @@ class WorkerConfig:
         for name in ("checkpoint_every_records", "checkpoint_keep", "max_poll_records", "window", "processes", "label_buffer_size", "label_buffer_bytes", "max_classes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.fusion_peer_ttl is not None and self.fusion_peer_ttl <= max(self.fusion_every_seconds, self.fusion_full_every_seconds):
+            # A peer publishing only full snapshots (``average``) is heard from that rarely.
+            raise ConfigError("fusion_peer_ttl must be longer than fusion_every_seconds and fusion_full_every_seconds (or none)")
         if self.fusion_every_records is not None and self.fusion_every_records < 1:
             raise ConfigError("fusion_every_records must be at least 1 (or none)")
         if self.max_event_time_skew is not None and (self.max_event_time_skew < 0 or self.consumer_process):
@@ -244,6 +279,10 @@ class WorkerConfig:
             raise ConfigError("mini_batch must be 0 (off) or more")
         if self.checkpoint_every_seconds <= 0 or self.poll_timeout <= 0:
             raise ConfigError("checkpoint_every_seconds and poll_timeout must be positive")
+        if self.shutdown_timeout <= 0 or self.broker_timeout <= 0:
+            raise ConfigError("shutdown_timeout and broker_timeout must be positive")
+        if self.broker_liveness_timeout is not None and self.broker_liveness_timeout < self.broker_timeout:
+            raise ConfigError("broker_liveness_timeout must be at least broker_timeout (or none)")
         if self.auto_offset_reset not in ("earliest", "latest"):
             raise ConfigError("auto_offset_reset must be earliest or latest")
         outputs = {self.predictions_topic, self.dead_letter_topic, self.drift_topic} - {None}
@@ -256,6 +295,17 @@ class WorkerConfig:
         from .fusion import parse_rules
 
         return parse_rules(self.fusion)
+
+    def decoder(self):
+        """The message decoder with this configuration's field names."""
+        from .records import Decoder
+
+        return Decoder(
+            id_field=self.id_field,
+            text_field=self.text_field,
+            label_field=self.label_field,
+            ts_field=self.ts_field,
+        )
 
     @property
     def input_topics(self) -> tuple[str, ...]:
@@ -318,13 +368,22 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + option.name.replace("_", "-")
         names = ["--topic", flag] if option.name == "topics" else [flag]
         default = defaults.get(option.name)
-        shown = "required" if default is dataclasses.MISSING else ("(secret)" if option.secret else _show(default))
+        if default is dataclasses.MISSING:
+            shown = "; required"
+        elif "(default" in option.help:  # the help says it in its own words
+            shown = ""
+        elif default is None and "none: off" in option.help:
+            shown = "; default off"
+        else:
+            shown = f"; default {_show(default)}"
+        switch = {"nargs": "?", "const": "true"} if option.kind is _bool else {}  # --flag alone: true
         group.add_argument(
             *names,
             dest=option.name,
             default=None,
+            **switch,
             metavar="BOOL" if option.kind is _bool else option.name.split("_")[-1].upper(),
-            help=f"{option.help} (env {env_name(option.name)}; default {shown})".replace("%", "%%"),
+            help=f"{option.help} (env {env_name(option.name)}{shown})".replace("%", "%%"),
         )
 
 
@@ -333,6 +392,8 @@ def _show(value) -> str:
         return ",".join(value)
     if value == "":
         return "derived from the input topic"
+    if value is None:
+        return "not set"
     return str(value)
 
 
@@ -372,6 +433,12 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
     values: dict[str, Any] = {}
     for option in _OPTIONS:
         flag_value = getattr(args, option.name, None)
+        if flag_value is not None and option.secret:
+            flag = "--" + option.name.replace("_", "-")
+            raise ConfigError(
+                f"{flag} is refused: a command line is visible to every user (ps); set "
+                f"${env_name(option.name)} or give {flag}-file (or {option.name} in the --config file)"
+            )
         if flag_value is not None:
             raw, where = flag_value, "--" + option.name.replace("_", "-")
         elif environ.get(env_name(option.name)) is not None:
@@ -387,7 +454,50 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
             raise ConfigError(f"{where}: bad value {shown}: {error}") from None
     if "topics" not in values:
         raise ConfigError("no input topic: give --topic (or STREAM_LEARNER_TOPICS, or topics in the config file)")
+    for name in ("sasl_plain_password", "ssl_password"):
+        values.update(_password_from_file(name, values))
     return WorkerConfig(**values)
+
+
+def _password_from_file(name: str, values: Mapping[str, Any]) -> dict[str, str]:
+    """``{name: password}`` read from ``<name>_file`` when that is given (trailing newline dropped)."""
+    path = values.get(f"{name}_file")
+    if path is None:
+        return {}
+    if values.get(name) is not None:
+        raise ConfigError(f"give the {name.replace('_', ' ')} once: ${env_name(name)} or --{name.replace('_', '-')}-file, not both")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"--{name.replace('_', '-')}-file: cannot read {path}: {error}") from None
+    return {name: text.rstrip("\r\n")}
+
+
+def to_environment(config: WorkerConfig) -> dict[str, str]:
+    """Every setting of ``config`` as ``STREAM_LEARNER_*`` variables, secrets included: how
+    ``--processes`` hands settings to its workers (never on a command line, which ``ps`` shows).
+
+    >>> config = load_config(["--topic", "a,b", "--label-ttl", "none", "--producer-process", "false"], environ={})
+    >>> config_from_args(argparse.Namespace(), environ=to_environment(config)) == config
+    True
+    """
+    environ = {}
+    for option in _OPTIONS:
+        if option.name in ("sasl_plain_password_file", "ssl_password_file"):
+            continue  # already read: the password itself is handed over
+        value = getattr(config, option.name)
+        if value is None:
+            if option.secret:
+                continue
+            text = "none"
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, tuple):
+            text = ",".join(value)
+        else:
+            text = str(value)
+        environ[env_name(option.name)] = text
+    return environ
 
 
 def load_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> WorkerConfig:

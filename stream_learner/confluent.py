@@ -23,11 +23,19 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
-from .sinks import Headers, SinkError
-from .sources import Message, Partition, RebalanceHandler, SourceUnavailable
+from .retry import Backoff, FatalBrokerError, fatal_message, is_fatal
+from .sinks import Headers, SinkError, _raise_if_fatal, _Refusals, output_refusal
+from .sources import (
+    Message,
+    Partition,
+    RebalanceHandler,
+    SourceUnavailable,
+    assign_with_metadata,
+    commit_metadata,
+)
 
 __all__ = ["ConfluentSource", "ConfluentSink", "librdkafka_options"]
 
@@ -180,13 +188,19 @@ def _require():
     return confluent_kafka
 
 
-def _check_reachable(client, timeout: float, what: str, error_class: type[Exception]) -> None:
-    """Fail now, as kafka-python does, when no broker answers (the worker retries)."""
+def _check_reachable(client, timeout: float, what: str, error_class: type[Exception], errors: list) -> None:
+    """Fail now, as kafka-python does, when no broker answers (the worker retries); raise
+    :class:`FatalBrokerError` when the broker answered but refused our credentials.
+    ``errors`` is where the client's ``error_cb`` puts what it is told."""
     from confluent_kafka import KafkaException
 
     try:
         client.list_topics(timeout=timeout)
     except KafkaException as error:
+        client.poll(0)  # serves error_cb: a refused SASL handshake is only said there
+        refused = next((e for e in errors if is_fatal(e)), None)
+        if refused is not None:
+            raise FatalBrokerError(f"{what}: {fatal_message(refused)}") from None
         raise error_class(f"{what}: no broker answered within {timeout:.0f} s ({_text(error)})") from None
 
 
@@ -233,6 +247,9 @@ class ConfluentSource:
             "heartbeat.interval.ms": max(100, session_timeout_ms // 5),
             # kafka-python's default; librdkafka's is read_committed.
             "isolation.level": "read_uncommitted",
+            # Every second, how long since each broker last sent us anything: broker_contact.
+            "statistics.interval.ms": 1000,
+            "stats_cb": self._on_stats,
             **librdkafka_options(options),
             # Last, so that no client option can turn on automatic commits.
             "bootstrap.servers": bootstrap_servers,
@@ -251,6 +268,10 @@ class ConfluentSource:
         self._cooperative = "cooperative" in config["partition.assignment.strategy"]
         self.max_poll_records = max_poll_records
         self._broker_error = None
+        self._startup_errors: list | None = []
+        self._contact: float | None = None
+        self._join_state: str | None = None  # librdkafka's, from its statistics
+        self._polled = False
         self._rebalances = 0
         self._eof = confluent_kafka.KafkaError._PARTITION_EOF
         try:
@@ -258,10 +279,11 @@ class ConfluentSource:
         except confluent_kafka.KafkaException as error:
             raise ValueError(f"the confluent consumer refused its configuration: {_text(error)}") from None
         try:
-            _check_reachable(self._consumer, bootstrap_timeout, "consumer", SourceUnavailable)
-        except SourceUnavailable:
+            _check_reachable(self._consumer, bootstrap_timeout, "consumer", SourceUnavailable, self._startup_errors)
+        except (SourceUnavailable, FatalBrokerError):
             self._consumer.close()
             raise
+        self._startup_errors = None
         self._consumer.subscribe(
             self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
@@ -275,6 +297,8 @@ class ConfluentSource:
     def _on_error(self, error) -> None:
         from confluent_kafka import KafkaError
 
+        if self._startup_errors is not None:
+            self._startup_errors.append(error)
         if error.fatal() or error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._AUTHENTICATION):
             self._broker_error = error
         else:  # one connection dropped: librdkafka reconnects by itself
@@ -302,12 +326,14 @@ class ConfluentSource:
                 log.warning("could not read committed offsets (%s); using the checkpoint's", _text(error))
                 committed = []
             known: dict[Partition, int | None] = {name: None for name in by_name}
+            metadata: dict[Partition, str] = {}
             for tp in committed:
                 if tp.error is None and tp.offset >= 0:
                     known[(tp.topic, tp.partition)] = tp.offset
+                    metadata[(tp.topic, tp.partition)] = tp.metadata or ""
             seeks = {
                 name: offset
-                for name, offset in self.handler.partitions_assigned(set(by_name), known).items()
+                for name, offset in assign_with_metadata(self.handler, set(by_name), known, metadata).items()
                 if name in by_name
             }
         finally:
@@ -336,8 +362,9 @@ class ConfluentSource:
             if not wanted:
                 return
             try:
+                metadata = commit_metadata(self.handler)
                 consumer.commit(
-                    offsets=[TopicPartition(t, p, o) for (t, p), o in wanted.items()], asynchronous=False
+                    offsets=[TopicPartition(t, p, o, metadata) for (t, p), o in wanted.items()], asynchronous=False
                 )
             except KafkaException as error:  # the checkpoint has them; the next owner may re-read some
                 log.warning("commit on revoke failed (%s); the next owner may re-read records", _text(error))
@@ -359,11 +386,32 @@ class ConfluentSource:
             else:
                 consumer.unassign()
 
+    def _on_stats(self, text: str) -> None:
+        import json
+
+        try:
+            stats = json.loads(text)
+            brokers = stats.get("brokers", {}).values()
+            self._join_state = stats.get("cgrp", {}).get("join_state")
+        except (ValueError, AttributeError):
+            return
+        # rxidle: microseconds since the last bytes received from that broker (-1: never);
+        # bootstrap placeholders have no node id.
+        idle = [b["rxidle"] for b in brokers if b.get("nodeid", -1) >= 0 and b.get("rxidle", -1) >= 0]
+        if idle:
+            self._contact = time.monotonic() - min(idle) / 1e6
+
+    def broker_contact(self) -> float | None:
+        """``time.monotonic()`` when a broker last sent this consumer anything (librdkafka's
+        statistics, every second); None before the first."""
+        return self._contact
+
     # -- the Source interface ----------------------------------------------------------
 
     def poll(self, timeout: float) -> list[Message]:
         # As kafka-python's poll: wait for the first message only, then take what is ready
         # (consume(n, timeout) would wait the whole timeout for n messages).
+        self._polled = True
         first = self._consumer.poll(timeout)
         if first is None:
             raw = []
@@ -399,11 +447,15 @@ class ConfluentSource:
         if messages:
             self._broker_error = None
         for error in errors:  # never drop the good messages of this batch for them
+            if is_fatal(error):  # credentials or permissions: no retry can help
+                raise FatalBrokerError(f"consumer: {fatal_message(error)}")
             if not messages and (error.fatal() or _is_transport(error)):
                 raise SourceUnavailable(f"consumer: {error.str()}")
             log.warning("consumer: %s", error.str())
         if not messages and self._broker_error is not None:
             error, self._broker_error = self._broker_error, None
+            if is_fatal(error):
+                raise FatalBrokerError(f"consumer: {fatal_message(error)}")
             raise SourceUnavailable(f"consumer: {error.str()}")
         messages.sort(key=lambda m: (m.topic, m.partition))  # stable: offsets stay in order
         return messages
@@ -413,7 +465,8 @@ class ConfluentSource:
 
         owned = self.assignment()
         # Never commit for a partition another worker owns now: that would move its offset.
-        wanted = [TopicPartition(t, p, o) for (t, p), o in offsets.items() if (t, p) in owned]
+        metadata = commit_metadata(self.handler)
+        wanted = [TopicPartition(t, p, o, metadata) for (t, p), o in offsets.items() if (t, p) in owned]
         if wanted:
             # Asynchronous: a broker that does not answer must not stall the loop (librdkafka's
             # sync commit waits up to socket.timeout.ms, 60 s). The result arrives in a later
@@ -448,9 +501,31 @@ class ConfluentSource:
 
         self._consumer.resume([TopicPartition(t, p) for t, p in partitions])
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         # close() revokes our partitions through on_revoke, which checkpoints and commits.
+        self._finish_join(10.0 if timeout is None else 0.7 * timeout)
         self._consumer.close()
+
+    def _finish_join(self, seconds: float) -> None:
+        """Let a group join in flight complete before close() sends its LeaveGroup.
+
+        Tansu 0.6.0 keeps a member that leaves a forming group as the group's leader, and the
+        group then never gets an assignment again (see sources._skip_leave_during_join, the
+        kafka-python side). librdkafka cannot close without leaving, so we wait (within the
+        shutdown's bound) for the join to end; what is fetched meanwhile is not processed.
+        """
+        first_join = self._polled and self._rebalances == 0  # polling starts the join
+        joining = first_join or self._join_state not in (None, "init", "steady")
+        if not joining:
+            return
+        log.info("stopping during the group join: letting it complete before leaving the group")
+        deadline = time.monotonic() + seconds
+        before = self._rebalances
+        while time.monotonic() < deadline:
+            self._consumer.poll(0.1)  # serves the rebalance callbacks; records are dropped
+            # Statistics come every second: "steady" after the assignment is the join done.
+            if self._rebalances != before and self._join_state in (None, "steady"):
+                return
 
 
 def _is_transport(error) -> bool:
@@ -485,6 +560,12 @@ class ConfluentSink:
     when a flush times out stays there (librdkafka reports on every message within its
     ``message.timeout.ms``), so a long outage does not pile up copies.
 
+    A message refused for good is handled as :class:`~stream_learner.sinks.KafkaSink` does
+    (a truncated copy for a dead letter too large, else counted and dropped). Unlike
+    kafka-python, librdkafka does not split a batch the broker refuses as too large: every
+    message of it is refused. Set ``message.max.bytes`` (a client option) to the topics'
+    ``max.message.bytes`` so that only the messages over it are refused, by the client.
+
     A ``partition_hint`` (the input partition) picks the output partition, as in
     :class:`~stream_learner.sinks.KafkaSink`; without one, keys are partitioned by murmur2 as
     kafka-python and the Java client do (librdkafka's default hash differs).
@@ -497,6 +578,7 @@ class ConfluentSink:
         client_options: Mapping | None = None,
         linger_ms: int = 20,
         batch_size: int = 256 * 1024,
+        truncate_topics: Collection[str] = (),
     ):
         confluent_kafka = _require()
         options = dict(client_options or {})
@@ -514,11 +596,15 @@ class ConfluentSink:
             "error_cb": self._on_error,
             "logger": _LIBRDKAFKA_LOG,
         }
+        self._startup_errors: list | None = []
         try:
             self._producer = confluent_kafka.Producer(config)
         except confluent_kafka.KafkaException as error:
             raise ValueError(f"the confluent producer refused its configuration: {_text(error)}") from None
-        _check_reachable(self._producer, bootstrap_timeout, "producer", SinkError)
+        _check_reachable(self._producer, bootstrap_timeout, "producer", SinkError, self._startup_errors)
+        self._startup_errors = None
+        self._refusals = _Refusals(truncate_topics)
+        self._backoff = Backoff(0.1, 2.0, jitter="decorrelated")  # at least 0.1 s between re-sends
         self._config = config
         self._pending: list[tuple] = []
         # [message, state]: state None while librdkafka holds it, True once delivered, else the error.
@@ -527,6 +613,8 @@ class ConfluentSink:
         self._fatal = None
 
     def _on_error(self, error) -> None:
+        if self._startup_errors is not None:
+            self._startup_errors.append(error)
         if error.fatal():  # the idempotent producer cannot go on: a new one takes over at flush
             self._fatal = error
         log.debug("producer: %s", error.str())
@@ -601,10 +689,14 @@ class ConfluentSink:
             self._producer.flush(max(0.1, deadline - time.monotonic()))
             if self._fatal is not None:
                 self._replace_producer()
+            self._handle_refused()
+            for entry in self._unconfirmed:
+                _raise_if_fatal(entry[1] if entry[1] is not True else None)
             failed = [entry for entry in self._unconfirmed if entry[1] is not True and entry[1] is not None]
             waiting = sum(1 for entry in self._unconfirmed if entry[1] is None)
             if not failed and not waiting:
                 self._unconfirmed.clear()
+                self._backoff.reset()
                 return
             if time.monotonic() > deadline:
                 self._unconfirmed = [entry for entry in self._unconfirmed if entry[1] is not True]
@@ -613,10 +705,31 @@ class ConfluentSink:
                     "they will be sent again"
                 )
             if failed:
-                log.warning("re-sending %d outputs that were not delivered (%s)", len(failed), _text(failed[0][1]))
-                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))  # no spinning on a refusing broker
+                delay = min(self._backoff.next(), max(0.0, deadline - time.monotonic()))  # no spinning
+                log.warning(
+                    "re-sending %d outputs that were not delivered, in %.1f s (%s)", len(failed), delay, _text(failed[0][1])
+                )
+                time.sleep(delay)
                 for entry in failed:
                     self._send(entry)
+
+    def _handle_refused(self) -> None:
+        """Messages refused for good leave ``_unconfirmed``: a truncated copy is sent in place
+        of a dead letter too large, anything else is counted and dropped."""
+        kept = []
+        for entry in self._unconfirmed:
+            state = entry[1]
+            if state is not True and state is not None and output_refusal(state) is not None:
+                copy = self._refusals.handle(entry[0], state)
+                if copy is None:
+                    continue
+                entry = [copy, None]
+                self._send(entry)
+            kept.append(entry)
+        self._unconfirmed = kept
+
+    def take_output_errors(self) -> dict[tuple[str, str], int]:
+        return self._refusals.take()
 
     def close(self, timeout: float = 10.0) -> None:
         self._producer.flush(timeout)

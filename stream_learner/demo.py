@@ -51,7 +51,10 @@ class _LiveLine:
         rate = (count - self.last_count) / max(now - self.last_time, 1e-9)
         self.last_count, self.last_time = count, now
         stats = worker.processor.learner_stats()
-        accuracy = "  ".join(f"{name} {row['rolling_accuracy']:.3f}" for name, row in stats.items())
+        accuracy = "  ".join(
+            f"{name} {row['rolling_accuracy']:.3f}" if row["n"] else f"{name} n/a"
+            for name, row in stats.items()
+        )
         events = worker.processor.drift_events
         line = (
             f"{count:>7,} records  {rate:>6,.0f} rec/s  rolling acc: {accuracy}  "
@@ -191,7 +194,9 @@ def add_demo_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="the whole pipeline on an embedded broker: dataset → Kafka → worker → predictions",
-        description=__doc__.split("\n\n")[0],
+        description="The whole pipeline on one machine, in a few minutes: fetch a dataset, start "
+        "the embedded broker, produce the stream, run the worker with drift detection and "
+        "metrics, print a summary table and write the accuracy plot, then stop everything.",
     )
     parser.add_argument("--dataset", default="vader", help="dataset to stream (default %(default)s)")
     parser.add_argument(

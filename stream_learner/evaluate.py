@@ -21,7 +21,11 @@ from .records import Record
 from .report import format_table, leaderboard, markdown_report, plot_accuracy
 from .runner import DEFAULT_MAX_CLASSES, LearnerFailure, RecordRejected, StreamProcessor
 
-__all__ = ["EvaluationResult", "evaluate", "delay_labels", "add_evaluate_parser"]
+__all__ = ["EvaluationResult", "InputProblems", "evaluate", "delay_labels", "add_evaluate_parser"]
+
+# What `evaluate` and `run` serve when no learner is named: chosen by measurement on the dev
+# streams (benchmarks/results/learners.md; README "Defaults").
+DEFAULT_LEARNERS = ("neural",)
 
 
 @dataclasses.dataclass
@@ -43,6 +47,62 @@ class EvaluationResult:
             served = self.processor.served_stats()
             rows.append({"learner": f"served ({self.processor.serving})", **served})
         return rows
+
+
+@dataclasses.dataclass
+class InputProblems:
+    """What ``evaluate`` put up with in its input: rows the decoder refused (skipped), by
+    reason; texts cut to the size limit; timestamps it could not read (dropped, records kept)."""
+
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    truncated: int = 0
+    timestamps_dropped: int = 0
+    first_skipped: str | None = None
+
+    def skip(self, problem) -> None:
+        self.skipped[str(problem.reason or "unreadable")] += 1
+        if self.first_skipped is None:
+            self.first_skipped = str(problem)
+
+    def truncate(self, line: int) -> None:
+        self.truncated += 1
+
+    def watch(self, records: Iterable[Record]) -> Iterator[Record]:
+        """``records``, counting those whose timestamp was dropped."""
+        for record in records:
+            if record.ts_error is not None:
+                self.timestamps_dropped += 1
+            yield record
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def short(self) -> str:
+        """For the progress line."""
+        parts = []
+        if self.n_skipped:
+            parts.append(f"skipped {self.n_skipped:,}")
+        if self.truncated:
+            parts.append(f"truncated {self.truncated:,}")
+        if self.timestamps_dropped:
+            parts.append(f"ts dropped {self.timestamps_dropped:,}")
+        return "  ".join(parts)
+
+    def lines(self) -> list[str]:
+        """For the summary and the report."""
+        out = []
+        if self.n_skipped:
+            reasons = ", ".join(f"{reason} {n:,}" for reason, n in self.skipped.most_common())
+            out.append(
+                f"skipped {self.n_skipped:,} records the decoder refused ({reasons}); first: "
+                f"{self.first_skipped} (--on-error stop stops at the first)"
+            )
+        if self.truncated:
+            out.append(f"truncated {self.truncated:,} texts to the size limit (--on-oversize)")
+        if self.timestamps_dropped:
+            out.append(f"dropped {self.timestamps_dropped:,} timestamps that could not be read (records kept)")
+        return out
 
 
 def delay_labels(records: Iterable[Record], delay: int) -> Iterator[Record]:
@@ -114,7 +174,7 @@ def evaluate(
 class _RichProgress:
     """A progress line with records/s and the leader's rolling accuracy."""
 
-    def __init__(self, total: int | None):
+    def __init__(self, total: int | None, problems: InputProblems | None = None):
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -129,10 +189,14 @@ class _RichProgress:
             MofNCompleteColumn(),
             TextColumn("{task.fields[rate]:>8} rec/s"),
             TextColumn("{task.fields[accuracy]}"),
+            TextColumn("{task.fields[problems]}"),
             TimeElapsedColumn(),
             transient=False,
         )
-        self._task = self._progress.add_task("evaluate", total=total, rate="", accuracy="")
+        self._problems = problems
+        self._task = self._progress.add_task(
+            "evaluate", total=total, rate="", accuracy="", problems=""
+        )
 
     def __enter__(self):
         self._progress.__enter__()
@@ -149,6 +213,7 @@ class _RichProgress:
             completed=n,
             rate=f"{n / seconds:,.0f}" if seconds else "",
             accuracy=accuracy,
+            problems=self._problems.short() if self._problems is not None else "",
         )
 
 
@@ -167,7 +232,7 @@ def add_evaluate_parser(subparsers) -> None:
         dest="models",
         metavar="NAME",
         help="learner from `stream-learner learners`, or module:factory; repeat for several "
-        "(default: nb)",
+        "(default: neural, the wide-and-deep numpy learner: the best on the dev streams)",
     )
     parser.add_argument(
         "--serving",
@@ -234,6 +299,20 @@ def add_evaluate_parser(subparsers) -> None:
         default=None,
         help="file format (default: from the extension)",
     )
+    parser.add_argument(
+        "--on-error",
+        choices=["skip", "stop"],
+        default="skip",
+        help="a record the decoder refuses (blank text, bad JSON, ...): skip it, counted by "
+        "reason and reported, or stop the run (default %(default)s)",
+    )
+    parser.add_argument(
+        "--on-oversize",
+        choices=["truncate", "skip", "stop"],
+        default="truncate",
+        help="a text over the 64 KiB limit: cut it to the limit (counted), skip it, or stop "
+        "(default %(default)s)",
+    )
     parser.add_argument("--text-field", default="text")
     parser.add_argument("--label-field", default="label")
     parser.add_argument("--id-field", default="id")
@@ -253,7 +332,7 @@ def add_evaluate_parser(subparsers) -> None:
 def _run(args) -> int:
     from .datasets import DatasetError, iter_records
 
-    models = args.models or ["nb"]
+    models = args.models or list(DEFAULT_LEARNERS)
     try:
         processor = StreamProcessor(
             models,
@@ -270,6 +349,7 @@ def _run(args) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    problems = InputProblems()
     try:
         records: Iterable[Record] = iter_records(
             args.source,
@@ -279,7 +359,12 @@ def _run(args) -> int:
             label_field=args.label_field,
             ts_field=args.ts_field,
             limit=args.limit,
+            on_error="skip" if args.on_error == "skip" else "raise",
+            on_skip=problems.skip,
+            oversize={"truncate": "truncate", "skip": "skip", "stop": "raise"}[args.on_oversize],
+            on_truncate=problems.truncate,
         )
+        records = problems.watch(records)
         if args.labels_delay:
             records = delay_labels(records, args.labels_delay)
         bar = None
@@ -287,7 +372,7 @@ def _run(args) -> int:
             sys.stderr.isatty() or os.environ.get("STREAM_LEARNER_PROGRESS") == "1"
         ):
             try:
-                bar = _RichProgress(total=None)
+                bar = _RichProgress(total=None, problems=problems)
             except ImportError:  # rich is in the `report` extra
                 bar = None
         if bar is not None:
@@ -299,6 +384,9 @@ def _run(args) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
+    if not any(row["learned"] for row in processor.learner_stats().values()):
+        print(f"error: {_nothing_scored(args, result, problems)}", file=sys.stderr)
+        return 1
     rows = result.rows()
     print(format_table(rows))
     print(
@@ -321,6 +409,8 @@ def _run(args) -> int:
         print(f"{result.learner_errors} records made a learner fail (see stderr)")
     for reason, count in sorted(result.skipped.items()):
         print(f"{count:,} records skipped: {reason}")
+    for line in problems.lines():
+        print(line)
     if args.plot:
         plot_accuracy(
             processor.series,
@@ -339,6 +429,7 @@ def _run(args) -> int:
             + f" --serving {args.serving} --drift {args.drift} --drift-reaction {args.drift_reaction}`",
             "",
             f"{result.records:,} records in {result.seconds:.1f} s.",
+            *(f"\n{line}." for line in problems.lines()),
         ]
         plot_ref = (
             os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.report)))
@@ -359,10 +450,34 @@ def _run(args) -> int:
     return 0
 
 
+def _nothing_scored(args, result: EvaluationResult, problems: InputProblems) -> str:
+    """Why no record could be scored, in words a user can act on."""
+    from .datasets import fields_of
+
+    source = args.source
+    if result.records == 0:
+        if problems.n_skipped:
+            return (
+                f"no record could be scored: every one of the {problems.n_skipped:,} rows of "
+                f"{source} was refused ({', '.join(problems.skipped)}); first: {problems.first_skipped}"
+            )
+        return f"no record could be scored: {source} holds no records"
+    try:
+        fields = fields_of(source, fmt=args.fmt)
+    except Exception:  # the reason we are here is not the file's readability
+        fields = []
+    seen = f" (fields seen: {', '.join(fields)})" if fields else ""
+    return (
+        f"no record could be scored: {result.records:,} records read from {source}, none with a "
+        f"label in field {args.label_field!r}{seen}; name the label field with --label-field"
+    )
+
+
 def _save_models(processor: StreamProcessor, directory: str) -> list[str]:
+    from .files import private_directory
     from .neural import NeuralClassifier, neural_step, save
 
-    os.makedirs(directory, exist_ok=True)
+    private_directory(directory)  # models may be trained on users' texts: 0700, files 0600
     saved = []
     for name, model in processor.learners.items():
         try:

@@ -5,7 +5,8 @@ River pipeline. Its output is ``{bucket_id: weight}`` with integer bucket ids in
 ``range(n_buckets)``. Bucket ids come from CRC-32 (with ``seed`` as the initial value) and a
 multiplicative mix, so they are the same in every process and after every restart — unlike
 Python's ``hash``, which is salted per process. Memory is bounded: the only state is a
-token → hash cache that is emptied when it reaches ``cache_size`` entries.
+token → hash cache (and the batch path's chunk caches), each emptied when it reaches
+``cache_size`` entries or ``cache_bytes`` bytes.
 
 >>> featurizer = TextFeaturizer(n_buckets=2**10)
 >>> featurizer.tokens("Visit https://example.com, NOW!!! Call 555-1234 or mail bob@ex.org @alice")
@@ -34,6 +35,7 @@ import dataclasses
 import functools
 import itertools
 import re
+import sys
 import unicodedata
 import zlib
 
@@ -42,16 +44,111 @@ from river import base
 
 __all__ = ["BucketBatch", "TextFeaturizer", "stable_hash"]
 
-# A URL does not end in sentence punctuation: "see http://x.org, then" keeps the comma.
+# Every pattern here sees producers' text, so each runs in time linear in it: possessive
+# quantifiers where a match could backtrack, and e-mails are found from their "@" (see
+# _replace_emails) rather than by a pattern tried at every position of a long word.
+# A URL does not end in sentence punctuation: "see http://x.org, then" keeps the comma. Linear
+# as it is: it starts only at "http"/"www." and gives back at most the run's punctuation tail.
 _URL = re.compile(r"(?:https?://|www\.)[^\s<>\"']*[^\s<>\"'.,;:!?)\]]", re.IGNORECASE)
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
-_MENTION = re.compile(r"(?<![\w@])@\w+")
+_EMAIL_DOMAIN = re.compile(r"[\w-]++(?:\.[\w-]++)++")
+# An "@" a domain may follow: the others are skipped at C speed. Linear: the runs it reads after
+# different "@"s do not overlap.
+_EMAIL_AT = re.compile(r"@(?=[\w-]++\.[\w-])")
+_EMAIL_LOCAL_PART = re.compile(r"[\w.+-]++")  # matched on the reversed text, from the "@" back
+_MENTION = re.compile(r"(?<![\w@])@\w++")
+# A digit run glued to letters gives back one digit at most before the look-ahead holds, so it
+# is linear; it is left greedy because "10am" -> "__num__ 0am" is what saved models learned.
 _NUMBER = re.compile(r"(?<![^\W\d])\d+(?:[.,:/]\d+)*(?![^\W\d])")
-_URL_HOST = re.compile(r"(?:https?://)?(?:www\d?\.)?([^/?#:\s]+)")
-_NON_WORD = re.compile(r"\W+")
+_URL_HOST = re.compile(r"(?:https?://)?(?:www\d?\.)?([^/?#:\s]++)")
+_NON_WORD = re.compile(r"\W++")
 _DIGIT = re.compile(r"\d")
-_WORD_AND_PUNCT = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]+")
-_WORD_ONLY = re.compile(r"\w+(?:['’]\w+)*")
+_WORD_AND_PUNCT = re.compile(r"\w++(?:['’]\w++)*+|[^\w\s]++")
+_WORD_ONLY = re.compile(r"\w++(?:['’]\w++)*+")
+
+
+def _ranges_class(code_points) -> str:
+    """A regex character-class body for ``code_points`` (sorted), as ranges."""
+    ranges: list[list[int]] = []
+    for c in code_points:
+        if ranges and ranges[-1][1] == c - 1:
+            ranges[-1][1] = c
+        else:
+            ranges.append([c, c])
+    return "".join(
+        re.escape(chr(a)) + ("-" + re.escape(chr(b)) if b > a else "") for a, b in ranges
+    )
+
+
+# Scripts written without spaces between words. Their letters are tokens one by one (with the
+# combining marks that follow them); bigrams come from word n-grams or, with word_ngrams=1,
+# are added. Blocks with marks, digits or punctuation are read letter by letter; the big Han
+# and Hangul syllable blocks are letters throughout.
+_UNSPACED_WHOLE_BLOCKS = (
+    (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2FA1F),
+    (0x30000, 0x323AF),  # Han
+    (0xAC00, 0xD7A3),  # Hangul syllables
+)  # fmt: skip
+_UNSPACED_MIXED_BLOCKS = (
+    (0x3005, 0x3007), (0x3021, 0x3029), (0x3031, 0x3035), (0x303B, 0x303C),  # Han marks, numerals
+    (0x3040, 0x30FF), (0x31F0, 0x31FF),  # Hiragana, Katakana
+    (0x1100, 0x11FF), (0x3130, 0x318F), (0xA960, 0xA97F), (0xD7B0, 0xD7FF),  # Hangul jamo
+    (0x0E00, 0x0E7F), (0x0E80, 0x0EFF),  # Thai, Lao
+    (0x1780, 0x17FF), (0x19E0, 0x19FF),  # Khmer
+    (0x1000, 0x109F), (0xA9E0, 0xA9FF), (0xAA60, 0xAA7F),  # Myanmar
+)  # fmt: skip
+
+
+def _unspaced_classes() -> tuple[str, str]:
+    """Character-class bodies of the letters and of the combining marks of those scripts."""
+    letters, marks = [], []
+    for low, high in _UNSPACED_MIXED_BLOCKS:
+        for c in range(low, high + 1):
+            char = chr(c)
+            if char.isalnum() and not char.isdecimal():  # digits stay numbers
+                letters.append(c)
+            elif unicodedata.category(char).startswith("M"):
+                marks.append(c)
+    whole = "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in _UNSPACED_WHOLE_BLOCKS)
+    return _ranges_class(letters) + whole, _ranges_class(marks)
+
+
+_UNSPACED_LETTERS, _UNSPACED_MARKS = _unspaced_classes()
+_UNSPACED_LETTER = re.compile(f"[{_UNSPACED_LETTERS}]")
+# A letter of those scripts (group 1) or, as _WORD_AND_PUNCT, a word of other letters or a run
+# of punctuation.
+_UNSPACED_WORD = rf"[^\W{_UNSPACED_LETTERS}]++(?:['’][^\W{_UNSPACED_LETTERS}]++)*+"
+_UNSPACED_LETTER_AND_WORD_AND_PUNCT = re.compile(
+    rf"([{_UNSPACED_LETTERS}][{_UNSPACED_MARKS}]*+)|{_UNSPACED_WORD}|[^\w\s]++"
+)
+_UNSPACED_LETTER_AND_WORD = re.compile(
+    rf"([{_UNSPACED_LETTERS}][{_UNSPACED_MARKS}]*+)|{_UNSPACED_WORD}"
+)
+
+# NFKC's canonical reordering is quadratic in the length of a run of combining marks (CPython
+# sorts them by insertion): a run is cut to 30 marks first, the limit of Unicode's stream-safe
+# format (UAX #15), which real text never reaches (Zalgo text can). Marks are the characters
+# with a combining class, and the few without one that decompose into marks (tested).
+_DECOMPOSE_INTO_MARKS = (0x0F73, 0x0F75, 0x0F81, 0xFF9E, 0xFF9F)
+_MARK_CODES = sorted(
+    {c for c in range(0x300, 0x1F000) if unicodedata.combining(chr(c))} | set(_DECOMPOSE_INTO_MARKS)
+)
+# Two patterns: a class with characters beyond the BMP is checked range by range, one below it
+# by a bitmap, and the second is needed only when a text holds such characters.
+_BMP_MARK = f"[{_ranges_class(c for c in _MARK_CODES if c <= 0xFFFF)}]"
+_ASTRAL_MARK = f"[{_ranges_class(c for c in _MARK_CODES if c > 0xFFFF)}]"
+_ANY_MARK = f"(?:{_BMP_MARK}|(?=[\U00010000-\U0010ffff]){_ASTRAL_MARK})"
+_LONG_BMP_MARK_RUN = re.compile(f"({_BMP_MARK}{{30}}){_BMP_MARK}++")
+_LONG_MARK_RUN = re.compile(f"({_ANY_MARK}{{30}}){_ANY_MARK}++")
+_BEYOND_BMP = re.compile("[\U00010000-\U0010ffff]")
+
+
+def _nfkc_casefold(text: str) -> str:
+    """``text`` in NFKC, case-folded; runs of more than 30 combining marks cut to 30."""
+    long_run = _LONG_MARK_RUN if _BEYOND_BMP.search(text) else _LONG_BMP_MARK_RUN
+    if long_run.search(text):
+        text = long_run.sub(r"\1", text)
+    return unicodedata.normalize("NFKC", text).casefold()
+
 # Ends each text of a batch. Should a text hold the same chunk, buckets_many finds more ends
 # than texts and takes the per-text path instead.
 _SEPARATOR = "\x00\x00"
@@ -80,8 +177,41 @@ def _url_tokens(match: re.Match) -> str:
     return f" __url__ __host_{_NON_WORD.sub('_', host)}__ "
 
 
+def _replace_emails(text: str) -> str:
+    r"""``text`` with each e-mail address replaced by `` __email__ ``: what
+    ``re.sub(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+", " __email__ ", text)`` gives, in linear time.
+    That pattern, tried at every position of a long word not followed by an address, rescans
+    the rest of the word each time (quadratic); here each "@" a domain follows is tried once,
+    its local part read backwards from it, never past the previous "@" or address.
+    """
+    pieces = []
+    done = 0  # text[:done] is settled
+    reversed_text = None
+    size = len(text)
+    candidate = _EMAIL_AT.search(text)
+    while candidate is not None:
+        at = candidate.start()
+        if at > done:
+            if reversed_text is None:
+                reversed_text = text[::-1]
+            local = _EMAIL_LOCAL_PART.match(reversed_text, size - at, size - done)
+            if local is not None:
+                pieces += (text[done : at - (local.end() - local.start())], " __email__ ")
+                done = _EMAIL_DOMAIN.match(text, at + 1).end()
+                candidate = _EMAIL_AT.search(text, done)
+                continue
+        candidate = _EMAIL_AT.search(text, at + 1)
+    if not pieces:
+        return text
+    pieces.append(text[done:])
+    return "".join(pieces)
+
+
 _KINDS = frozenset({"urls", "emails", "mentions", "numbers"})
-_MIX = 0x9E3779B1  # Knuth's multiplicative constant: spreads CRC-32 over the buckets.
+# Knuth's multiplicative constant. Bucket ids are the product's low bits, which depend only on
+# the hash's low bits: with a power-of-two n_buckets the mix permutes buckets and does not
+# reduce collisions (CRC-32's low bits are uniform already). Kept: saved models use its ids.
+_MIX = 0x9E3779B1
 _MASK32 = 0xFFFFFFFF
 
 
@@ -138,6 +268,10 @@ class BucketBatch:
 
 
 _crc32 = zlib.crc32
+_getsizeof = sys.getsizeof
+# Bytes a cache entry costs beyond its key and value: the dict's slot and index; the int.
+_TOKEN_ENTRY_BYTES = 72
+_CHUNK_ENTRY_BYTES = 120  # and the headers of the key and value
 
 
 def stable_hash(token: str, seed: int = 0) -> int:
@@ -183,6 +317,15 @@ class TextFeaturizer(base.Transformer):
         When given, ``x`` is a dict and the text is ``x[on]``; otherwise ``x`` is the text.
     cache_size
         Most token hashes kept in memory.
+    cache_bytes
+        Most memory each cache may hold (the token cache; the batch path's chunk caches),
+        estimated from the sizes of its keys and values: a cache is emptied when it grows
+        past either bound, so a stream of long, never repeated words cannot exhaust memory.
+    segment_unspaced
+        Split runs of scripts written without spaces between words (Han, Hiragana, Katakana,
+        Hangul, Thai, Lao, Khmer, Myanmar) into letters: each letter is a token, and the
+        letter bigrams within a run are features (as word bigrams; added when
+        ``word_ngrams=1``). Off, such a run is one long word.
 
     """
 
@@ -199,6 +342,8 @@ class TextFeaturizer(base.Transformer):
         seed: int = 0,
         on: str | None = None,
         cache_size: int = 2**17,
+        cache_bytes: int = 2**25,
+        segment_unspaced: bool = True,
     ):
         self.n_buckets = n_buckets
         self.word_ngrams = word_ngrams
@@ -211,7 +356,15 @@ class TextFeaturizer(base.Transformer):
         self.seed = seed
         self.on = on
         self.cache_size = cache_size
+        self.cache_bytes = cache_bytes
+        self.segment_unspaced = segment_unspaced
         self._hash_cache: dict[str, int] = {}
+        self._hash_cache_bytes = 0
+
+    # What a featurizer pickled before these parameters existed did.
+    segment_unspaced = False
+    cache_bytes = 2**25
+    _hash_cache_bytes = 0
 
     @property
     def _tags(self):
@@ -226,6 +379,7 @@ class TextFeaturizer(base.Transformer):
         # The cache is derived data: keep it out of pickles and checkpoints.
         state = self.__dict__.copy()
         state["_hash_cache"] = {}
+        state["_hash_cache_bytes"] = 0
         state.pop("_chunk_caches", None)
         return state
 
@@ -235,7 +389,7 @@ class TextFeaturizer(base.Transformer):
 
     def hashing_config(self) -> dict:
         """What decides bucket ids. Two featurizers with equal configs map text identically."""
-        return {
+        config = {
             "scheme": "crc32-mix-v1",
             "n_buckets": self.n_buckets,
             "word_ngrams": self.word_ngrams,
@@ -244,13 +398,16 @@ class TextFeaturizer(base.Transformer):
             "punctuation": self.punctuation,
             "seed": self.seed,
         }
+        if self.segment_unspaced:  # absent when off: the config of a featurizer made before it
+            config["unspaced"] = "letters-v1"
+        return config
 
     def tokens(self, text: str) -> list[str]:
         """The word tokens of ``text`` after normalization, before n-grams and hashing."""
         if text.isascii():
             text = text.lower()  # what NFKC + casefold give for ASCII, at a fraction of the cost
         else:
-            text = unicodedata.normalize("NFKC", text).casefold()
+            text = _nfkc_casefold(text)
         return self._split_tokens(text)
 
     def _split_tokens(self, text: str) -> list[str]:
@@ -261,21 +418,49 @@ class TextFeaturizer(base.Transformer):
                 text = _URL.sub(_url_tokens, text)
             if "@" in text:
                 if "emails" in kinds:
-                    text = _EMAIL.sub(" __email__ ", text)
+                    text = _replace_emails(text)
                 if "mentions" in kinds:
                     text = _MENTION.sub(" __user__ ", text)
             if "numbers" in kinds and _DIGIT.search(text):
                 text = _NUMBER.sub(" __num__ ", text)
+        if self.segment_unspaced and not text.isascii() and _UNSPACED_LETTER.search(text):
+            return self._split_unspaced(text)
         pattern = _WORD_AND_PUNCT if self.punctuation else _WORD_ONLY
         return pattern.findall(text)
+
+    def _split_unspaced(self, text: str) -> list[str]:
+        """The tokens of a text with letters of scripts written without spaces: each such
+        letter is a token; with ``word_ngrams=1`` each pair of them side by side is one too."""
+        if self.punctuation:
+            pattern = _UNSPACED_LETTER_AND_WORD_AND_PUNCT
+        else:
+            pattern = _UNSPACED_LETTER_AND_WORD
+        add_pairs = self.word_ngrams < 2
+        tokens = []
+        previous, previous_end = None, -1  # the last letter token and where it ended
+        for match in pattern.finditer(text):
+            token = match.group()
+            tokens.append(token)
+            if match.lastindex is None:
+                previous = None
+                continue
+            if add_pairs and previous is not None and match.start() == previous_end:
+                tokens.append(previous + token)
+            previous, previous_end = token, match.end()
+        return tokens
 
     def _hashes(self, tokens: list[str]) -> list[int]:
         cache = self._hash_cache
         hashes = list(map(cache.get, tokens))
         if None in hashes:
-            if len(cache) + len(tokens) > self.cache_size:
+            if (
+                len(cache) + len(tokens) > self.cache_size
+                or self._hash_cache_bytes > self.cache_bytes
+            ):
                 cache.clear()
+                self._hash_cache_bytes = 0
             seed = self.seed & _MASK32
+            added = 0
             for i, h in enumerate(hashes):
                 if h is None:
                     token = tokens[i]
@@ -284,7 +469,9 @@ class TextFeaturizer(base.Transformer):
                         h = cache[token] = (
                             zlib.crc32(token.encode("utf-8", "surrogatepass"), seed) * _MIX
                         ) & _MASK32
+                        added += _getsizeof(token) + _TOKEN_ENTRY_BYTES
                     hashes[i] = h
+            self._hash_cache_bytes += added
         return hashes
 
     def buckets(self, text: str) -> list[int]:
@@ -324,8 +511,8 @@ class TextFeaturizer(base.Transformer):
         weights). On batches of a hundred or more it costs a fraction of one ``transform_one``
         per record: the batch is lower-cased text by text, then split on whitespace once;
         each distinct whitespace-free chunk is normalized, tokenized and hashed once and kept
-        in a cache (bounded by ``cache_size``, like the token cache), and the word n-grams of
-        the whole batch are combined in numpy.
+        in a cache (bounded by ``cache_size`` and ``cache_bytes``, like the token cache), and
+        the word n-grams of the whole batch are combined in numpy.
 
         >>> featurizer = TextFeaturizer(n_buckets=2**10, binary=True)
         >>> batch = featurizer.buckets_many(["a a b", "b"])
@@ -348,10 +535,7 @@ class TextFeaturizer(base.Transformer):
         if joined.isascii():
             joined = joined.lower()
         else:
-            joined = end.join(
-                t.lower() if t.isascii() else unicodedata.normalize("NFKC", t).casefold()
-                for t in texts
-            ) + end
+            joined = end.join(t.lower() if t.isascii() else _nfkc_casefold(t) for t in texts) + end
         # Every match of the tokenizer and of the normalizations lies inside a whitespace-free
         # chunk (none spans whitespace; their look-arounds read whitespace as a text's end), so a
         # text's tokens are its chunks' tokens in order: tokenize each distinct chunk once.
@@ -374,7 +558,11 @@ class TextFeaturizer(base.Transformer):
         """The chunk → token hashes and chunk → character n-gram hashes caches. A chunk missing
         from the first is tokenized and hashed on lookup (and entered in both)."""
         caches = getattr(self, "_chunk_caches", None)
-        if caches is None or len(caches[0]) + len(chunks) > self.cache_size:
+        if (
+            caches is None
+            or len(caches[0]) + len(chunks) > self.cache_size
+            or caches[0].bytes > self.cache_bytes
+        ):
             # Emptied when full, as the token cache: memory stays bounded on a stream.
             word_cache = _ChunkCache(self)
             word_cache[_SEPARATOR] = _NOT_A_HASH_BYTES
@@ -385,7 +573,9 @@ class TextFeaturizer(base.Transformer):
         tokens = self._split_tokens(chunk)
         seed = self.seed & _MASK32
         if self.char_ngrams:
-            self._chunk_caches[1][chunk] = _hash_bytes(self._char_grams(tokens), seed)
+            word_cache, gram_cache = self._chunk_caches
+            grams = gram_cache[chunk] = _hash_bytes(self._char_grams(tokens), seed)
+            word_cache.bytes += len(grams) + _CHUNK_ENTRY_BYTES
         return _hash_bytes(tokens, seed)
 
     def _char_grams(self, tokens: list[str]) -> list[str]:
@@ -504,7 +694,7 @@ def _concatenate(lists: list[list[int]]):
 class _ChunkCache(dict):
     """chunk → the uint32 bytes of its tokens' hashes, computed on a miss."""
 
-    __slots__ = ("_featurizer", "_seed", "_punctuation", "_simple")
+    __slots__ = ("_featurizer", "_seed", "_punctuation", "_simple", "_segment", "bytes")
 
     def __init__(self, featurizer: TextFeaturizer):
         super().__init__()
@@ -512,40 +702,46 @@ class _ChunkCache(dict):
         self._seed = featurizer.seed & _MASK32
         self._punctuation = featurizer.punctuation
         self._simple = not featurizer.char_ngrams
+        self._segment = featurizer.segment_unspaced
+        self.bytes = 0  # estimated size of the entries of this cache and of its gram cache
 
     def __missing__(self, chunk: str) -> bytes:
+        value = self[chunk] = self._entry(chunk)
+        # Four bytes a character for the key: exact for the widest strings, safe for others.
+        self.bytes += 4 * len(chunk) + len(value) + _CHUNK_ENTRY_BYTES
+        return value
+
+    def _entry(self, chunk: str) -> bytes:
         # Most chunks are a word, maybe with an apostrophe inside or a punctuation mark before
         # or after it. Letters are \w; a non-\w character next to letters is punctuation that no
         # normalization takes (mentions need "@", e-mails "@" and \w after it, numbers digits).
         seed = self._seed
-        if self._simple:
+        if self._simple and (
+            chunk.isascii() or not self._segment or not _UNSPACED_LETTER.search(chunk)
+        ):
             if chunk.isalpha() or (
                 chunk.replace("'", "").isalpha()
                 and "''" not in chunk
                 and chunk[0] != "'"
                 and chunk[-1] != "'"
             ):
-                value = self[chunk] = (
+                return (
                     (_crc32(chunk.encode("utf-8", "surrogatepass"), seed) * _MIX) & _MASK32
                 ).to_bytes(4, "little")
-                return value
             # Two tokens at most: concatenated, without _hash_bytes' list and join.
             head, tail = chunk[:-1], chunk[-1]
             if head.isalpha() and not (tail.isalnum() or tail == "_" or tail == "@"):
                 value = _hash4(head, seed)
                 if self._punctuation:
                     value += _hash4(tail, seed)
-                self[chunk] = value
                 return value
             head, tail = chunk[0], chunk[1:]
             if tail.isalpha() and not (head.isalnum() or head == "_" or head == "@"):
                 value = _hash4(tail, seed)
                 if self._punctuation:
                     value = _hash4(head, seed) + value
-                self[chunk] = value
                 return value
-        value = self[chunk] = self._featurizer._chunk_entry(chunk)
-        return value
+        return self._featurizer._chunk_entry(chunk)
 
 
 def _hash4(token: str, seed: int) -> bytes:

@@ -20,9 +20,18 @@ A snapshot is the state of a checkpoint, so it covers exactly the offsets that c
 commits: when a worker dies, whoever takes over its partitions starts where its last
 snapshot ends. Snapshots are split into parts that fit a Kafka message; ``average`` snapshots
 use the neural learner's file format and ``counts`` plain arrays, neither of which can run code;
-``ensemble`` snapshots are pickles, read only when signed with the group's shared key (the
-checkpoint key). Fusion never blocks consuming: a background thread reads and decodes the
-models topic; folding happens between two batches.
+``ensemble`` snapshots are pickles, read through an allow-list of classes. Fusion never blocks
+consuming: a background thread reads and decodes the models topic; folding happens between two
+batches.
+
+Every part is authenticated: its ``mac`` header is an HMAC-SHA256, under the group's fusion key
+(:func:`stream_learner.keys.derive_key` of the shared secret with the ``FUSION`` label), over the
+message key, every other header (worker, rule, version, ``records``, part numbering, the
+snapshot's SHA-256, ...) and the value. A part that is unsigned, signed with another key (the
+checkpoint key, say) or altered, or a snapshot not newer than the last one accepted from that
+worker (a replay), is dropped and counted by reason (:data:`REJECT_REASONS`), never folded. A
+worker that stops cleanly publishes signed tombstones (null values) for its keys; a peer that
+reads one, or hears nothing from a worker for ``peer_ttl`` seconds, forgets that worker.
 
 >>> from stream_learner.naive_bayes import MultinomialNB
 >>> left, right = MultinomialNB(), MultinomialNB()
@@ -57,6 +66,7 @@ import numpy as np
 from .neural_format import _decode_label, _encode_label
 
 __all__ = [
+    "REJECT_REASONS",
     "RULES",
     "CountTable",
     "Fusion",
@@ -64,7 +74,10 @@ __all__ = [
     "ModelFeed",
     "PeerSnapshot",
     "SnapshotAssembler",
+    "SnapshotRejected",
+    "Tombstone",
     "encode_snapshot",
+    "encode_tombstone",
     "parse_rules",
     "rule_for",
 ]
@@ -72,13 +85,23 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RULES = ("average", "counts", "ensemble")
-WIRE_FORMAT = b"1"
+WIRE_FORMAT = b"2"  # 2: every part carries a ``mac`` header
+# Why a snapshot was dropped: the ``reason`` of stream_learner_fusion_rejected_total.
+REJECT_REASONS = ("unsigned", "bad_signature", "replayed", "malformed", "unsafe")
 PART_BYTES = 512 * 1024  # under the 1 MB default message.max.bytes of Kafka, with room for headers
 _COUNT_TABLES = ("class_counts", "class_totals", "feature_totals")
 
 
 class FusionError(ValueError):
     """A snapshot that cannot be used (damaged, unsigned, another configuration)."""
+
+
+class SnapshotRejected(FusionError):
+    """A message of the models topic dropped for ``reason`` (one of :data:`REJECT_REASONS`)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def parse_rules(text: str | None) -> dict[str, str] | None:
@@ -326,12 +349,27 @@ class PeerSnapshot:
         return (self.epoch, self.seq)
 
 
+@dataclasses.dataclass(frozen=True)
+class Tombstone:
+    """A worker's signed notice that it left: its peers forget its snapshots of ``learner``."""
+
+    learner: str
+    worker: str
+    epoch: int
+    seq: int
+
+    @property
+    def version(self) -> tuple[int, int]:
+        return (self.epoch, self.seq)
+
+
 def encode_snapshot(
     learner: str,
     worker: str,
     rule: str,
     payload: bytes,
     *,
+    key: bytes,
     records: int,
     hashing: str,
     created: float,
@@ -340,7 +378,8 @@ def encode_snapshot(
     seq: int = 0,
     part_bytes: int = PART_BYTES,
 ) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
-    """(key, value, headers) of each part of a snapshot, in order.
+    """(key, value, headers) of each part of a snapshot, in order, each signed with ``key``
+    (the fusion key).
 
     Full snapshots are keyed ``<learner>/<worker>/<part>``, so compaction keeps the newest;
     increments ``<learner>/<worker>/i<seq>/<part>``.
@@ -366,27 +405,107 @@ def encode_snapshot(
     messages = []
     for index in range(parts):
         prefix = f"{learner}/{worker}" if kind == "full" else f"{learner}/{worker}/i{seq}"
-        key = f"{prefix}/{index}".encode()
+        message_key = f"{prefix}/{index}".encode()
         value = payload[index * part_bytes : (index + 1) * part_bytes]
-        messages.append((key, value, [*common, ("part", str(index).encode("ascii"))]))
+        headers = [*common, ("part", str(index).encode("ascii"))]
+        messages.append((message_key, value, _signed(key, message_key, value, headers)))
     return messages
 
 
+def encode_tombstone(
+    message_key: bytes, learner: str, worker: str, *, key: bytes, epoch: int, seq: int
+) -> tuple[bytes, None, list[tuple[str, bytes]]]:
+    """A signed tombstone (null value) for one of ``worker``'s keys of ``learner``: compaction
+    deletes the key, and peers that read it forget that worker's snapshots of that learner."""
+    headers = [
+        ("fusion_format", WIRE_FORMAT),
+        ("tombstone", b"1"),
+        ("learner", learner.encode("utf-8")),
+        ("worker", worker.encode("utf-8")),
+        ("epoch", str(epoch).encode("ascii")),
+        ("seq", str(seq).encode("ascii")),
+    ]
+    return message_key, None, _signed(key, message_key, None, headers)
+
+
+def snapshot_mac(key: bytes, message_key: bytes | None, value: bytes | None, headers: Mapping[str, bytes]) -> bytes:
+    """HMAC-SHA256 (hex) of one message of the models topic: over its key, every header but
+    ``mac`` (sorted by name) and its value, each length-prefixed so no two messages encode
+    alike."""
+    mac = hmac.new(key, b"stream-learner fusion message\x00", hashlib.sha256)
+
+    def field(data: bytes | None) -> None:
+        if data is None:
+            mac.update(b"\xff" * 8)  # a null key or value differs from an empty one
+        else:
+            mac.update(len(data).to_bytes(8, "big"))
+            mac.update(data)
+
+    field(message_key)
+    names = sorted(name for name in headers if name != "mac")
+    field(str(len(names)).encode("ascii"))
+    for name in names:
+        field(name.encode("utf-8"))
+        field(bytes(headers[name]))
+    field(value)
+    return mac.hexdigest().encode("ascii")
+
+
+def _signed(key: bytes, message_key: bytes, value: bytes | None, headers: list[tuple[str, bytes]]) -> list:
+    if not key:
+        raise FusionError("fusion needs the group's shared key (--checkpoint-key-file or $STREAM_LEARNER_CHECKPOINT_KEY)")
+    return [*headers, ("mac", snapshot_mac(key, message_key, value, dict(headers)))]
+
+
+def authenticate(key: bytes, message_key: bytes | None, value: bytes | None, headers: Iterable) -> dict[str, bytes]:
+    """The headers of a message of the models topic, once its MAC checks out under ``key``;
+    raises :class:`SnapshotRejected` (``unsigned`` or ``bad_signature``) otherwise."""
+    try:
+        meta = {str(name): bytes(raw) for name, raw in headers or ()}  # a repeated header: the last
+    except (TypeError, ValueError) as error:
+        raise SnapshotRejected("malformed", f"message {message_key!r} has unreadable headers: {error}") from None
+    tag = meta.pop("mac", None)
+    if tag is None:
+        raise SnapshotRejected("unsigned", f"message {message_key!r} carries no signature (mac header)")
+    if not hmac.compare_digest(tag, snapshot_mac(key, message_key, value, meta)):
+        raise SnapshotRejected(
+            "bad_signature",
+            f"message {message_key!r} is not signed with the group's fusion key (altered, or "
+            "another key: give every worker of the group the same $STREAM_LEARNER_CHECKPOINT_KEY "
+            "or --checkpoint-key-file)",
+        )
+    return meta
+
+
 class SnapshotAssembler:
-    """Puts parts back together; yields a snapshot once all its parts are there and match.
+    """Authenticates parts and puts them back together; yields a snapshot once all its parts
+    are there and match, or a :class:`Tombstone`.
 
     Parts of one snapshot may be missing (compaction keeps only the newest message of a key)
-    or interleaved with another snapshot's; older snapshots never replace newer ones.
+    or interleaved with another snapshot's. A part or tombstone not newer than the last snapshot
+    accepted from its worker (for that learner) is a replay: refused.
     """
 
-    def __init__(self):
+    def __init__(self, key: bytes, *, own_worker: str | None = None):
+        self._key = key
+        self._own_worker = own_worker
         self._partial: dict[tuple[str, str], dict[int, dict]] = {}
-        self._done: dict[tuple[str, str], int] = {}
+        self._done: dict[tuple[str, str], tuple[int, int]] = {}
+        self._tombstoned: dict[tuple[str, str], tuple[int, int]] = {}
+        self.own_keys: dict[bytes, str] = {}  # own_worker's keys on the topic -> learner
 
-    def add(self, key: bytes | None, value: bytes | None, headers: Iterable) -> PeerSnapshot | None:
-        meta = {name: raw for name, raw in headers or ()}
+    def forget(self, worker: str) -> None:
+        """Drop ``worker``'s incomplete parts; its last version stays (a few bytes), so an old
+        snapshot of it replayed later is still refused."""
+        for name in [name for name in self._partial if name[1] == worker]:
+            del self._partial[name]
+
+    def add(self, key: bytes | None, value: bytes | None, headers: Iterable) -> PeerSnapshot | Tombstone | None:
+        meta = authenticate(self._key, key, value, headers)
         if meta.get("fusion_format") != WIRE_FORMAT:
-            raise FusionError(f"not a snapshot of wire format {WIRE_FORMAT.decode()} (key {key!r})")
+            raise SnapshotRejected("malformed", f"not a snapshot of wire format {WIRE_FORMAT.decode()} (key {key!r})")
+        if meta.get("tombstone") == b"1":
+            return self._tombstone(key, meta)
         try:
             learner = meta["learner"].decode("utf-8")
             worker = meta["worker"].decode("utf-8")
@@ -404,15 +523,20 @@ class SnapshotAssembler:
                 "seq": int(meta.get("seq", b"0")),
             }
         except (KeyError, ValueError, UnicodeDecodeError, AttributeError) as error:
-            raise FusionError(f"snapshot part {key!r} has bad headers: {error}") from None
+            raise SnapshotRejected("malformed", f"snapshot part {key!r} has bad headers: {error}") from None
         if not 0 <= part < parts or info["rule"] not in RULES or info["kind"] not in ("full", "increment"):
-            raise FusionError(f"snapshot part {key!r}: part {part} of {parts}, rule {info['rule']!r}")
+            raise SnapshotRejected("malformed", f"snapshot part {key!r}: part {part} of {parts}, rule {info['rule']!r}")
+        if value is None:
+            raise SnapshotRejected("malformed", f"snapshot part {key!r} has no value")
         name = (learner, worker)
-        if snapshot_id <= self._done.get(name, -1):
-            return None
+        if worker == self._own_worker and key is not None:
+            self.own_keys[key] = learner
+        version = (info["epoch"], info["seq"])
+        if version <= self._done.get(name, (-1, -1)):
+            raise SnapshotRejected("replayed", f"snapshot {learner}/{worker}@{version} is not newer than the last accepted")
         pending = self._partial.setdefault(name, {})
         entry = pending.setdefault(snapshot_id, {"info": info, "parts": {}})
-        entry["parts"][part] = value or b""
+        entry["parts"][part] = value
         if len(entry["parts"]) < parts:
             if len(pending) > 3:  # keep the newest few incomplete ones
                 del pending[min(pending)]
@@ -420,8 +544,8 @@ class SnapshotAssembler:
         payload = b"".join(entry["parts"][i] for i in range(parts))
         del pending[snapshot_id]
         if hashlib.sha256(payload).hexdigest() != info["sha256"]:
-            raise FusionError(f"snapshot {learner}/{worker}@{snapshot_id}: checksum mismatch")
-        self._done[name] = snapshot_id
+            raise SnapshotRejected("malformed", f"snapshot {learner}/{worker}@{snapshot_id}: checksum mismatch")
+        self._done[name] = version
         for older in [i for i in pending if i < snapshot_id]:
             del pending[older]
         return PeerSnapshot(
@@ -429,25 +553,77 @@ class SnapshotAssembler:
             info["kind"], info["epoch"], info["seq"],
         )
 
+    def _tombstone(self, key: bytes | None, meta: dict[str, bytes]) -> Tombstone | None:
+        try:
+            tombstone = Tombstone(
+                meta["learner"].decode("utf-8"), meta["worker"].decode("utf-8"), int(meta["epoch"]), int(meta["seq"])
+            )
+        except (KeyError, ValueError, UnicodeDecodeError) as error:
+            raise SnapshotRejected("malformed", f"tombstone {key!r} has bad headers: {error}") from None
+        name = (tombstone.learner, tombstone.worker)
+        if tombstone.worker == self._own_worker:
+            if key is not None:
+                self.own_keys.pop(key, None)
+            return None
+        if self._tombstoned.get(name) == tombstone.version == self._done.get(name):
+            return None  # one tombstone per key of that worker: the first one did it
+        if tombstone.version <= self._done.get(name, (-1, -1)):
+            raise SnapshotRejected("replayed", f"tombstone of {name[0]}/{name[1]}@{tombstone.version} is not newer than its last snapshot")
+        self._done[name] = self._tombstoned[name] = tombstone.version
+        self._partial.pop(name, None)
+        return tombstone
 
-def sign(key: bytes, payload: bytes) -> bytes:
-    return hmac.new(key, payload, hashlib.sha256).digest() + payload
+
+# Classes (and a few functions) an ensemble snapshot may name: River's estimators and their
+# internals, the project's own classifiers, numpy arrays and generators, plain containers.
+# Anything else is refused before it is looked up, so a signed pickle cannot run code.
+_ALLOWED_MODULE_PREFIXES = ("river.", "stream_learner.naive_bayes", "stream_learner.neural")
+_ALLOWED_GLOBALS = {
+    ("builtins", name)
+    for name in ("bool", "bytearray", "bytes", "complex", "dict", "float", "frozenset", "int", "list",
+                 "object", "range", "set", "slice", "str", "tuple")
+} | {
+    ("collections", "Counter"), ("collections", "OrderedDict"), ("collections", "defaultdict"),
+    ("collections", "deque"), ("copy", "deepcopy"), ("copyreg", "_reconstructor"), ("functools", "partial"),
+    ("random", "Random"), ("numpy", "dtype"), ("numpy", "ndarray"),
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
+    ("numpy.random._pickle", "__generator_ctor"), ("numpy.random._pickle", "__bit_generator_ctor"),
+    ("numpy.random._pickle", "__randomstate_ctor"), ("numpy.random._pcg64", "PCG64"),
+    ("numpy.random._mt19937", "MT19937"), ("numpy.random.bit_generator", "__pyx_unpickle_SeedSequence"),
+    ("numpy.random.bit_generator", "SeedSequence"), ("numpy.random._generator", "Generator"),
+}  # fmt: skip
 
 
-def verify(key: bytes | None, data: bytes) -> bytes:
-    if key is None:
-        raise FusionError("no shared key to verify an ensemble snapshot with")
-    tag, payload = data[:32], data[32:]
-    if not hmac.compare_digest(tag, hmac.new(key, payload, hashlib.sha256).digest()):
-        raise FusionError(
-            "ensemble snapshot not signed with our key: give every worker of the group the same "
-            "$STREAM_LEARNER_CHECKPOINT_KEY (or --checkpoint-key-file)"
-        )
-    return payload
+def _model_attribute(owner, name: str):
+    """``getattr`` as pickles of River's models use it (a bound method of a model's own)."""
+    cls = owner if isinstance(owner, type) else type(owner)
+    if not cls.__module__.startswith(_ALLOWED_MODULE_PREFIXES) or not isinstance(name, str) or name.startswith("__"):
+        raise SnapshotRejected("unsafe", f"ensemble snapshot asks for attribute {name!r} of a {cls.__name__}")
+    return getattr(owner, name)
 
 
-def decode_payload(snapshot: PeerSnapshot, key: bytes | None):
-    """The snapshot's model: refuses damaged, unsigned or foreign data with a FusionError."""
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("builtins", "getattr"):
+            return _model_attribute
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        if module.startswith(_ALLOWED_MODULE_PREFIXES) and not name.startswith("_"):
+            found = super().find_class(module, name)
+            if isinstance(found, type):
+                return found
+        raise SnapshotRejected("unsafe", f"ensemble snapshot names {module}.{name}, which a model never holds")
+
+
+def restricted_loads(data: bytes):
+    """Unpickle an ensemble snapshot, allowing only the classes a classifier holds."""
+    return _RestrictedUnpickler(io.BytesIO(data)).load()
+
+
+def decode_payload(snapshot: PeerSnapshot):
+    """The (authenticated) snapshot's model: refuses damaged or foreign data with a FusionError."""
     if snapshot.rule == "counts":
         return CountTable.from_bytes(snapshot.payload)
     if snapshot.rule == "average":
@@ -459,10 +635,12 @@ def decode_payload(snapshot: PeerSnapshot, key: bytes | None):
         except NeuralFormatError as error:
             raise FusionError(str(error)) from None
     try:
-        return pickle.loads(verify(key, snapshot.payload))  # noqa: S301 - authenticated above
+        return restricted_loads(snapshot.payload)
     except FusionError:
         raise
     except Exception as error:
+        if isinstance(error, MemoryError | KeyboardInterrupt):
+            raise
         raise FusionError(f"ensemble snapshot cannot be read: {type(error).__name__}: {error}") from None
 
 
@@ -487,7 +665,8 @@ class Fusion:
         ``{learner: rule}`` overrides (``none`` leaves a learner out); the others get
         :func:`rule_for`'s default.
     key
-        Shared secret that signs ``ensemble`` snapshots.
+        The group's fusion key (:func:`stream_learner.keys.derive_key` of the shared secret,
+        ``FUSION`` label): signs every message this worker publishes.
     every_seconds, full_every_seconds
         Publishing and folding cadence; full snapshots' cadence.
     every_records
@@ -526,18 +705,23 @@ class Fusion:
         self.last_full = None  # None: the next round publishes full snapshots
         self.epoch = int(clock() * 1e6)  # a new run starts a new series of increments
         self.seq = 0
+        self.published: dict[bytes, str] = {}  # keys published in this run -> learner
+        self._counts_kept: dict[str, set[bytes]] = {}  # keys of each counts learner's newest full snapshot
         self._journals: dict[str, list] = {}
         self._heads: dict[str, int] = {}
 
     # -- state that goes into the worker's checkpoint --
 
     def state(self) -> dict:
-        return {"peer_counts": self.peer_counts, "folded": self.folded}
+        return {"peer_counts": self.peer_counts, "folded": self.folded, "epoch": self.epoch}
 
     def restore(self, state: Mapping | None) -> None:
         if state:
             self.peer_counts = {k: dict(v) for k, v in state.get("peer_counts", {}).items()}
             self.folded = {k: dict(v) for k, v in state.get("folded", {}).items()}
+            # Peers refuse versions not newer than the last they took: never go back, even if
+            # the clock did.
+            self.epoch = max(self.epoch, int(state.get("epoch", -1)) + 1)
 
     def rule_of(self, name: str, head) -> str | None:
         rule = self.rules.get(name) or rule_for(head)
@@ -611,19 +795,41 @@ class Fusion:
                 hashing = featurizer.hashing_config() if featurizer is not None else None
                 payload = dumps(head, hashing=hashing)
             else:
-                if self.key is None:
-                    raise FusionError("ensemble fusion needs a shared key (--checkpoint-key-file or $STREAM_LEARNER_CHECKPOINT_KEY)")
-                payload = sign(self.key, pickle.dumps(head, protocol=pickle.HIGHEST_PROTOCOL))
-            messages.extend(
-                encode_snapshot(
-                    name, self.worker_id, rule, payload, records=records[name], hashing=_hashing(featurizer),
-                    created=now, kind=kind, epoch=self.epoch, seq=self.seq,
-                )
-            )
+                payload = pickle.dumps(head, protocol=pickle.HIGHEST_PROTOCOL)
+            parts = encode_snapshot(
+                name, self.worker_id, rule, payload, key=self.key, records=records[name],
+                hashing=_hashing(featurizer), created=now, kind=kind, epoch=self.epoch, seq=self.seq,
+            )  # fmt: skip
+            self.published.update((key, name) for key, _, _ in parts)
+            if rule == "counts" and kind == "full":
+                self._counts_kept[name] = {key for key, _, _ in parts}
+            messages.extend(parts)
         self.last_published = now
         if full:
             self.last_full = now
         return messages
+
+    def tombstones(self, also: Mapping[bytes, str] | None = None) -> list[tuple[bytes, None, list]]:
+        """Signed tombstones for the keys this worker published (in this run, and ``also``:
+        ``{key: learner}`` of earlier runs, as the models topic showed them); for a clean exit.
+
+        The newest full snapshot of each ``counts`` learner is kept: it is the only record of
+        what this worker's records counted, and a worker that joins later folds it in (its
+        peers forget it all the same, having folded it).
+        """
+        kept = set().union(*self._counts_kept.values())
+        every = {**(also or {}), **self.published}
+        keys = {key: learner for key, learner in every.items() if key not in kept}
+        for learner in set(every.values()):  # a key of its own, so every learner has one
+            keys[f"{learner}/{self.worker_id}/stopped".encode()] = learner
+        if not keys:
+            return []
+        self.seq += 1
+        self.published = {key: self.published[key] for key in kept if key in self.published}
+        return [
+            encode_tombstone(key, learner, self.worker_id, key=self.key, epoch=self.epoch, seq=self.seq)
+            for key, learner in sorted(keys.items())
+        ]
 
     # -- folding --
 
@@ -725,7 +931,15 @@ class PeerHistory:
 
 class ModelFeed:
     """A background thread that reads the models topic from the start and keeps, decoded, each
-    peer's newest full snapshot of every learner and the increments after it."""
+    peer's newest full snapshot of every learner and the increments after it.
+
+    Only messages signed with ``key`` (the fusion key) are taken; the others are counted by
+    reason in ``rejected`` (and ``metrics.fusion_rejected``). A peer is forgotten when it sends
+    a tombstone (it stopped cleanly) or when nothing of it has arrived for ``peer_ttl`` seconds
+    of ``clock`` (None: never); arrival time, so other machines' clocks do not matter. A
+    forgotten peer's ``counts`` are in the next :meth:`latest` once more, so the records they
+    count are folded before they go.
+    """
 
     def __init__(
         self,
@@ -733,9 +947,12 @@ class ModelFeed:
         *,
         bootstrap_servers: str,
         worker_id: str,
-        key: bytes | None = None,
+        key: bytes,
         client_options: Mapping | None = None,
         client: str = "kafka-python",
+        peer_ttl: float | None = 600.0,
+        metrics=None,
+        clock=time.time,
     ):
         self.topic = topic
         self.client = client
@@ -743,12 +960,19 @@ class ModelFeed:
         self.worker_id = worker_id
         self.key = key
         self.client_options = dict(client_options or {})
+        self.peer_ttl = peer_ttl
+        self.metrics = metrics
+        self.clock = clock
         self.errors = 0
+        self.rejected: collections.Counter = collections.Counter()
+        self.forgotten: collections.Counter = collections.Counter()  # peers' learners, by why
         self._histories: dict[tuple[str, str], PeerHistory] = {}
+        self._departing: dict[tuple[str, str], PeerHistory] = {}
+        self._heard: dict[str, float] = {}  # worker -> when its last snapshot arrived
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._caught_up = threading.Event()
-        self._assembler = SnapshotAssembler()
+        self._assembler = SnapshotAssembler(key, own_worker=worker_id)
         self._thread = threading.Thread(target=self._run, name="model-feed", daemon=True)
 
     def start(self) -> ModelFeed:
@@ -764,22 +988,70 @@ class ModelFeed:
         return self._caught_up.wait(timeout)
 
     def latest(self) -> dict[tuple[str, str], PeerHistory]:
+        """Each peer's history per learner, stale peers forgotten first; the ``counts`` of
+        peers forgotten since the last call are in it one last time."""
         with self._lock:
-            return {name: PeerHistory(h.full, list(h.increments)) for name, h in self._histories.items()}
+            self._forget_stale()
+            histories = {**self._departing, **self._histories}
+            self._departing.clear()
+            return {name: PeerHistory(h.full, list(h.increments)) for name, h in histories.items()}
+
+    def own_keys(self) -> dict[bytes, str]:
+        """``{key: learner}`` of this worker's messages seen on the topic (to tombstone them)."""
+        with self._lock:
+            return dict(self._assembler.own_keys)
+
+    @property
+    def peers(self) -> set[str]:
+        with self._lock:
+            return {worker for _, worker in self._histories}
+
+    def _forget_stale(self) -> None:
+        if self.peer_ttl is None:
+            return
+        now = self.clock()
+        for worker, heard in list(self._heard.items()):
+            if now - heard > self.peer_ttl:
+                log.info("forgetting peer %s: nothing published for %.0f s (--fusion-peer-ttl)", worker, now - heard)
+                self._forget(worker, why="ttl")
+                self._assembler.forget(worker)
+
+    def _forget(self, worker: str, learner: str | None = None, *, why: str) -> None:
+        for name in [n for n in self._histories if n[1] == worker and learner in (None, n[0])]:
+            history = self._histories.pop(name)
+            self.forgotten[why] += 1
+            if history.full.rule == "counts":  # data: folded once more, then dropped
+                self._departing[name] = history
+        if not any(w == worker for _, w in self._histories):
+            self._heard.pop(worker, None)
+
+    def _reject(self, error: FusionError) -> None:
+        reason = error.reason if isinstance(error, SnapshotRejected) else "malformed"
+        self.errors += 1
+        self.rejected[reason] += 1
+        if self.metrics is not None:
+            self.metrics.fusion_rejected(reason)
+        log.warning("model topic %s: message dropped (%s): %s", self.topic, reason, error)
 
     def feed(self, key, value, headers) -> PeerSnapshot | None:
         """Take one message of the models topic (the thread calls this; tests may too)."""
         try:
-            snapshot = self._assembler.add(key, value, headers)
+            with self._lock:  # the assembler's own-keys table is read by own_keys()
+                snapshot = self._assembler.add(key, value, headers)
+            if isinstance(snapshot, Tombstone):
+                with self._lock:
+                    self._forget(snapshot.worker, snapshot.learner, why="tombstone")
+                log.info("peer %s stopped: forgetting its %s", snapshot.worker, snapshot.learner)
+                return None
             if snapshot is None or snapshot.worker == self.worker_id:
                 return None
-            snapshot = dataclasses.replace(snapshot, model=decode_payload(snapshot, self.key))
+            snapshot = dataclasses.replace(snapshot, model=decode_payload(snapshot))
         except FusionError as error:
-            self.errors += 1
-            log.warning("model topic %s: snapshot ignored: %s", self.topic, error)
+            self._reject(error)
             return None
         name = (snapshot.learner, snapshot.worker)
         with self._lock:
+            self._heard[snapshot.worker] = self.clock()
             history = self._histories.get(name)
             if snapshot.kind == "full":
                 if history is None or history.full.version < snapshot.version:
@@ -793,8 +1065,11 @@ class ModelFeed:
         return snapshot
 
     def _run(self) -> None:
+        from .retry import Backoff
+
         open_reader = _ConfluentReader if self.client == "confluent" else _KafkaPythonReader
         reader = None
+        backoff = Backoff(2.0, 30.0, jitter="decorrelated")  # peers that lost the broker do not return in step
         while not self._stop.is_set():
             try:
                 if reader is None:
@@ -808,13 +1083,15 @@ class ModelFeed:
                     self.feed(key, value, headers)
                 if not self._caught_up.is_set() and reader.at_end():
                     self._caught_up.set()
+                backoff.reset()
             except Exception as error:  # broker away: keep what we have, try again
-                log.warning("model topic %s: %s; retrying", self.topic, error)
+                delay = backoff.next()
+                log.warning("model topic %s: %s; retrying in %.1f s", self.topic, error, delay)
                 if reader is not None:
                     with contextlib.suppress(Exception):
                         reader.close()
                     reader = None
-                self._stop.wait(2.0)
+                self._stop.wait(delay)
         if reader is not None:
             reader.close()
 

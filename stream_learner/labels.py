@@ -90,6 +90,16 @@ class SparseFeatures:
     def to_dict(self) -> dict:
         return dict(zip(self.ids, self.weights, strict=True))
 
+    # Pickled as type codes and bytes: a checkpoint's unpickler builds no array.array itself.
+    def __getstate__(self):
+        return self.ids.typecode, self.ids.tobytes(), self.weights.typecode, self.weights.tobytes()
+
+    def __setstate__(self, state) -> None:
+        ids_code, ids, weights_code, weights = state
+        self.ids, self.weights = _array(ids_code, ids), _array(weights_code, weights)
+        if len(self.ids) != len(self.weights):
+            raise ValueError("bucket ids and weights differ in length")
+
     @property
     def nbytes(self) -> int:
         return sys.getsizeof(self) + sys.getsizeof(self.ids) + sys.getsizeof(self.weights)
@@ -115,9 +125,26 @@ class CompactProba:
     def to_dict(self) -> dict:
         return dict(zip(self.labels, self.values, strict=True))
 
+    def __getstate__(self):
+        return self.labels, self.values.tobytes()
+
+    def __setstate__(self, state) -> None:
+        labels, values = state
+        self.labels, self.values = tuple(labels), _array("d", values)
+        if len(self.labels) != len(self.values):
+            raise ValueError("labels and probabilities differ in length")
+
     @property
     def nbytes(self) -> int:
         return sys.getsizeof(self) + sys.getsizeof(self.labels) + sys.getsizeof(self.values)
+
+
+def _array(typecode: str, data: bytes) -> array.array:
+    if typecode not in ("i", "q", "d") or not isinstance(data, bytes):
+        raise ValueError(f"not a label-buffer array: {typecode!r}")
+    values = array.array(typecode)
+    values.frombytes(data)
+    return values
 
 
 def _compact_features(x):

@@ -109,9 +109,11 @@ def _counts(n_buckets: int) -> TextFeaturizer:
     return TextFeaturizer(n_buckets=n_buckets, word_ngrams=1, normalize="urls")
 
 
-@register("nb", "Multinomial naive Bayes (River's, fast scoring) on hashed word counts")
+@register("nb", "Multinomial naive Bayes (River's, fast scoring) on hashed word counts, alpha 0.3")
 def _multinomial_nb(seed: int = 0, n_buckets: int = 2**18):
-    return compose.Pipeline(_counts(n_buckets), naive_bayes.MultinomialNB(alpha=1.0))
+    # alpha 0.3: over the four dev streams the best mean and the smallest worst-case loss
+    # against each stream's best alpha (1 lost 8 points on healthtweets, 27 on poetry).
+    return compose.Pipeline(_counts(n_buckets), naive_bayes.MultinomialNB(alpha=0.3))
 
 
 @register("cnb", "Complement naive Bayes (River's, O(record) scoring) on hashed word counts")

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from .drift import DETECTORS, REACTIONS
+from .evaluate import DEFAULT_LEARNERS
 from .learners import available_learners
 from .runner import SERVING_POLICIES
 
 
 def add_learners_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "learners", help="list learners, drift detectors, reactions and serving policies"
+        "learners",
+        help="list learners, drift detectors, reactions and serving policies",
+        description="List the registered learners with a line on each, and the names the "
+        "drift-detector, drift-reaction and serving options take.",
     )
     parser.set_defaults(func=_run)
 
@@ -20,6 +24,7 @@ def _run(args) -> int:
     print("learners (use with --model; or module:factory for your own River pipeline):")
     for name, spec in specs.items():
         print(f"  {name.ljust(width)}  {spec.description}")
+    print(f"default (evaluate without --model, run without --learners): {', '.join(DEFAULT_LEARNERS)}")
     print(f"drift detectors: {', '.join([*DETECTORS, 'none'])}")
     print(f"drift reactions: {', '.join(REACTIONS)}")
     print(f"serving policies: {', '.join(SERVING_POLICIES)}")

@@ -60,8 +60,11 @@ __all__ = [
     "NAMESPACE",
     "OUTCOMES",
     "DEAD_LETTER_REASONS",
+    "OUTPUTS",
+    "OUTPUT_ERROR_REASONS",
     "StreamMetrics",
     "HealthServer",
+    "BrokerHealth",
     "Heartbeat",
     "Readiness",
 ]
@@ -72,6 +75,13 @@ NAMESPACE = "stream_learner"
 
 #: What can happen to a consumed message (``outcome`` label of ``stream_learner_records_total``).
 OUTCOMES = ("learned", "predicted", "label_joined", "label_unmatched", "dead_lettered")
+OUTPUTS = ("predictions", "dead_letters", "drift_events")
+# Why the broker refused an output for good (sinks.output_refusal); "truncated": a dead
+# letter too large, replaced by a truncated copy.
+OUTPUT_ERROR_REASONS = (
+    "message_too_large", "invalid_topic", "topic_authorization_failed", "invalid_record", "policy_violation",
+    "truncated", "other",
+)
 
 #: Why a message went to the dead-letter topic: the decoder's reasons plus the worker's own.
 DEAD_LETTER_REASONS = (
@@ -239,7 +249,8 @@ class StreamMetrics:
         )
         self.record_seconds = Histogram(
             "record_processing_seconds",
-            "Time to decode, predict and learn one record (batch time / batch size).",
+            "Time to decode, predict, learn and emit one record (in mini-batch mode: the "
+            "mini-batch's time over its size).",
             namespace=ns, registry=reg, buckets=RECORD_BUCKETS,
         )  # fmt: skip
         self.batch_seconds = Histogram(
@@ -309,6 +320,12 @@ class StreamMetrics:
             "checkpoint_failures", "Checkpoints that could not be written.",
             namespace=ns, registry=reg,
         )  # fmt: skip
+        self.output_errors = Counter(
+            "output_errors",
+            "Outputs the broker refused for good, by output and reason: dropped, or for "
+            "reason=\"truncated\" replaced by a truncated copy.",
+            ["output", "reason"], namespace=ns, registry=reg,
+        )  # fmt: skip
         self.label_buffer_size = Gauge(
             "label_buffer_records", "Predictions waiting for their delayed label.",
             namespace=ns, registry=reg,
@@ -331,6 +348,11 @@ class StreamMetrics:
             "Delayed labels that found no waiting prediction (unknown, expired or evicted id).",
             namespace=ns, registry=reg,
         )  # fmt: skip
+        self.fusion_rejected_messages = Counter(
+            "fusion_rejected",
+            "Messages of the models topic dropped unfolded, by reason (unsigned, bad_signature, replayed, malformed, unsafe).",
+            ["reason"], namespace=ns, registry=reg,
+        )  # fmt: skip
         self.build_info = Info(
             "build", "Version of stream-learner and its main libraries.",
             namespace=ns, registry=reg,
@@ -344,8 +366,15 @@ class StreamMetrics:
             self.records.labels(outcome=outcome)
         for reason in DEAD_LETTER_REASONS:
             self.dead_letters.labels(reason=reason)
+        for output in OUTPUTS:
+            for reason in OUTPUT_ERROR_REASONS:
+                self.output_errors.labels(output=output, reason=reason)
         for learner in self.learners:
             self._touch_learner(learner)
+        from .fusion import REJECT_REASONS
+
+        for reason in REJECT_REASONS:
+            self.fusion_rejected_messages.labels(reason=reason)
         self.build_info.info(_build_labels())
         self.config_info.info(
             {_label_name(key): str(value)[:200] for key, value in config_info.items()}
@@ -388,17 +417,17 @@ class StreamMetrics:
         self.dead_letters.labels(reason=reason).inc(n)
         self.records.labels(outcome="dead_lettered").inc(n)
 
-    def observe_batch(self, n_records: int, seconds: float) -> None:
-        """A batch of ``n_records`` took ``seconds``: one batch observation, and
-        ``n_records`` per-record observations of ``seconds / n_records``."""
+    def observe_batch(
+        self, n_records: int, seconds: float, record_seconds: Iterable[float] | None = None
+    ) -> None:
+        """A batch of ``n_records`` took ``seconds``; ``record_seconds`` are its records' own
+        times (without them, each record is observed as ``seconds / n_records``)."""
         self.batch_seconds.observe(seconds)
         self.batch_records.observe(n_records)
-        if n_records > 0:
+        if record_seconds:
+            _observe_many(self.record_seconds, record_seconds)
+        elif n_records > 0:
             _observe_repeated(self.record_seconds, seconds / n_records, n_records)
-
-    def observe_record_seconds(self, seconds: float) -> None:
-        """One record took ``seconds`` (when records are timed one by one)."""
-        self.record_seconds.observe(seconds)
 
     def observe_end_to_end_delay(self, seconds_list: Iterable[float]) -> None:
         """Delays of a batch's records from their own timestamps (negative ones count as 0)."""
@@ -459,6 +488,13 @@ class StreamMetrics:
     def checkpoint_failed(self) -> None:
         self.checkpoint_failures.inc()
 
+    def output_failed(self, output: str, reason: str, n: int = 1) -> None:
+        """``n`` outputs (``predictions``, ``dead_letters``, ``drift_events``) the broker
+        refused for good, by reason (see :data:`OUTPUT_ERROR_REASONS`)."""
+        output = output if output in OUTPUTS else "other"
+        reason = reason if reason in OUTPUT_ERROR_REASONS else "other"
+        self.output_errors.labels(output=output, reason=reason).inc(n)
+
     def set_label_buffer(self, stats: Mapping) -> None:
         """Publish ``StreamProcessor.label_buffer_stats()`` (``size``, ``bytes`` and cumulative
         ``expired``, ``evicted``, ``unmatched``).
@@ -486,6 +522,13 @@ class StreamMetrics:
             delta = current[key] - previous[key]
             if delta > 0:  # a smaller count means the processor was replaced: new baseline
                 counter.inc(delta)
+
+    def fusion_rejected(self, reason: str) -> None:
+        """A message of the models topic was dropped for ``reason`` (see ``fusion.REJECT_REASONS``)."""
+        from .fusion import REJECT_REASONS
+
+        known = reason if reason in REJECT_REASONS else "malformed"
+        self.fusion_rejected_messages.labels(reason=known).inc()
 
     def predictions_produced(self, n: int) -> None:
         if n:
@@ -518,18 +561,137 @@ def _build_labels() -> dict[str, str]:
     return labels
 
 
+class BrokerHealth:
+    """Whether the worker hears from its broker, for readiness, liveness and the logs.
+
+    The source reports when the broker last answered (:meth:`contact`: a fetch, a group
+    heartbeat, a commit, a rebalance); failures say why it did not (:meth:`failed`), and a
+    loop that waits for the broker says so (:meth:`retrying`). After ``timeout`` seconds
+    without an answer the broker counts as lost: the worker is not ready, and it logs that
+    (then again every ``timeout`` seconds while it lasts, and when the broker is back). A
+    worker waiting for its broker is alive, unless ``liveness_timeout`` is set and it has
+    waited longer than that (so that an orchestrator restarts it; None: never).
+
+    >>> now = [0.0]
+    >>> health = BrokerHealth(timeout=30.0, clock=lambda: now[0])
+    >>> health.readiness_problem()
+    'broker not reached yet'
+    >>> health.contact()
+    >>> health.readiness_problem() is None
+    True
+    >>> now[0] = 45.0
+    >>> health.failed("offset commit", "KafkaTimeoutError")
+    >>> health.readiness_problem()
+    'broker unreachable for 45 s (limit 30 s; last error: offset commit: KafkaTimeoutError)'
+    """
+
+    def __init__(
+        self,
+        timeout: float = 30.0,
+        liveness_timeout: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.timeout = timeout
+        self.liveness_timeout = liveness_timeout
+        self.clock = clock
+        self._started = clock()
+        self._contact: float | None = None
+        self._waiting: float | None = None  # a retry loop last said it waits for the broker
+        self._error: str | None = None
+        self._lost_logged: float | None = None  # when the loss was last logged
+        self._lock = threading.Lock()
+
+    @property
+    def last_contact(self) -> float | None:
+        """``clock()`` time of the broker's last answer (None: never)."""
+        return self._contact
+
+    def contact(self, when: float | None = None) -> None:
+        """The broker answered (at ``when``, a ``clock()`` time; default now)."""
+        when = self.clock() if when is None else when
+        with self._lock:
+            if self._contact is not None and when <= self._contact:
+                return
+            self._contact = when
+            if self._lost_logged is not None and self.clock() - when <= self.timeout:
+                self._lost_logged = None
+                log.info("broker reachable again")
+            self._error = None
+
+    def failed(self, what: str, error) -> None:
+        """A request to the broker failed; kept as the reason readiness gives."""
+        with self._lock:
+            self._error = f"{what}: {error}"
+
+    def retrying(self, what: str, error) -> None:
+        """A loop waits for the broker (and will try again): alive, not ready."""
+        with self._lock:
+            self._error = f"{what}: {error}"
+            self._waiting = self.clock()
+
+    def silence(self) -> float:
+        """Seconds since the broker last answered (since start if it never did)."""
+        return self.clock() - (self._started if self._contact is None else self._contact)
+
+    def lost(self) -> bool:
+        return self._contact is not None and self.silence() > self.timeout
+
+    def observe(self) -> None:
+        """Log a lost broker once per ``timeout`` seconds while it lasts; call it often."""
+        if not self.lost() and not (self._contact is None and self.silence() > self.timeout):
+            return
+        now = self.clock()
+        if self._lost_logged is None or now - self._lost_logged >= self.timeout:
+            self._lost_logged = now
+            log.warning("%s; /readyz reports not ready", self.readiness_problem())
+
+    def waited_recently(self, seconds: float) -> bool:
+        return self._waiting is not None and self.clock() - self._waiting <= seconds
+
+    def readiness_problem(self) -> str | None:
+        silence = self.silence()
+        error = f"; last error: {self._error}" if self._error else ""
+        if self._contact is None:
+            if silence > self.timeout:
+                return f"broker not reached in {silence:.0f} s (limit {self.timeout:.0f} s{error})"
+            return "broker not reached yet"
+        if silence > self.timeout:
+            return f"broker unreachable for {silence:.0f} s (limit {self.timeout:.0f} s{error})"
+        return None
+
+    def liveness_problem(self) -> str | None:
+        if self.liveness_timeout is None:
+            return None
+        silence = self.silence()
+        if silence > self.liveness_timeout:
+            return (
+                f"broker unreachable for {silence:.0f} s, longer than the liveness limit "
+                f"({self.liveness_timeout:.0f} s): restart wanted"
+            )
+        return None
+
+
 class Heartbeat:
     """Liveness of a loop: the loop calls :meth:`beat`; :meth:`check` fails when it has not
     beaten for ``max_silence`` seconds (a hung poll, a deadlock, a learner stuck in a loop).
+
+    With ``broker`` (a :class:`BrokerHealth`), a loop that is silent because it waits for the
+    broker (its retries say so) is alive, until the broker's own ``liveness_timeout``.
 
     >>> heartbeat = Heartbeat(max_silence=60.0)
     >>> heartbeat.check()[0]
     True
     """
 
-    def __init__(self, max_silence: float = 60.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        max_silence: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        broker: BrokerHealth | None = None,
+    ):
         self.max_silence = max_silence
         self.clock = clock
+        self.broker = broker
         self._last = clock()
         self._stopped: str | None = None
 
@@ -543,7 +705,14 @@ class Heartbeat:
     def check(self) -> tuple[bool, str]:
         if self._stopped is not None:
             return False, self._stopped
+        broker = self.broker
+        if broker is not None:
+            problem = broker.liveness_problem()
+            if problem is not None:
+                return False, problem
         silence = self.clock() - self._last
+        if silence > self.max_silence and broker is not None and broker.waited_recently(self.max_silence):
+            return True, f"waiting for the broker ({broker.readiness_problem() or 'reconnecting'})"
         if silence > self.max_silence:
             return (
                 False,
@@ -565,16 +734,21 @@ class Readiness:
     (True, 'ready: 2 partitions assigned, broker reachable, checkpoint loaded')
     """
 
-    def __init__(self):
+    def __init__(self, broker: BrokerHealth | None = None):
         self.assigned_partitions = 0
-        self.broker_reachable = False
+        self.broker_reachable = False  # without ``broker``: set by the worker
+        self.broker = broker
         self.checkpoint_loaded = False
 
     def check(self) -> tuple[bool, str]:
         problems = []
         if self.assigned_partitions <= 0:
             problems.append("no partitions assigned")
-        if not self.broker_reachable:
+        if self.broker is not None:
+            problem = self.broker.readiness_problem()
+            if problem is not None:
+                problems.append(problem)
+        elif not self.broker_reachable:
             problems.append("broker not reached yet")
         if not self.checkpoint_loaded:
             problems.append("checkpoint not loaded")

@@ -6,8 +6,15 @@ as the byte array ``header.json``. The header records the format name and versio
 learner's parameters, its class list (typed: str, int, float or bool), its counters and
 random-generator state, the hashing configuration of the featurizer that made its bucket ids
 (and the featurizer's parameters when a pipeline was saved), and a SHA-256 over the header and
-every array. Loading checks all of that before it builds anything, so a truncated, tampered,
+every array. Loading checks all of that before it builds anything, so a truncated, damaged,
 foreign or mismatched file raises :class:`NeuralFormatError` and changes nothing.
+
+The SHA-256 catches damage, not tampering: anyone can compute it again. Saved with a ``key``
+(the group secret), a file also holds a MAC: HMAC-SHA256 under
+``derive_key(key, MODEL_FILE)`` (:mod:`stream_learner.keys`) of that SHA-256, so of the header
+and every array. Loaded with a ``key``, a file without a valid MAC (unsigned, altered, or
+signed with another key) is refused; loaded without one, only the SHA-256 is checked, so files
+saved before the MAC existed still load.
 
 >>> import tempfile, pathlib
 >>> from stream_learner.neural import NeuralClassifier
@@ -24,9 +31,9 @@ True
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +44,9 @@ from .features import TextFeaturizer
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "NeuralFormatError", "save", "load", "read_header"]
 
 FORMAT_NAME = "stream-learner-neural"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 files (no wide term) load as they are: their learners have ``wide=False``.
+READABLE_VERSIONS = (1, 2)
 _HEADER = "header.json"
 _MAX_HEADER_BYTES = 64 * 1024 * 1024
 
@@ -76,13 +85,39 @@ def _decode_label(item):
 
 def _digest(header: dict, arrays: dict[str, np.ndarray]) -> str:
     sha = hashlib.sha256()
-    body = {k: v for k, v in header.items() if k != "checksum"}
+    body = {k: v for k, v in header.items() if k not in ("checksum", "mac")}
     sha.update(json.dumps(body, sort_keys=True).encode())
     for name in sorted(arrays):
         array = np.ascontiguousarray(arrays[name])
         sha.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
         sha.update(array.data)
     return sha.hexdigest()
+
+
+# --- keyed MAC ---------------------------------------------------------------------------------
+
+
+def _file_mac(key: bytes, checksum: str) -> str:
+    """HMAC-SHA256 of a file's checksum (which covers the header and every array)."""
+    from .keys import MODEL_FILE, derive_key
+
+    message = b"stream-learner-neural\x00" + checksum.encode("ascii")
+    return hmac.new(derive_key(key, MODEL_FILE), message, hashlib.sha256).hexdigest()
+
+
+def _check_mac(header: dict, key: bytes | None, path) -> None:
+    """With a key, refuse a file whose MAC is missing or wrong; without one, check nothing more."""
+    if key is None:
+        return
+    mac = header.get("mac")
+    if not isinstance(mac, str):
+        raise NeuralFormatError(
+            f"{path} carries no MAC (saved without a key), and a key was given to load it"
+        )
+    if not hmac.compare_digest(mac, _file_mac(key, str(header.get("checksum")))):
+        raise NeuralFormatError(
+            f"{path}: MAC mismatch (the file was modified, or saved with another key)"
+        )
 
 
 # --- save ----------------------------------------------------------------------------------------
@@ -102,24 +137,20 @@ def _parts(model):
     return featurizer, learner
 
 
-def save(model, path, *, hashing: dict | None = None) -> None:
-    """Write ``model`` to ``path`` (an ``.npz`` file), atomically.
+def save(model, path, *, hashing: dict | None = None, key: bytes | None = None) -> None:
+    """Write ``model`` to ``path`` (an ``.npz`` file), atomically, readable by its owner only.
 
     ``model`` is a :class:`NeuralClassifier` or a ``TextFeaturizer | NeuralClassifier``
     pipeline; the pipeline's hashing configuration goes into the header. For a bare learner,
-    pass the ``hashing`` configuration of the featurizer that feeds it, if known.
+    pass the ``hashing`` configuration of the featurizer that feeds it, if known. With a
+    ``key`` (the group secret) the file carries a MAC that :func:`load` checks when given it.
     """
-    data = dumps(model, hashing=hashing)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    from .files import atomic_write
+
+    atomic_write(path, [dumps(model, hashing=hashing, key=key)])  # mode 0600, directory created 0700
 
 
-def dumps(model, *, hashing: dict | None = None) -> bytes:
+def dumps(model, *, hashing: dict | None = None, key: bytes | None = None) -> bytes:
     """The bytes :func:`save` writes (for sending a model over Kafka, say)."""
     featurizer, learner = _parts(model)
     if featurizer is not None:
@@ -148,6 +179,8 @@ def dumps(model, *, hashing: dict | None = None) -> bytes:
         header["state"] = None
     header["arrays"] = sorted(arrays)
     header["checksum"] = _digest(header, arrays)
+    if key is not None:
+        header["mac"] = _file_mac(key, header["checksum"])
     blob = np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)
     buffer = io.BytesIO()
     np.savez(buffer, **{_HEADER: blob}, **arrays)
@@ -164,22 +197,22 @@ def _featurizer_params(featurizer: TextFeaturizer) -> dict:
 # --- load ----------------------------------------------------------------------------------------
 
 
-def read_header(path) -> dict:
+def read_header(path, *, key: bytes | None = None) -> dict:
     """The verified JSON header of a model file (raises :class:`NeuralFormatError`)."""
-    header, _ = _read(path)
+    header, _ = _read(path, key)
     return header
 
 
-def _read(path) -> tuple[dict, dict[str, np.ndarray]]:
+def _read(path, key: bytes | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as error:
         raise NeuralFormatError(f"cannot read model file {path}: {error}") from error
-    return _parse(data, path)
+    return _parse(data, path, key)
 
 
-def _parse(data: bytes, path) -> tuple[dict, dict[str, np.ndarray]]:
+def _parse(data: bytes, path, key: bytes | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             names = set(npz.files)
@@ -191,10 +224,10 @@ def _parse(data: bytes, path) -> tuple[dict, dict[str, np.ndarray]]:
             header = json.loads(raw.tobytes().decode("utf-8"))
             if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
                 raise NeuralFormatError(f"{path} is not a stream-learner neural model")
-            if header.get("version") != FORMAT_VERSION:
+            if header.get("version") not in READABLE_VERSIONS:
                 raise NeuralFormatError(
-                    f"{path} has format version {header.get('version')!r}; "
-                    f"this stream-learner reads version {FORMAT_VERSION}"
+                    f"{path} has format version {header.get('version')!r}; this stream-learner "
+                    f"reads versions {', '.join(map(str, READABLE_VERSIONS))}"
                 )
             expected = header.get("arrays")
             if not isinstance(expected, list) or set(expected) != names - {_HEADER}:
@@ -210,21 +243,30 @@ def _parse(data: bytes, path) -> tuple[dict, dict[str, np.ndarray]]:
         ) from error
     if _digest(header, arrays) != header.get("checksum"):
         raise NeuralFormatError(f"{path}: checksum mismatch (the file was modified or damaged)")
+    _check_mac(header, key, path)
     return header, arrays
 
 
-def load(path, expected_hashing: dict | None = None):
+def load(path, expected_hashing: dict | None = None, *, key: bytes | None = None):
     """Rebuild the learner (or pipeline) saved at ``path``, exactly as it was.
 
     ``expected_hashing``: the hashing configuration of the featurizer that will feed the
-    learner; a file made under another one (other bucket ids) is refused.
+    learner; a file made under another one (other bucket ids) is refused. ``key``: the group
+    secret; a file without a valid MAC under it is refused (without a key, only the checksum
+    is checked).
     """
-    return _build(*_read(path), path, expected_hashing)
+    return _build(*_read(path, key), path, expected_hashing)
 
 
-def loads(data: bytes, expected_hashing: dict | None = None, *, source: str = "model bytes"):
+def loads(
+    data: bytes,
+    expected_hashing: dict | None = None,
+    *,
+    source: str = "model bytes",
+    key: bytes | None = None,
+):
     """:func:`load` from the bytes of :func:`dumps`; ``source`` names them in errors."""
-    return _build(*_parse(data, source), source, expected_hashing)
+    return _build(*_parse(data, source, key), source, expected_hashing)
 
 
 def _build(header: dict, arrays: dict[str, np.ndarray], path, expected_hashing: dict | None):
@@ -249,6 +291,9 @@ def _build(header: dict, arrays: dict[str, np.ndarray], path, expected_hashing: 
         if header.get("featurizer") is None:
             return learner
         params = dict(header["featurizer"])
+        # Files from before the featurizer segmented scripts without spaces: keep them mapping
+        # text as they did.
+        params.setdefault("segment_unspaced", False)
         if params.get("char_ngrams") is not None:
             params["char_ngrams"] = tuple(params["char_ngrams"])
         featurizer = TextFeaturizer(**params)
@@ -272,6 +317,8 @@ def _restore(learner, state: dict, arrays: dict[str, np.ndarray]) -> None:
     shapes = {"emb": (learner.n_buckets, learner.dim), "out": (len(classes), width + 1)}
     if learner.hidden:
         shapes["w1"] = (learner.hidden, learner.dim + 1)
+    if learner.wide:
+        shapes["wide"] = (learner.n_buckets, len(classes))
     if set(params) != set(shapes):
         raise NeuralFormatError(f"parameters {sorted(params)} do not fit the learner")
     for name, shape in shapes.items():

@@ -4,6 +4,14 @@ The key of each message is the record id, so a record and its late label land on
 partition (and, with ``--labels-topic`` co-partitioned, on the same worker). With
 ``--labels-delay N`` the labels are held back: each record goes out unlabelled and its label
 follows N records later as a label-only message ``{"id": ..., "label": ...}``.
+
+The field options (``--text-field`` and the others) name the fields of the records on both
+sides: the columns or JSON fields read from the file, and the JSON fields of the messages sent,
+so ``produce --text-field body`` and ``run --text-field body`` agree. ``--pass-through`` sends
+each line of a JSONL or text file unchanged instead (the worker decides what it makes of it).
+
+A line that is not a record is skipped and counted by reason (``--on-error stop`` stops at the
+first one instead); the command always ends by saying what it sent and what it skipped.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 
 from .records import Decoder, Record
@@ -92,13 +101,20 @@ def produce_records(
     rate: float | None = None,
     labels_delay: int | None = None,
     labels_topic: str | None = None,
+    decoder: Decoder | None = None,
     client_options: Mapping | None = None,
     stop: threading.Event | None = None,
     progress=None,
 ) -> int:
-    """Send records as JSON messages keyed by id; returns the number of messages sent."""
+    """Send records as JSON messages keyed by id; returns the number of messages sent.
+
+    ``decoder`` names the messages' fields (default: ``id``, ``text``, ``label``, ``ts``).
+    """
+    messages = record_messages(
+        records, topic, labels_delay=labels_delay, labels_topic=labels_topic, decoder=decoder
+    )
     return produce_messages(
-        record_messages(records, topic, labels_delay=labels_delay, labels_topic=labels_topic),
+        messages,
         bootstrap_servers=bootstrap_servers,
         rate=rate,
         client_options=client_options,
@@ -107,65 +123,161 @@ def produce_records(
     )
 
 
+def raw_line_messages(path, topic: str, limit: int | None = None):
+    """``(topic, None, line)`` for each non-blank line of a JSONL or text file, unchanged."""
+    from .datasets import read_raw_lines
+
+    for count, line in enumerate(read_raw_lines(path)):
+        if limit is not None and count >= limit:
+            return
+        yield topic, None, line
+
+
 def add_produce_parser(subparsers) -> None:
+    from .datasets import add_field_arguments
+
     env = os.environ.get
     parser = subparsers.add_parser(
         "produce",
         help="send a dataset or file to a Kafka topic (key = record id)",
         description="Send SOURCE (a fetched dataset name or a .jsonl/.csv/.tsv/.txt file) to a "
-        "topic, one JSON message per record keyed by its id.",
+        "topic, one JSON message per record keyed by its id. Lines that are not records are "
+        "skipped and counted by reason.",
     )
     parser.add_argument("source", metavar="SOURCE", help="dataset name or file path")
-    parser.add_argument("--topic", required=True, help="topic to send to")
+    parser.add_argument(
+        "--topic",
+        default=env("STREAM_LEARNER_TOPIC"),
+        help="topic to send to (env STREAM_LEARNER_TOPIC; required)",
+    )
     parser.add_argument(
         "--bootstrap-servers",
         default=env("STREAM_LEARNER_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
         help="Kafka bootstrap servers (env STREAM_LEARNER_BOOTSTRAP_SERVERS; default %(default)s)",
     )
-    parser.add_argument("--rate", type=float, default=None, help="messages per second (default: as fast as possible)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="messages per second (default: as fast as possible)",
+    )
     parser.add_argument(
         "--labels-delay",
         type=int,
         default=None,
         metavar="N",
-        help="send records unlabelled and each label N records later as a label-only message",
+        help="send records unlabelled and each label N records later as a label-only message "
+        "(default: labels go with their records)",
     )
-    parser.add_argument("--labels-topic", default=None, help="send the late labels to this topic instead")
-    parser.add_argument("--limit", type=int, default=None, help="send at most this many records")
     parser.add_argument(
-        "--partitions", type=int, default=None, help="create the topic(s) with this many partitions if missing"
+        "--labels-topic",
+        default=None,
+        help="send the late labels to this topic (default: the --topic itself)",
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None, help="send at most this many records (default: all)"
+    )
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        default=None,
+        help="create the topic(s) with this many partitions if missing (default: leave topics "
+        "to the broker)",
+    )
+    add_field_arguments(parser, what="of the file's records and of the messages sent")
+    parser.add_argument(
+        "--on-error",
+        choices=("skip", "stop"),
+        default="skip",
+        help="a line that is not a record: skip and count it by reason, or stop there "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--pass-through",
+        action="store_true",
+        help="send each line of a JSONL or text file unchanged, without reading it as a record "
+        "(no key; the field options and --labels-delay do not apply)",
     )
     parser.set_defaults(func=_run)
 
 
 def _run(args) -> int:
     from .datasets import DatasetError, iter_records
+    from .logs import quiet_kafka_client_logs
 
+    quiet_kafka_client_logs()
+    if not args.topic:
+        log.error("name the topic to send to with --topic (or $STREAM_LEARNER_TOPIC)")
+        return 2
+    if args.pass_through and (args.labels_delay is not None or args.labels_topic):
+        log.error("--pass-through sends lines unchanged; it cannot hold labels back")
+        return 2
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    if args.partitions:
-        from .broker import create_topics
+    skipped: Counter[str] = Counter()
+    stopped_at: list[DatasetError] = []
 
-        topics = {args.topic: args.partitions}
-        if args.labels_topic:
-            topics[args.labels_topic] = args.partitions
-        create_topics(args.bootstrap_servers, topics)
+    def on_skip(problem: DatasetError) -> None:
+        skipped[problem.reason or "unreadable"] += 1
+        if args.on_error == "stop":
+            stopped_at.append(problem)
+            stop.set()
+
+    started = time.monotonic()
+    sent = 0
     try:
-        records = iter_records(args.source, limit=args.limit)
-        started = time.monotonic()
-        sent = produce_records(
-            records,
-            bootstrap_servers=args.bootstrap_servers,
-            topic=args.topic,
-            rate=args.rate,
-            labels_delay=args.labels_delay,
-            labels_topic=args.labels_topic,
-            stop=stop,
+        if args.pass_through:
+            messages = raw_line_messages(args.source, args.topic, limit=args.limit)
+        else:
+            records = iter_records(
+                args.source,
+                limit=args.limit,
+                id_field=args.id_field,
+                text_field=args.text_field,
+                label_field=args.label_field,
+                ts_field=args.ts_field,
+                on_error="skip",
+                on_skip=on_skip,
+            )
+            messages = record_messages(
+                records,
+                args.topic,
+                labels_delay=args.labels_delay,
+                labels_topic=args.labels_topic,
+                decoder=Decoder(
+                    id_field=args.id_field,
+                    text_field=args.text_field,
+                    label_field=args.label_field,
+                    ts_field=args.ts_field,
+                ),
+            )
+        if args.partitions:
+            from .broker import create_topics
+
+            topics = {args.topic: args.partitions}
+            if args.labels_topic:
+                topics[args.labels_topic] = args.partitions
+            create_topics(args.bootstrap_servers, topics)
+        sent = produce_messages(
+            messages, bootstrap_servers=args.bootstrap_servers, rate=args.rate, stop=stop
         )
     except DatasetError as error:
         log.error("%s", error)
+        _summary(args.topic, sent, skipped, time.monotonic() - started)
         return 2
-    seconds = time.monotonic() - started
-    print(f"sent {sent:,} messages to {args.topic} in {seconds:.1f} s", flush=True)
+    _summary(args.topic, sent, skipped, time.monotonic() - started)
+    if stopped_at:
+        log.error("stopped at the first bad line (--on-error stop): %s", stopped_at[0])
+        return 2
     return 0
+
+
+def _summary(topic: str, sent: int, skipped: Counter, seconds: float) -> None:
+    line = f"sent {sent:,} messages to {topic} in {seconds:.1f} s"
+    if skipped:
+        reasons = ", ".join(f"{reason} {count:,}" for reason, count in skipped.most_common())
+        line += f"; skipped {sum(skipped.values()):,} lines that are not records ({reasons})"
+    else:
+        line += "; skipped none"
+    print(line, flush=True)

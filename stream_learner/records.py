@@ -28,8 +28,10 @@ import datetime as dt
 import enum
 import json
 import math
+import re
+import unicodedata
 
-__all__ = ["Record", "Reason", "DecodeError", "Decoder"]
+__all__ = ["Record", "Reason", "DecodeError", "Decoder", "parse_timestamp"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -37,12 +39,14 @@ class Record:
     """One message of the stream.
 
     ``text`` is None only for label-only records; ``ts`` is seconds since the epoch (UTC).
+    ``ts_error`` says why a timestamp the message gave was dropped (it could not be parsed).
     """
 
     id: str | None
     text: str | None
     label: str | int | None = None
     ts: float | None = None
+    ts_error: str | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def is_label_only(self) -> bool:
@@ -96,6 +100,41 @@ class DecodeError(ValueError):
 
 
 _INT64 = 2**63
+# A string (skipped whole: brackets inside it do not nest) or a bracket. Possessive: linear.
+_JSON_NESTING = re.compile(r'"(?:[^"\\]++|\\.)*+"?|[\[\]{}]', re.DOTALL)
+
+
+def _nesting_beyond(value: str, limit: int) -> tuple[int, bool] | None:
+    """None when ``value`` nests arrays and objects at most ``limit`` deep; else (its deepest
+    nesting, whether its brackets close). A scan, without recursion."""
+    if value.count("[") + value.count("{") <= limit:
+        return None  # the common case, at C speed
+    depth = deepest = 0
+    for match in _JSON_NESTING.finditer(value):
+        bracket = match.group()
+        if bracket == "[" or bracket == "{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif bracket == "]" or bracket == "}":
+            depth -= 1
+            if depth < 0:
+                break
+    return (deepest, depth == 0) if deepest > limit else None
+
+
+# Whitespace (Z*), control (Cc) and format (Cf) characters: no content to learn from.
+_NOT_CONTENT = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})
+
+
+def _has_content(text: str) -> bool:
+    """Whether ``text`` holds a character other than whitespace, control and format ones."""
+    text = text.strip()
+    if not text:
+        return False
+    if text[0].isprintable():  # not C* or Z*: the common case, at once
+        return True
+    category = unicodedata.category
+    return any(category(char) not in _NOT_CONTENT for char in text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +150,18 @@ class Decoder:
     allow_plain_text
         Take a value that is not a JSON object as a record with text only. When False,
         such a value is an ``invalid_json`` / ``not_an_object`` error.
+    max_json_depth
+        Deepest nesting of arrays and objects accepted; a JSON value nested deeper is
+        ``invalid_json``, whatever its shape (checked without recursion, before parsing).
+
+    A UTF-8 byte-order mark before the value is dropped. A text without printable content
+    (only whitespace, control and format characters) is ``empty_text``.
+
+    invalid_timestamps
+        ``"drop"``: a timestamp string or number that :func:`parse_timestamp` cannot read is
+        dropped (the record keeps everything else; ``Record.ts_error`` says why);
+        ``"error"``: it is an ``invalid_timestamp`` error. A timestamp of another JSON type
+        (boolean, list, object) is always an error.
 
     """
 
@@ -120,6 +171,8 @@ class Decoder:
     ts_field: str = "ts"
     max_text_bytes: int = 64 * 1024
     allow_plain_text: bool = True
+    max_json_depth: int = 128
+    invalid_timestamps: str = "drop"
 
     @property
     def max_message_bytes(self) -> int:
@@ -145,8 +198,19 @@ class Decoder:
         except UnicodeDecodeError as error:
             raise DecodeError(Reason.INVALID_UTF8, str(error), raw) from None
 
+        value = value.removeprefix("\ufeff")  # a byte-order mark some producers write
         first = value.lstrip()[:1]
-        if first == "{" or (first == "[" and not self.allow_plain_text):
+        if first in ("{", "[") and (too_deep := _nesting_beyond(value, self.max_json_depth)):
+            # The JSON parser recurses: a deeper value would exhaust the stack. After "[", an
+            # unclosed one is no JSON at all: text.
+            deepest, closed = too_deep
+            if closed or first == "{" or not self.allow_plain_text:
+                raise DecodeError(
+                    Reason.INVALID_JSON,
+                    f"JSON nests {deepest} levels deep, limit {self.max_json_depth}",
+                    raw,
+                )
+        elif first == "{" or (first == "[" and not self.allow_plain_text):
             try:
                 obj = json.loads(value)
             except (ValueError, RecursionError) as error:
@@ -171,7 +235,7 @@ class Decoder:
     def _from_object(self, obj: dict, raw: bytes) -> Record:
         record_id = self._check_id(obj.get(self.id_field), raw)
         label = self._check_label(obj.get(self.label_field), raw)
-        ts = self._check_ts(obj.get(self.ts_field), raw)
+        ts, ts_error = self._check_ts(obj.get(self.ts_field), raw)
 
         if self.text_field not in obj or obj[self.text_field] is None:
             if label is not None:
@@ -181,7 +245,7 @@ class Decoder:
                         f"label-only record needs a {self.id_field!r} to join on",
                         raw,
                     )
-                return Record(id=record_id, text=None, label=label, ts=ts)
+                return Record(id=record_id, text=None, label=label, ts=ts, ts_error=ts_error)
             raise DecodeError(Reason.MISSING_TEXT, f"no {self.text_field!r} field", raw)
         text = obj[self.text_field]
         if not isinstance(text, str):
@@ -190,11 +254,16 @@ class Decoder:
                 f"{self.text_field!r} is a {type(text).__name__}, not a string",
                 raw,
             )
-        return Record(id=record_id, text=self._check_text(text, raw), label=label, ts=ts)
+        text = self._check_text(text, raw)
+        return Record(id=record_id, text=text, label=label, ts=ts, ts_error=ts_error)
 
     def _check_text(self, text: str, raw: bytes) -> str:
-        if not text.strip():
-            raise DecodeError(Reason.EMPTY_TEXT, "text is empty or blank", raw)
+        if not _has_content(text):
+            raise DecodeError(
+                Reason.EMPTY_TEXT,
+                "text is empty or only whitespace, control or format characters",
+                raw,
+            )
         # Lone surrogates (from "\ud800" in JSON) cannot be encoded: reject them here, where
         # the reason is clear, not later in the tokenizer.
         try:
@@ -250,35 +319,20 @@ class Decoder:
             raw,
         )
 
-    def _check_ts(self, value, raw: bytes) -> float | None:
+    def _check_ts(self, value, raw: bytes) -> tuple[float | None, str | None]:
+        """(seconds since the epoch or None, why a given timestamp was dropped or None)."""
         if value is None:
-            return None
-        if isinstance(value, bool):
-            raise DecodeError(Reason.INVALID_TIMESTAMP, "timestamp is a boolean", raw)
-        if isinstance(value, int | float):
-            ts = float(value)
-            if not math.isfinite(ts):
-                raise DecodeError(Reason.INVALID_TIMESTAMP, "timestamp is not finite", raw)
-            # Milliseconds since the epoch are common in Kafka land; accept them.
-            if abs(ts) > 1e11:
-                ts /= 1000.0
-            if abs(ts) > 1e11:
-                raise DecodeError(Reason.INVALID_TIMESTAMP, "timestamp out of range", raw)
-            return ts
-        if isinstance(value, str):
-            try:
-                parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-            except ValueError:
-                raise DecodeError(
-                    Reason.INVALID_TIMESTAMP, f"not an ISO-8601 time: {value[:64]!r}", raw
-                ) from None
-            if parsed.tzinfo is None:
-                parsed = parsed.replace(tzinfo=dt.UTC)
-            try:
-                return parsed.timestamp()
-            except (OverflowError, ValueError, OSError):
-                raise DecodeError(Reason.INVALID_TIMESTAMP, "timestamp out of range", raw) from None
-        raise DecodeError(Reason.INVALID_TIMESTAMP, f"timestamp is a {type(value).__name__}", raw)
+            return None, None
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise DecodeError(
+                Reason.INVALID_TIMESTAMP, f"timestamp is a {type(value).__name__}", raw
+            )
+        try:
+            return parse_timestamp(value), None
+        except ValueError as error:
+            if self.invalid_timestamps == "error":
+                raise DecodeError(Reason.INVALID_TIMESTAMP, str(error), raw) from None
+            return None, str(error)
 
     def encode(self, record: Record) -> bytes:
         """The inverse of :meth:`decode`: a JSON message for ``record`` (used by ``produce``)."""
@@ -292,3 +346,92 @@ class Decoder:
         if record.ts is not None:
             obj[self.ts_field] = record.ts
         return json.dumps(obj, ensure_ascii=False).encode("utf-8")
+
+
+# --- timestamps ---------------------------------------------------------------------------------
+
+_DATE_TIME = re.compile(
+    r"(?P<year>\d{4})(?P<sep>[-/])(?P<month>\d{1,2})(?P=sep)(?P<day>\d{1,2})"
+    r"(?:[ T]+(?P<hour>\d{1,2}):(?P<minute>\d{1,2})"
+    r"(?::(?P<second>\d{1,2})(?:[.,](?P<fraction>\d+))?)?)?"
+    r" *(?P<zone>Z|UTC|GMT|[+-]\d{2}(?::?\d{2})?)?",
+    re.IGNORECASE | re.ASCII,
+)
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+# Numbers above this are milliseconds (1e11 s is the year 5138; 1e11 ms is March 1973).
+_MS_THRESHOLD = 1e11
+
+
+def parse_timestamp(value: str | int | float) -> float:
+    """Seconds since the epoch (UTC) of a timestamp, or ValueError saying why not.
+
+    Accepted: a number of seconds or milliseconds since the epoch (a number above 1e11 is
+    milliseconds), also as a string; ISO-8601 with ``T`` or a space between date and time;
+    ``YYYY/MM/DD[ HH:MM[:SS]]``; months, days and hours with or without their leading zero,
+    fractions of a second, ``Z`` / ``UTC`` / ``±HH[:MM]`` offsets (none: UTC); surrounding
+    whitespace.
+
+    >>> parse_timestamp("2016/12/30 7:11")
+    1483081860.0
+    >>> parse_timestamp(" 2016-12-30T07:11:00Z ") == parse_timestamp(1483081860000)
+    True
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            raise ValueError("timestamp is blank")
+        if _NUMBER.fullmatch(text):
+            return _epoch(float(text))
+        return _parse_date_time(text, value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"timestamp is a {type(value).__name__}")
+    return _epoch(float(value))
+
+
+def _epoch(ts: float) -> float:
+    if not math.isfinite(ts):
+        raise ValueError("timestamp is not finite")
+    if abs(ts) > _MS_THRESHOLD:
+        ts /= 1000.0  # milliseconds since the epoch are common in Kafka land
+    if abs(ts) > _MS_THRESHOLD:
+        raise ValueError("timestamp out of range")
+    return ts
+
+
+def _parse_date_time(text: str, value: str) -> float:
+    match = _DATE_TIME.fullmatch(text)
+    try:
+        if match is None:
+            # Other ISO-8601 forms Python reads (week dates, compact forms).
+            parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        else:
+            fraction = (match["fraction"] or "0")[:6].ljust(6, "0")
+            parsed = dt.datetime(
+                int(match["year"]),
+                int(match["month"]),
+                int(match["day"]),
+                int(match["hour"] or 0),
+                int(match["minute"] or 0),
+                int(match["second"] or 0),
+                int(fraction),
+                tzinfo=_zone(match["zone"]),
+            )
+    except ValueError:
+        raise ValueError(f"not a timestamp: {value[:64]!r}") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    try:
+        return parsed.timestamp()
+    except (OverflowError, ValueError, OSError):
+        raise ValueError(f"timestamp out of range: {value[:64]!r}") from None
+
+
+def _zone(zone: str | None) -> dt.tzinfo:
+    if zone is None or zone.upper() in ("Z", "UTC", "GMT"):
+        return dt.UTC
+    sign = -1 if zone[0] == "-" else 1
+    digits = zone[1:].replace(":", "")
+    hours, minutes = int(digits[:2]), int(digits[2:] or 0)
+    if hours > 23 or minutes > 59:
+        raise ValueError("offset out of range")
+    return dt.timezone(sign * dt.timedelta(hours=hours, minutes=minutes))

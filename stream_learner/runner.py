@@ -225,7 +225,7 @@ class StreamProcessor:
         label_buffer_bytes: int = DEFAULT_MAX_BYTES,
         max_classes: int = DEFAULT_MAX_CLASSES,
         drift_events_kept: int = DEFAULT_DRIFT_EVENTS_KEPT,
-        series_every: int = 1000,
+        series_every: int = 200,
         series_max_rows: int = 200_000,
         ensemble_temperature: float = 0.05,
         background_patience: int | None = None,
@@ -315,6 +315,11 @@ class StreamProcessor:
             row["learned"] = slot.learned
             stats[slot.name] = row
         return stats
+
+    @property
+    def served_name(self) -> str:
+        """How the served predictions are named in tables and plots: ``served (leader)``."""
+        return f"served ({self.serving})"
 
     def served_stats(self) -> dict:
         return self._served.snapshot()
@@ -722,5 +727,10 @@ class StreamProcessor:
             for slot in self._slots:
                 row = slot.score.snapshot()
                 row["learner"] = slot.name
+                row["position"] = scored
+                self.series.append(row)
+            if len(self._slots) > 1:
+                row = self._served.snapshot()
+                row["learner"] = self.served_name
                 row["position"] = scored
                 self.series.append(row)

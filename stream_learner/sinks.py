@@ -19,20 +19,137 @@ record id so readers can de-duplicate.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Protocol
 
+from .retry import Backoff, RateLimitedLog
 from .sources import Message
 
-__all__ = ["Sink", "SinkError", "MemorySink", "KafkaSink", "ProcessSink", "Outputs"]
+__all__ = [
+    "Sink", "SinkError", "MemorySink", "KafkaSink", "ProcessSink", "Outputs", "output_refusal", "truncated_copy",
+]
 
 log = logging.getLogger(__name__)
 
 Headers = Sequence[tuple[str, bytes]]
+
+# What a truncated dead-letter copy keeps of a value the broker refused as too large: enough
+# to see what the producer sent; headers give its size and SHA-256.
+TRUNCATED_BYTES = 4096
+
+# Reasons the broker (or the client) refuses one message for good: sending it again cannot
+# help. kafka-python error class names and librdkafka error names → our reason code.
+_REFUSALS = {
+    "MessageSizeTooLargeError": "message_too_large",
+    "RecordListTooLargeError": "message_too_large",
+    "MSG_SIZE_TOO_LARGE": "message_too_large",
+    "RECORD_LIST_TOO_LARGE": "message_too_large",
+    "InvalidTopicError": "invalid_topic",
+    "TOPIC_EXCEPTION": "invalid_topic",
+    "TopicAuthorizationFailedError": "topic_authorization_failed",
+    "TOPIC_AUTHORIZATION_FAILED": "topic_authorization_failed",
+    "InvalidRecordError": "invalid_record",
+    "INVALID_RECORD": "invalid_record",
+    "UnsupportedForMessageFormatError": "invalid_record",
+    "UNSUPPORTED_FOR_MESSAGE_FORMAT": "invalid_record",
+    "PolicyViolationError": "policy_violation",
+    "POLICY_VIOLATION": "policy_violation",
+}
+
+
+def output_refusal(error: BaseException | Any) -> str | None:
+    """The reason code when ``error`` refuses a message for good, None when a retry may work.
+
+    Takes kafka-python errors, and librdkafka's ``KafkaError`` or a ``KafkaException`` holding one.
+
+    >>> from kafka.errors import MessageSizeTooLargeError, KafkaTimeoutError
+    >>> output_refusal(MessageSizeTooLargeError()), output_refusal(KafkaTimeoutError())
+    ('message_too_large', None)
+    """
+    for cls in type(error).__mro__:
+        if cls.__name__ in _REFUSALS:
+            return _REFUSALS[cls.__name__]
+    inner = error.args[0] if isinstance(error, BaseException) and error.args else error
+    name = getattr(inner, "name", None)
+    if callable(name):
+        try:
+            return _REFUSALS.get(name())
+        except Exception:
+            return None
+    return None
+
+
+def truncated_copy(message: tuple) -> tuple | None:
+    """``(topic, key, value, headers, hint)`` with its value cut to :data:`TRUNCATED_BYTES`
+    and headers saying so; None if ``message`` is already such a copy."""
+    topic, key, value, headers, hint = message
+    if any(name == "truncated" for name, _ in headers):
+        return None
+    value = value or b""
+    headers = [
+        *headers,
+        ("truncated", b"true"),
+        ("original_size", str(len(value)).encode("ascii")),
+        ("original_sha256", hashlib.sha256(value).hexdigest().encode("ascii")),
+    ]
+    return (topic, key, value[:TRUNCATED_BYTES], headers, hint)
+
+
+class _Refusals:
+    """What a sink does with messages refused for good: a truncated copy for the topics that
+    take one (dead letters), else counted and dropped, logged a bounded number of times."""
+
+    def __init__(self, truncate_topics: Collection[str]):
+        self.truncate_topics = frozenset(t for t in truncate_topics if t)
+        self.counts: dict[tuple[str, str], int] = {}
+        self._log = RateLimitedLog(log, limit=5, period=60.0)
+
+    def handle(self, message: tuple, error) -> tuple | None:
+        """The message to send instead (a truncated copy), or None: dropped and counted."""
+        topic, value = message[0], message[2] or b""
+        reason = output_refusal(error) or "other"
+        if reason == "message_too_large" and topic in self.truncate_topics:
+            copy = truncated_copy(message)
+            if copy is not None:
+                self._count(topic, "truncated")
+                self._log.warning(
+                    f"{topic}:truncated", "%s: a %d-byte message was refused (%s); sending its first %d bytes instead",
+                    topic, len(value), reason, TRUNCATED_BYTES,
+                )
+                return copy
+        self._count(topic, reason)
+        self._log.warning(
+            f"{topic}:{reason}", "%s: dropped a %d-byte output the broker refused for good (%s: %s)",
+            topic, len(value), reason, _error_text(error),
+        )
+        return None
+
+    def _count(self, topic: str, reason: str) -> None:
+        self.counts[(topic, reason)] = self.counts.get((topic, reason), 0) + 1
+
+    def take(self) -> dict[tuple[str, str], int]:
+        counts, self.counts = self.counts, {}
+        return counts
+
+
+def _raise_if_fatal(error) -> None:
+    """Credentials or cluster ACLs the producer lacks: no output can ever be confirmed."""
+    from .retry import FatalBrokerError, fatal_message, is_fatal
+
+    if error is not None and output_refusal(error) is None and is_fatal(error):
+        raise FatalBrokerError(f"producer: {fatal_message(error)}")
+
+
+def _error_text(error) -> str:
+    inner = error.args[0] if isinstance(error, BaseException) and error.args else error
+    if hasattr(inner, "str") and callable(inner.str):
+        return inner.str()
+    return str(error) or type(error).__name__
 
 
 class SinkError(ConnectionError):
@@ -50,6 +167,9 @@ class Sink(Protocol):
     def flush(self, timeout: float) -> None: ...
 
     def close(self) -> None: ...
+
+    def take_output_errors(self) -> dict[tuple[str, str], int]:
+        """Outputs refused for good since the last call, by ``(topic, reason)``."""
 
 
 class MemorySink:
@@ -73,6 +193,9 @@ class MemorySink:
     def close(self) -> None:
         pass
 
+    def take_output_errors(self) -> dict[tuple[str, str], int]:
+        return {}
+
     def on(self, topic: str) -> list[tuple[bytes | None, bytes, tuple]]:
         return [(key, value, headers) for t, key, value, headers in self.sent if t == topic]
 
@@ -82,7 +205,10 @@ class KafkaSink:
 
     Messages stay in ``_unconfirmed`` until a flush sees them acknowledged, so a broker outage
     longer than the producer's own delivery timeout loses nothing: the next flush sends them
-    again (possibly a duplicate, never a gap).
+    again (possibly a duplicate, never a gap), after a backoff with jitter. A message refused
+    for good (too large, invalid or unauthorized topic) is not retried: on a topic of
+    ``truncate_topics`` (the dead letters) a truncated copy replaces it, otherwise it is
+    counted (:meth:`take_output_errors`) and dropped.
 
     Messages are handed to the producer at the end of each batch (:meth:`dispatch`), in one
     tight loop: the producer's sender thread then competes for the GIL once per batch rather
@@ -98,9 +224,15 @@ class KafkaSink:
         client_options: Mapping | None = None,
         linger_ms: int = 20,
         batch_size: int = 256 * 1024,
+        truncate_topics: Collection[str] = (),
     ):
         from kafka import KafkaProducer
 
+        from .retry import watch_kafka_python_auth
+
+        watch_kafka_python_auth()
+        self._refusals = _Refusals(truncate_topics)
+        self._backoff = Backoff(0.1, 2.0, jitter="decorrelated")  # at least 0.1 s between re-sends
         self._producer = KafkaProducer(
             bootstrap_servers=bootstrap_servers,
             enable_idempotence=True,
@@ -153,18 +285,34 @@ class KafkaSink:
                 self._producer.flush(timeout=max(0.1, deadline - time.monotonic()))
             except Exception as error:
                 raise SinkError(f"outputs not confirmed within {timeout:.0f} s: {error}") from None
-            failed = []
+            failed, kept, replaced = [], [], []
             for message, future in self._unconfirmed:
-                if isinstance(future, Exception) or future.failed() or not future.is_done:
+                error = future if isinstance(future, Exception) else future.exception if future.failed() else None
+                _raise_if_fatal(error)
+                if error is not None and output_refusal(error) is not None:
+                    copy = self._refusals.handle(message, error)
+                    if copy is not None:
+                        replaced.append(copy)
+                elif error is not None or not future.is_done:
                     failed.append(message)
+                    kept.append((message, future))
+            if replaced:  # sent now, confirmed (or refused) by the next round of this loop
+                self._unconfirmed = kept + [(copy, self._send(copy)) for copy in replaced]
+                continue
             if not failed:
                 self._unconfirmed.clear()
+                self._backoff.reset()
                 return
             if time.monotonic() > deadline:
                 self._unconfirmed = [(message, RuntimeError("not sent")) for message in failed]
                 raise SinkError(f"{len(failed)} outputs not delivered yet; they will be sent again")
-            log.warning("re-sending %d outputs that were not delivered", len(failed))
+            delay = min(self._backoff.next(), max(0.0, deadline - time.monotonic()))
+            log.warning("re-sending %d outputs that were not delivered, in %.1f s", len(failed), delay)
+            time.sleep(delay)
             self._unconfirmed = [(message, self._send(message)) for message in failed]
+
+    def take_output_errors(self) -> dict[tuple[str, str], int]:
+        return self._refusals.take()
 
     def close(self, timeout: float = 10.0) -> None:
         self._producer.close(timeout=timeout)
@@ -199,6 +347,7 @@ class ProcessSink:
         theirs.close()
         self._conn = Connection(ours.detach())
         self._pending: list[tuple] = []
+        self._output_errors: dict[tuple[str, str], int] = {}
         self._conn.send((bootstrap_servers, dict(client_options or {}), options, logging.getLogger().level))
         reply = self._receive(timeout=60.0)
         if reply[0] != "ready":
@@ -228,8 +377,19 @@ class ProcessSink:
         except (OSError, EOFError):
             raise SinkError("the producer process has stopped") from None
         reply = self._receive(timeout=timeout + 30.0)
+        if len(reply) > 2:  # the child's refused outputs since the last flush
+            for key, n in reply[2].items():
+                self._output_errors[key] = self._output_errors.get(key, 0) + n
+        if reply[0] == "fatal":
+            from .retry import FatalBrokerError
+
+            raise FatalBrokerError(str(reply[1]))
         if reply[0] != "flushed":
             raise SinkError(str(reply[1]))
+
+    def take_output_errors(self) -> dict[tuple[str, str], int]:
+        errors, self._output_errors = self._output_errors, {}
+        return errors
 
     def _receive(self, timeout: float):
         try:
@@ -240,16 +400,18 @@ class ProcessSink:
             return ("error", SinkError("the producer process has stopped"))
 
     def close(self, timeout: float = 10.0) -> None:
+        """Close the child's producer; bounded by ``timeout`` in all (then the child is killed)."""
         import subprocess
 
+        deadline = time.monotonic() + timeout
         try:
-            self._conn.send(("close", timeout))
-            self._receive(timeout=timeout + 5.0)
+            self._conn.send(("close", max(0.1, timeout * 0.8)))  # time left to answer and exit
+            self._receive(timeout=timeout)
         except (OSError, EOFError):
             pass
         self._conn.close()
         try:
-            self._process.wait(timeout)
+            self._process.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()
@@ -277,9 +439,19 @@ def _producer_process(fd: int) -> None:
     try:
         sink = KafkaSink(bootstrap_servers=bootstrap_servers, client_options=client_options, **options)
     except Exception as error:
-        conn.send(("error", error))
+        from .retry import auth_failure
+
+        conn.send(("error", auth_failure(error)))  # what lies behind a bootstrap timeout
         return
     conn.send(("ready", None))
+
+    def answer(message) -> bool:
+        try:
+            conn.send(message)
+            return True
+        except (OSError, EOFError):  # the worker stopped waiting (its shutdown is bounded)
+            return False
+
     while True:
         try:
             command, argument = conn.recv()
@@ -289,17 +461,24 @@ def _producer_process(fd: int) -> None:
             sink._pending.extend(argument)
             sink.dispatch()
         elif command == "flush":
+            from .retry import FatalBrokerError
+
             try:
                 sink.flush(argument)
+            except FatalBrokerError as error:
+                conn.send(("fatal", str(error), sink.take_output_errors()))
             except SinkError as error:
-                conn.send(("error", str(error)))
+                delivered = answer(("error", str(error), sink.take_output_errors()))
             else:
-                conn.send(("flushed", None))
+                delivered = answer(("flushed", None, sink.take_output_errors()))
+            if not delivered:
+                return
         elif command == "close":
             try:
                 sink.close(argument)
-            finally:
-                conn.send(("closed", None))
+            except Exception as error:  # the broker is away: what is unsent is re-sent on restart
+                log.warning("producer closed uncleanly: %s", error)
+            answer(("closed", None))
             return
 
 
@@ -425,4 +604,7 @@ def _number(value: float) -> str:
 if __name__ == "__main__":  # the producer process of ProcessSink
     import sys
 
-    _producer_process(int(sys.argv[1]))
+    # From the module by its own name, so log lines say stream_learner.sinks, not __main__.
+    from stream_learner.sinks import _producer_process as run_producer_process
+
+    run_producer_process(int(sys.argv[1]))

@@ -196,10 +196,14 @@ class KafkaSource:
         from kafka import KafkaConsumer
         from kafka.coordinator.assignors.range import RangePartitionAssignor
 
+        from .retry import watch_kafka_python_auth
+
+        watch_kafka_python_auth()  # a refused SASL handshake surfaces only as a bootstrap timeout
         self.topics = list(topics)
         self.handler = handler
         self.commit_timeout_ms = 5000  # a broker that does not answer must not stall the loop
         self._lock = threading.Lock()
+        self._last_contact: float | None = None  # records fetched or offsets committed
         self._paused_any = False  # pause() was used: see _free_parked_records
         options = dict(client_options or {})
         # Range assignment gives the same partition numbers of co-partitioned topics (records
@@ -241,6 +245,8 @@ class KafkaSource:
                         headers=tuple((k, v) for k, v in (record.headers or ())),
                     )
                 )
+        if messages:
+            self._last_contact = time.monotonic()
         return messages
 
     def commit(self, offsets: Mapping[Partition, int]) -> None:
@@ -248,14 +254,16 @@ class KafkaSource:
         from kafka.structs import OffsetAndMetadata
 
         owned = self.assignment()
+        metadata = commit_metadata(self.handler)
         # Never commit for a partition another worker owns now: that would move its offset.
         wanted = {
-            TopicPartition(topic, partition): OffsetAndMetadata(offset, "", -1)
+            TopicPartition(topic, partition): OffsetAndMetadata(offset, metadata, -1)
             for (topic, partition), offset in offsets.items()
             if (topic, partition) in owned
         }
         if wanted:
             self._consumer.commit(wanted, timeout_ms=self.commit_timeout_ms)
+            self._last_contact = time.monotonic()
 
     def assignment(self) -> set[Partition]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
@@ -291,9 +299,45 @@ class KafkaSource:
         if in_line is not None and not in_line:
             fetcher._next_partition_records = None
 
-    def close(self) -> None:
+    def broker_contact(self) -> float | None:
+        """``time.monotonic()`` when the broker last answered this consumer: a group heartbeat
+        (every ``session_timeout_ms / 5`` while in the group), a fetch that brought records or
+        a commit. None before the first answer."""
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        heartbeat = getattr(getattr(coordinator, "heartbeat", None), "last_receive", None)
+        times = [t for t in (heartbeat, self._last_contact) if t is not None and t != float("-inf")]
+        return max(times) if times else None
+
+    def close(self, timeout: float | None = None) -> None:
         # close() revokes our partitions through the listener, which checkpoints and commits.
-        self._consumer.close(autocommit=False)
+        _skip_leave_during_join(self._consumer)
+        timeout_ms = None if timeout is None else max(1, int(timeout * 1000))
+        self._consumer.close(autocommit=False, timeout_ms=timeout_ms)
+
+
+def _skip_leave_during_join(consumer) -> None:
+    """Close without a LeaveGroup while our group join is still in flight.
+
+    Tansu 0.6.0 (``Inner<Forming>::leave`` in tansu-broker/src/coordinator/group/
+    administrator.rs, unchanged at nisshi-io/nisshi 939be10) removes a member that leaves a
+    group still forming but keeps it as the group's leader; the leaving member is then never
+    expired (it is no longer a member), every later joiner is told that leader and its
+    SyncGroup is refused with REBALANCE_IN_PROGRESS, and the group never gets an assignment.
+    A member that simply goes silent is expired after the session timeout and the group
+    forms again, so while a join is pending we drop our member id locally: kafka-python's
+    close then sends no LeaveGroup (a member that completed its join leaves as usual).
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is None or not getattr(coordinator, "_use_group_apis", False):
+        return
+    from kafka.coordinator.base import MemberState
+
+    if coordinator.state is not MemberState.STABLE and coordinator._generation.has_member_id():
+        log.info(
+            "stopping during the group join: not leaving the group (the broker expires this "
+            "member after the session timeout instead)"
+        )
+        coordinator.reset_generation()
 
 
 try:  # the listener needs kafka-python; the in-memory parts above do not
@@ -323,8 +367,9 @@ class _Listener(AsyncConsumerRebalanceListener):
         try:
             # The public commit() blocks on the IO thread we are running on; await the
             # coroutine it wraps instead.
+            metadata = commit_metadata(self.source.handler)
             await self._coordinator._commit_offsets_sync_async(
-                {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in by_tp.items()}
+                {tp: OffsetAndMetadata(offset, metadata, -1) for tp, offset in by_tp.items()}
             )
         except Exception as error:  # the checkpoint has them; the next owner may re-read some
             log.warning("commit on revoke failed (%s); the next owner may re-read records", error)
@@ -345,7 +390,9 @@ class _Listener(AsyncConsumerRebalanceListener):
             (tp.topic, tp.partition): (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else None)
             for tp in assigned
         }
-        seeks = self.source.handler.partitions_assigned(set(by_name), known)
+        # (The embedded Tansu broker hands back every commit's metadata as null; Kafka keeps it.)
+        metadata = {(tp.topic, tp.partition): committed[tp].metadata for tp in assigned if tp in committed}
+        seeks = assign_with_metadata(self.source.handler, set(by_name), known, metadata)
         for name, offset in seeks.items():
             if name in by_name:
                 self.source._consumer.seek(by_name[name], offset)
@@ -353,6 +400,21 @@ class _Listener(AsyncConsumerRebalanceListener):
 
     async def on_partitions_lost(self, lost):
         self.source.handler.partitions_lost({(tp.topic, tp.partition) for tp in lost})
+
+
+def commit_metadata(handler) -> str:
+    """The metadata string of a commit: who committed (the worker's ``commit_metadata``)."""
+    return str(getattr(handler, "commit_metadata", "") or "")
+
+
+def assign_with_metadata(handler, partitions, committed, metadata):
+    """``handler.partitions_assigned``, with the committed offsets' metadata if it takes them."""
+    try:
+        return handler.partitions_assigned(partitions, committed, metadata=metadata)
+    except TypeError as error:
+        if "metadata" not in str(error):
+            raise
+        return handler.partitions_assigned(partitions, committed)
 
 
 def _fmt(offsets) -> str:
@@ -416,6 +478,7 @@ class ProcessSource:
         self._assignment: set[Partition] = set()
         self._highwaters: dict[Partition, int] = {}
         self._resume: dict[Partition, int] = {}
+        self._contact: float | None = None  # when the child's consumer last heard the broker
         self._closed = False
         self._failed: str | None = None
         # A plain child interpreter (not multiprocessing's spawn, which re-imports the
@@ -512,6 +575,7 @@ class ProcessSource:
                 if item[0] == "batch":
                     self._send(("ack",))  # a credit: the child may fetch one more batch
                     self._highwaters.update(item[2])
+                    self._contact = time.monotonic()
                     messages = [
                         Message(topic, partition, offset, key, value, timestamp, headers)
                         for topic, partition, records in item[1]
@@ -530,6 +594,8 @@ class ProcessSource:
         kind, argument = item[0], item[1]
         if kind == "state":
             self._highwaters.update(argument)
+            if len(item) > 2 and item[2] is not None:
+                self._contact = max(self._contact or item[2], item[2])  # one clock for all processes
             return
         if kind == "error":  # the child's poll failed (broker trouble): the worker backs off
             raise argument
@@ -537,10 +603,10 @@ class ProcessSource:
         try:
             if kind == "revoked":
                 self._assignment -= argument
-                answer = dict(self.handler.partitions_revoked(argument) or {})
+                answer = (dict(self.handler.partitions_revoked(argument) or {}), commit_metadata(self.handler))
             elif kind == "assigned":
                 self._assignment |= argument
-                answer = dict(self.handler.partitions_assigned(argument, item[2]) or {})
+                answer = dict(assign_with_metadata(self.handler, argument, item[2], item[3]) or {})
                 for tp, offset in self._resume.items():
                     if tp in argument:
                         answer.setdefault(tp, offset)  # the handler's seek knows better
@@ -559,10 +625,14 @@ class ProcessSource:
         if self._closed:
             raise RuntimeError("source is closed")
         if offsets:
-            self._send(("commit", dict(offsets)))
+            self._send(("commit", dict(offsets), commit_metadata(self.handler)))
 
     def assignment(self) -> set[Partition]:
         return set(self._assignment)
+
+    def broker_contact(self) -> float | None:
+        """As :meth:`KafkaSource.broker_contact`, as the child last reported it."""
+        return self._contact
 
     def lag(self, positions: Mapping[Partition, int]) -> dict[Partition, int]:
         return {
@@ -572,14 +642,15 @@ class ProcessSource:
         }
 
     def close(self, timeout: float = 60.0) -> None:
-        """The child closes its consumer: the revoke comes back to the handler, which commits."""
+        """The child closes its consumer: the revoke comes back to the handler, which commits.
+        Bounded by ``timeout`` in all: a child still closing then is killed."""
         if self._closed:
             return
         self._closed = True
+        deadline = time.monotonic() + timeout
         if not self._failed:
-            deadline = time.monotonic() + timeout
             try:
-                self._conn.send(("close",))
+                self._conn.send(("close", max(0.1, timeout * 0.8)))
                 while time.monotonic() < deadline:
                     if self._inbox:
                         item = self._inbox.popleft()
@@ -594,7 +665,7 @@ class ProcessSource:
                     # batches fetched ahead are dropped: the revoke commits what was processed
             except (OSError, EOFError, ValueError):
                 pass
-        self._stop_process(timeout=10.0)
+        self._stop_process(timeout=max(0.1, min(10.0, deadline - time.monotonic())))
 
     def _stop_process(self, timeout: float) -> None:
         import subprocess
@@ -612,12 +683,17 @@ class _ForwardingHandler:
 
     def __init__(self, child: _ConsumerProcess):
         self.child = child
+        self.commit_metadata = ""  # the worker's, as of its last commit or revoke answer
 
     def partitions_revoked(self, partitions):
-        return self.child.ask(("revoked", set(partitions))) or {}
+        answer = self.child.ask(("revoked", set(partitions)))
+        if not answer:
+            return {}
+        offsets, self.commit_metadata = answer
+        return offsets
 
-    def partitions_assigned(self, partitions, committed):
-        return self.child.ask(("assigned", set(partitions), dict(committed))) or {}
+    def partitions_assigned(self, partitions, committed, metadata=None):
+        return self.child.ask(("assigned", set(partitions), dict(committed), dict(metadata or {}))) or {}
 
     def partitions_lost(self, partitions):
         self.child.ask(("lost", set(partitions)))
@@ -676,16 +752,18 @@ class _ConsumerProcess:
 
         from kafka.errors import KafkaError
 
+        from .retry import Backoff, auth_failure
+
         try:
             source = KafkaSource(handler=_ForwardingHandler(self), **options)
-        except Exception as error:
-            self.send(("error", _picklable(error)))
+        except Exception as error:  # what lies behind a bootstrap timeout, e.g. a refused SASL mechanism
+            self.send(("error", _picklable(auth_failure(error))))
             return
         self.send(("ready", None))
         threading.Thread(target=self.read, name="stream-learner-worker-pipe", daemon=True).start()
         consumer = source.consumer
         in_flight = 0  # batches sent that the worker has not taken yet
-        backoff, retry_at = 0.5, 0.0
+        backoff, retry_at = Backoff(0.5, 15.0, jitter="decorrelated"), 0.0
         last_state = time.monotonic()
         while True:
             now = time.monotonic()
@@ -700,12 +778,15 @@ class _ConsumerProcess:
                     in_flight -= 1
                 elif command[0] == "commit":
                     try:
+                        source.handler.commit_metadata = command[2]
                         source.commit(command[1])
                     except Exception as error:  # the checkpoint holds them: commit next time
                         log.warning("offset commit failed (will retry at the next checkpoint): %s", error)
                 elif command[0] in ("close", "eof"):
-                    try:
-                        source.close()  # the revoke goes to the worker (if alive), which commits
+                    try:  # the revoke goes to the worker (if alive), which commits
+                        source.close(command[1] if len(command) > 1 else None)
+                    except Exception as error:  # the broker is away: nothing more to do
+                        log.warning("consumer closed uncleanly: %s", error)
                     finally:
                         self.send(("closed", None))
                     return
@@ -716,17 +797,16 @@ class _ConsumerProcess:
                 batches = consumer.poll(timeout_ms=100)
             except KafkaError as error:  # broker trouble: tell the worker, back off, try again
                 self.send(("error", _picklable(error)))
-                retry_at = time.monotonic() + backoff
-                backoff = min(backoff * 2, 15.0)
+                retry_at = time.monotonic() + backoff.next()
                 continue
-            backoff = 0.5
+            backoff.reset()
             now = time.monotonic()
             if batches:
                 self.send(("batch", _as_tuples(batches), self._highwaters(consumer)))
                 in_flight += 1
                 last_state = now
             elif now - last_state >= 1.0:  # idle: keep the worker's lag figures current
-                self.send(("state", self._highwaters(consumer)))
+                self.send(("state", self._highwaters(consumer), source.broker_contact()))
                 last_state = now
 
     @staticmethod

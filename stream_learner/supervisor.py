@@ -2,8 +2,10 @@
 
 Each worker is a child process running ``stream-learner run`` with the same settings plus
 its own worker id (``<id>-<i>``), checkpoint sub-directory (``<dir>/worker-<i>``) and metrics
-port (``<port>+i``). Kafka spreads the partitions over them (and over the workers of any
-other machine in the group). The supervisor
+port (``<port>+i``). The settings, passwords and the checkpoint key go to the children through
+their environment (``STREAM_LEARNER_*``, readable by the same user only), never their command
+line, which every user sees in ``ps``. Kafka spreads the partitions over them (and over the
+workers of any other machine in the group). The supervisor
 
 * forwards SIGTERM / SIGINT, so every worker finishes its batch, checkpoints and commits;
 * restarts a worker that died (kill -9, out of memory) with a growing delay; meanwhile the
@@ -25,7 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .checkpoint import KEY_ENV, resolve_key
-from .config import WorkerConfig
+from .config import ENV_PREFIX, WorkerConfig, to_environment
+from .retry import Backoff
 
 __all__ = ["Supervisor", "child_arguments"]
 
@@ -57,14 +60,14 @@ def child_arguments(config: WorkerConfig, index: int) -> list[str]:
 class Supervisor:
     """Starts, watches and stops the worker processes.
 
-    ``argv`` is the ``stream-learner run`` command line as given (its flags are kept);
-    ``python`` runs a child (the current interpreter by default).
+    ``python`` runs a child (the current interpreter by default). ``argv``, the command line
+    as given, is no longer passed on: the children get every setting from ``config``.
     """
 
     def __init__(
         self,
         config: WorkerConfig,
-        argv: Sequence[str],
+        argv: Sequence[str] = (),
         *,
         python: str = sys.executable,
         restart_delay: float = 1.0,
@@ -78,18 +81,34 @@ class Supervisor:
         self.children: dict[int, subprocess.Popen] = {}
         self.exit_codes: dict[int, int] = {}
         self.restarts: dict[int, int] = {}
+        self._backoffs: dict[int, Backoff] = {}
         self._stopping = threading.Event()
 
+    def _backoff(self, index: int) -> Backoff:
+        """Worker ``index``'s restart delays: growing from ``restart_delay`` up to
+        ``max_restart_delay``, with decorrelated jitter so that workers killed together (out
+        of memory, a broker gone) do not restart in step."""
+        if index not in self._backoffs:
+            self._backoffs[index] = Backoff(self.restart_delay, self.max_restart_delay, jitter="decorrelated")
+        return self._backoffs[index]
+
     def _environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        if not self.config.checkpoint_key_file and not env.get(KEY_ENV):
-            # One key for every worker: they read each other's signed snapshots.
-            key = resolve_key(self.config.checkpoint_dir, None, environ={})
+        # The resolved settings (flags, environment and TOML file alike) replace the
+        # supervisor's own STREAM_LEARNER_* settings.
+        settings = to_environment(self.config)
+        env = {k: v for k, v in os.environ.items() if k != ENV_PREFIX + "CONFIG"}
+        env.update(settings)
+        # One key for every worker (they read each other's signed snapshots), resolved once
+        # here so that a missing key stops everything with one clear message.
+        key = resolve_key(
+            self.config.checkpoint_dir, self.config.checkpoint_key_file, generate=self.config.generate_key
+        )
+        if not self.config.checkpoint_key_file:  # else each worker reads the same file
             env[KEY_ENV] = key.decode("utf-8", "surrogateescape")
         return env
 
     def _start(self, index: int, env: dict[str, str]) -> None:
-        command = [self.python, "-m", "stream_learner.cli", "run", *self.argv, *child_arguments(self.config, index)]
+        command = [self.python, "-m", "stream_learner.cli", "run", *child_arguments(self.config, index)]
         # Its own session: a Ctrl-C in the terminal reaches the supervisor only, which
         # forwards one SIGTERM (a second signal would make a worker exit at once).
         self.children[index] = subprocess.Popen(command, env=env, start_new_session=True)
@@ -103,8 +122,15 @@ class Supervisor:
                 child.send_signal(signum)
 
     def run(self, poll_every: float = 0.2) -> int:
-        Path(self.config.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        env = self._environment()
+        from .checkpoint import CheckpointError
+        from .files import private_directory
+
+        private_directory(self.config.checkpoint_dir)
+        try:
+            env = self._environment()
+        except CheckpointError as error:
+            log.error("%s", error)
+            return CONFIG_ERROR
         for index in range(self.config.processes):
             self._start(index, env)
         due: dict[int, float] = {}  # restart times of dead workers
@@ -123,7 +149,7 @@ class Supervisor:
                         self.stop()
                     else:
                         self.restarts[index] = self.restarts.get(index, 0) + 1
-                        delay = min(self.max_restart_delay, self.restart_delay * 2 ** (self.restarts[index] - 1))
+                        delay = self._backoff(index).next()
                         log.warning("worker %d died (code %d); restarting it in %.0f s", index, code, delay)
                         due[index] = time.monotonic() + delay
                 for index, when in list(due.items()):
@@ -144,7 +170,7 @@ class Supervisor:
         return max(codes, default=0)
 
 
-def run_processes(config: WorkerConfig, argv: Sequence[str]) -> int:
+def run_processes(config: WorkerConfig, argv: Sequence[str] = ()) -> int:
     """Supervise ``config.processes`` workers until they exit or a signal stops them."""
     supervisor = Supervisor(config, argv)
 

@@ -21,12 +21,21 @@ in the dead-letter topic with its reason, and its offset is committed like any o
 Rebalances: on revoke the worker checkpoints and commits; on assign it seeks to its
 checkpointed offset, except for a partition it handed over earlier in this run, where it takes
 the later of its checkpoint and the committed offset (another worker moved it on).
+
+Fallbacks: when the newest checkpoints are corrupt and an older one is loaded, every partition
+a lost checkpoint covered is re-read from the loaded checkpoint's offset, or, if it lacks the
+partition, from where this worker began reading it (the checkpoint manifest), whatever was
+committed since: nothing learned after the fallback point is lost. Every commit carries
+``{"worker": id, "store": checkpoint directory's identity, "checkpoint": sequence}`` as its
+metadata, so that without the manifest a worker still tells its own later commits (re-read
+from the beginning) from another worker's.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -43,9 +52,11 @@ from .checkpoint import (
 )
 from .config import ConfigError, WorkerConfig, add_config_arguments, config_from_args
 from .records import DecodeError, Decoder, Reason, Record
+from .retry import Backoff, FatalBrokerError, fatal_message, is_fatal, retry
 from .runner import LearnerFailure, Outcome, RecordRejected, StreamProcessor
 from .sinks import Outputs, Sink, SinkError
 from .sources import Message, Partition, Source, SourceError, SourceUnavailable
+from .unpickle import module_of_factory
 
 __all__ = ["Worker", "build_processor", "run_worker", "add_run_parser"]
 
@@ -103,12 +114,16 @@ class Worker:
         flush_timeout: float = 10.0,
         metrics=None,
         readiness=None,
+        broker=None,
         fusion=None,
         model_feed=None,
         models_topic: str | None = None,
         fusion_start_wait: float = 15.0,
         mini_batch: int = 0,
         max_event_time_skew: float | None = None,
+        name: str = "",
+        rewind: Mapping[Partition, int] | None = None,
+        loaded_sequence: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.processor = processor
@@ -122,6 +137,10 @@ class Worker:
         self.flush_timeout = flush_timeout
         self.metrics = metrics or _NoMetrics()
         self.readiness = readiness
+        self.broker = broker  # a metrics.BrokerHealth: when the broker last answered
+        self._deadline: float | None = None  # time.monotonic() by which the shutdown must end
+        self._stopping = False
+        self._flush_abandoned = False  # the shutdown's checkpoint failed: do not wait again
         self.fusion = fusion
         self.model_feed = model_feed
         self.models_topic = models_topic
@@ -135,6 +154,7 @@ class Worker:
         self.clock = clock
         self.source: Source | None = None
         self.metrics_url: str | None = None
+        self.fatal_error: BaseException | None = None  # the producer was refused for good
         self.lag = 0
         self.owned: set[Partition] = set()
         self._handed_over: set[Partition] = set()
@@ -143,6 +163,13 @@ class Worker:
         self._folded = False
         self._last_checkpoint = clock()
         self._checkpointed_offsets: dict[Partition, int] = dict(self.offsets)
+        self._record_seconds: list[float] = []  # this batch's, for the latency histogram
+        self.name = name
+        # Partitions lost checkpoints covered and the loaded one lacks: where to re-read them.
+        self.rewind: dict[Partition, int] = dict(rewind or {})
+        self.loaded_sequence = loaded_sequence
+        self.saved_sequence = loaded_sequence
+        self.started: dict[Partition, int] = {}  # where this worker began reading a partition
 
     # -- one message ---------------------------------------------------------------------
 
@@ -161,6 +188,7 @@ class Worker:
         else:
             self._emit(message, record, result, started)
         self._done(message)
+        self._record_seconds.append(time.perf_counter() - started)
 
     def handle_many(self, messages: list[Message]) -> None:
         """Decode, process and emit messages as one mini-batch (``StreamProcessor.process_many``:
@@ -188,6 +216,9 @@ class Worker:
                 self._emit(message, record, result, started)
         for message in messages:
             self._done(message)
+        # Records of a mini-batch are learned in one step: each is charged an equal share.
+        share = (time.perf_counter() - started) / max(len(messages), 1)
+        self._record_seconds.extend([share] * len(messages))
 
     def _event_time(self, record: Record, message: Message) -> float | None:
         when = _event_time(record, message)
@@ -233,6 +264,10 @@ class Worker:
 
     def _record(self, message: Message) -> Record:
         record = self.decoder.decode(message.value)
+        if record.ts_error is not None:
+            # An unreadable timestamp costs the record its event time, not its place.
+            self.counts["timestamp_dropped"] += 1
+            log.debug("timestamp dropped at %s[%d]@%d: %s", message.topic, message.partition, message.offset, record.ts_error)
         if record.id is None:
             # Plain text or JSON without an id: the message key, else its coordinates.
             if message.key:
@@ -276,10 +311,16 @@ class Worker:
                     self.fusion_round()
         self.outputs.sink.dispatch()
         seconds = time.perf_counter() - started
+        try:
+            self._observe(messages, before, predictions_before, seconds)
+        finally:
+            self._record_seconds.clear()
+
+    def _observe(self, messages, before, predictions_before, seconds) -> None:
         if messages:
             delta = self.counts - before
             self.metrics.record_outcomes({o.value: delta.get(o.value, 0) for o in Outcome})
-            self.metrics.observe_batch(len(messages), seconds)
+            self.metrics.observe_batch(len(messages), seconds, self._record_seconds)
             self.metrics.predictions_produced(self.outputs.predictions - predictions_before)
             now = time.time()
             self.metrics.observe_end_to_end_delay(
@@ -296,16 +337,40 @@ class Worker:
 
     def checkpoint(self, reason: str = "periodic") -> bool:
         """Flush outputs, save a checkpoint, commit. False (state kept) if any step failed."""
+        if self.fatal_error is not None:  # the producer was refused for good: the worker is stopping
+            return False
         started = time.perf_counter()
+        if self._flush_abandoned:
+            return False  # the broker is away and the shutdown is bounded: do not wait again
+        if self._deadline is not None and self._time_for(self.flush_timeout) <= 0:
+            log.warning("checkpoint (%s) skipped: no time left within --shutdown-timeout", reason)
+            return False
         try:
-            self.outputs.sink.flush(self.flush_timeout)
+            self.outputs.sink.flush(self._time_for(self.flush_timeout))
         except SinkError as error:
-            log.warning("checkpoint (%s) postponed: %s", reason, error)
+            if self.broker is not None:
+                self.broker.failed("output flush", error)
+            if reason == "shutdown":
+                log.warning("checkpoint at shutdown not written: %s; a restart resumes from the last one", error)
+            else:
+                log.warning("checkpoint (%s) postponed: %s", reason, error)
             self.metrics.checkpoint_failed()
             return False
+        except FatalBrokerError as error:  # credentials or ACLs: no output can be confirmed, ever
+            self.metrics.checkpoint_failed()
+            self.fatal_error = error
+            raise
+        finally:
+            self._count_output_errors()
         if self.store is not None and (self._since_checkpoint or self._folded or not self.store.paths()):
             try:
-                path = self.store.save(self.state(), self.offsets, info={"reason": reason, "messages": self.counts["messages"]})
+                path = self.store.save(
+                    self.state(),
+                    self.offsets,
+                    info={"reason": reason, "messages": self.counts["messages"], "worker": self.name},
+                    started=self.started,
+                )
+                self.saved_sequence = self.store.last_sequence
             except Exception as error:  # disk full, a learner that cannot be pickled, ...
                 log.error("checkpoint (%s) failed, state kept, will retry: %s", reason, _describe(error))
                 self.metrics.checkpoint_failed()
@@ -319,7 +384,21 @@ class Worker:
         if self.fusion is not None and reason == "shutdown":
             # The last snapshot is the checkpoint's state: it covers exactly the offsets committed.
             self.publish_snapshots(full=True)
+            self.publish_tombstones()
         return True
+
+    def _count_output_errors(self) -> None:
+        """Outputs the broker refused for good (dropped, or truncated dead letters)."""
+        take = getattr(self.outputs.sink, "take_output_errors", None)
+        if take is None:
+            return
+        names = {
+            self.outputs.predictions_topic: "predictions",
+            self.outputs.dead_letter_topic: "dead_letters",
+            self.outputs.drift_topic: "drift_events",
+        }
+        for (topic, reason), n in take().items():
+            self.metrics.output_failed(names.get(topic, "other"), reason, n)
 
     # -- fusion (see stream_learner.fusion) ----------------------------------------------
 
@@ -334,6 +413,18 @@ class Worker:
             messages = self.fusion.snapshots(self.processor, full=full)
         except Exception as error:  # a learner that cannot be snapshot must not stop learning
             log.error("cannot publish learner snapshots: %s", _describe(error))
+            return
+        for key, value, headers in messages:
+            self.outputs.sink.send(self.models_topic, key, value, headers)
+        self.outputs.sink.dispatch()
+
+    def publish_tombstones(self) -> None:
+        """A clean exit: delete our keys from the models topic, so peers forget us at once."""
+        try:
+            earlier = self.model_feed.own_keys() if self.model_feed is not None else {}
+            messages = self.fusion.tombstones(earlier)
+        except Exception as error:
+            log.error("cannot publish tombstones for our snapshots: %s", _describe(error))
             return
         for key, value, headers in messages:
             self.outputs.sink.send(self.models_topic, key, value, headers)
@@ -363,7 +454,23 @@ class Worker:
         try:
             self.source.commit(offsets)
         except Exception as error:  # broker away: the checkpoint holds them; commit next time
-            log.warning("offset commit failed (will retry at the next checkpoint): %s", _describe(error))
+            if self.broker is not None:
+                self.broker.failed("offset commit", _describe(error))
+            if self._stopping:
+                log.warning("offset commit at shutdown failed (the checkpoint holds the offsets): %s", _describe(error))
+            else:
+                log.warning("offset commit failed (will retry at the next checkpoint): %s", _describe(error))
+        else:
+            if self.broker is not None and offsets:
+                self.broker.contact()
+
+    @property
+    def commit_metadata(self) -> str:
+        """Who committed: the metadata string of every offset commit (sources read it)."""
+        store = self.store.identity if self.store is not None else ""
+        return json.dumps(
+            {"worker": self.name, "store": store, "checkpoint": self.saved_sequence}, separators=(",", ":")
+        )
 
     def state(self) -> dict:
         state = {"format": STATE_FORMAT, "processor": self.processor, "counts": dict(self.counts)}
@@ -373,7 +480,15 @@ class Worker:
 
     # -- rebalance handler (runs while the main loop waits inside poll) ------------------
 
+    def _time_for(self, seconds: float) -> float:
+        """``seconds``, or less if the shutdown's bound comes first."""
+        if self._deadline is None:
+            return seconds
+        return max(0.0, min(seconds, self._deadline - time.monotonic()))
+
     def partitions_revoked(self, partitions: set[Partition]) -> dict[Partition, int]:
+        if self.broker is not None:
+            self.broker.contact()  # a rebalance is the broker talking
         saved = self.checkpoint("revoke")
         self.owned -= partitions
         self._handed_over |= partitions
@@ -385,21 +500,48 @@ class Worker:
         return {tp: self._checkpointed_offsets[tp] for tp in partitions if tp in self._checkpointed_offsets}
 
     def partitions_assigned(
-        self, partitions: set[Partition], committed: Mapping[Partition, int | None]
+        self,
+        partitions: set[Partition],
+        committed: Mapping[Partition, int | None],
+        metadata: Mapping[Partition, str] | None = None,
     ) -> dict[Partition, int]:
         self.owned |= partitions
         self._owned_changed()
+        if self.broker is not None:
+            self.broker.contact()
         seeks = {}
         for tp in partitions:
             mine, theirs = self.offsets.get(tp), committed.get(tp)
             if mine is None:
-                continue  # never read it: start at the committed offset (or the reset policy)
+                rewind = self._rewind_to(tp, (metadata or {}).get(tp))
+                if rewind is not None:
+                    seeks[tp] = self.offsets[tp] = rewind
+                    self.started.setdefault(tp, rewind)
+                    log.warning(
+                        "%s[%d]: re-reading from offset %d what lost checkpoints had learned "
+                        "(committed: %s)", tp[0], tp[1], rewind, theirs,
+                    )
+                else:  # never read it: start at the committed offset (or the reset policy)
+                    self.started.setdefault(tp, theirs if theirs is not None else 0)
+                continue
             if tp in self._handed_over and theirs is not None:
                 seeks[tp] = max(mine, theirs)  # another worker may have moved it on meanwhile
             else:
                 seeks[tp] = mine  # the checkpoint is the source of truth
             self.offsets[tp] = seeks[tp]
         return seeks
+
+    def _rewind_to(self, tp: Partition, metadata: str | None) -> int | None:
+        """Where to re-read a partition the loaded checkpoint lacks, or None (not needed)."""
+        if tp in self.rewind:
+            return self.rewind.pop(tp)
+        committer = _committer(metadata)
+        mine = self.store.identity if self.store is not None else None
+        if committer is not None and committer[0] == mine and committer[1] > self.loaded_sequence:
+            # Our own later checkpoint committed it, and the manifest does not say where we
+            # began: re-read it all rather than lose what that checkpoint had learned.
+            return 0
+        return None
 
     def partitions_lost(self, partitions: set[Partition]) -> None:
         log.warning("partitions lost without a commit (session expired?): %s", sorted(partitions))
@@ -425,8 +567,11 @@ class Worker:
         progress_every: float = 10.0,
         heartbeat=None,
     ) -> None:
-        """Poll, process, checkpoint until ``stop`` is set (or the source stays idle)."""
+        """Poll, process, checkpoint until ``stop`` is set (or the source stays idle).
+
+        Idle means no records while the broker answers: an outage is not idleness."""
         self.source = source
+        broker_contact = getattr(source, "broker_contact", None)  # None: a poll that works is contact
         last_message = self.clock()
         last_progress = self.clock()
         from kafka.errors import KafkaError
@@ -438,29 +583,38 @@ class Worker:
             if not self.model_feed.wait_caught_up(self.fusion_start_wait):
                 log.warning("models topic not read to its end within %.0f s; starting without it", self.fusion_start_wait)
             self.fold()
-        backoff = 0.5
+        backoff = Backoff(0.5, 15.0, jitter="decorrelated")  # never under 0.5 s: no spinning on a refusing broker
         while not stop.is_set():
             try:
                 messages = source.poll(poll_timeout)
             except (KafkaError, SourceUnavailable) as error:  # broker trouble: keep state, back off, retry
+                if is_fatal(error):  # credentials or permissions: no retry can help
+                    raise FatalBrokerError(f"consumer: {fatal_message(error)}") from error
+                if stop.is_set():
+                    break  # no retry after the stop request
                 if self.readiness is not None:
                     self.readiness.broker_reachable = False
-                log.warning("poll failed (%s); retrying in %.1f s", _describe(error), backoff)
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 15.0)
+                if self.broker is not None:
+                    self.broker.retrying("poll", _describe(error))
+                    self.broker.observe()
+                delay = backoff.next()
+                log.warning("poll failed (%s); retrying in %.1f s", _describe(error), delay)
+                stop.wait(delay)
                 continue
-            backoff = 0.5
+            backoff.reset()
             if self.readiness is not None:
                 self.readiness.broker_reachable = True
             if heartbeat is not None:
                 heartbeat.beat()
+            answered = self._broker_answered(broker_contact, messages)
             self.process_batch(messages)
             if self.max_event_time_skew is not None:
                 self.align(source, polled=bool(messages))
             now = self.clock()
             if messages or not self.owned:  # idle counts only once we have partitions
                 last_message = now
-            if self.checkpoint_due() and self.checkpoint():
+            # Once stopped, the shutdown's checkpoint comes next, within --shutdown-timeout.
+            if self.checkpoint_due() and not stop.is_set() and self.checkpoint():
                 self.commit()
             if self.fusion is not None and self.fusion.due(records=self._since_fusion):
                 self.fusion_round()
@@ -469,12 +623,32 @@ class Worker:
                 self._report(source)
                 if progress is not None:
                     progress(self)
-            if stop_when_idle is not None and not messages and now - last_message >= stop_when_idle:
+            # Idle up to the broker's last answer only: an outage is not a quiet stream.
+            if stop_when_idle is not None and not messages and min(now, answered) - last_message >= stop_when_idle:
                 log.info("no records for %.0f s: stopping", stop_when_idle)
                 break
         self._report(source)
         if progress is not None:
             progress(self)
+
+    def _broker_answered(self, broker_contact, messages) -> float:
+        """Feed the broker health from the source; the ``clock()`` time of the broker's last
+        answer (now for a source that cannot tell)."""
+        now = self.clock()
+        if broker_contact is None:
+            if self.broker is not None:
+                self.broker.contact()
+            return now
+        contact = broker_contact()
+        if messages:
+            contact = time.monotonic()
+        if self.broker is None:
+            return now if contact is None else now - (time.monotonic() - contact)
+        if contact is not None:
+            self.broker.contact(contact)
+        self.broker.observe()
+        last = self.broker.last_contact
+        return float("-inf") if last is None else now - (time.monotonic() - last)
 
     def align(self, source: Source, *, polled: bool = True) -> None:
         """Pause the partitions that run ahead in event time, resume those that no longer do."""
@@ -511,15 +685,22 @@ class Worker:
             return
         self._paused = (self._paused - owned) | ahead
 
-    def shutdown(self, source: Source, sink: Sink) -> bool:
-        """Final checkpoint and commit, then close the source (its revoke commits again) and sink."""
+    def shutdown(self, source: Source, sink: Sink, deadline: float | None = None) -> bool:
+        """Final checkpoint and commit, then close the source (its revoke commits again) and
+        sink; every step within ``deadline`` (a ``time.monotonic()`` time; None: unbounded)."""
+        self._stopping = True
+        self._deadline = deadline
         ok = self.checkpoint("shutdown")
         if ok:
             self.commit()
+        else:
+            self._flush_abandoned = True  # the revoke on close would wait for the broker again
         try:
-            source.close()
+            # The consumer first (LeaveGroup, the revoke's commit); the producer has nothing
+            # left to send when the checkpoint worked.
+            _close_within(source, None if deadline is None else 0.6 * (deadline - time.monotonic()))
         finally:
-            sink.close()
+            _close_within(sink, None if deadline is None else deadline - time.monotonic())
         return ok
 
     def _report(self, source: Source) -> None:
@@ -544,6 +725,38 @@ class Worker:
         }
 
 
+def _close_within(client, seconds: float | None) -> None:
+    """``client.close()``, passing ``timeout`` if the client takes one and a bound is given."""
+    if seconds is None:
+        client.close()
+        return
+    import inspect
+
+    try:
+        takes_timeout = "timeout" in inspect.signature(client.close).parameters
+    except (TypeError, ValueError):
+        takes_timeout = False
+    if takes_timeout:
+        client.close(timeout=max(0.1, seconds))
+    else:
+        client.close()
+
+
+def _committer(metadata: str | None) -> tuple[str, int] | None:
+    """``(checkpoint store identity, sequence)`` of a commit's metadata, None if not a worker's.
+
+    >>> _committer('{"worker":"node-1","store":"9f2c","checkpoint":7}')
+    ('9f2c', 7)
+    >>> _committer("") is None and _committer("{not json") is None
+    True
+    """
+    try:
+        document = json.loads(metadata or "")
+        return str(document["store"]), int(document["checkpoint"])
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
 def _describe(error: BaseException) -> str:
     text = str(error)
     name = type(error).__name__
@@ -560,14 +773,22 @@ def _event_time(record: Record, message: Message) -> float | None:
 
 def make_sink(config: WorkerConfig) -> Sink:
     """The output producer of ``config.client``."""
+    # A dead letter too large for its topic is replaced by a truncated copy, never retried.
+    truncate_topics = (config.dead_letter_topic,) if config.dead_letter_topic else ()
     if config.client == "confluent":  # librdkafka produces on its own threads: in-process
         return _confluent().ConfluentSink(
-            bootstrap_servers=config.bootstrap_servers, client_options=config.client_options()
+            bootstrap_servers=config.bootstrap_servers,
+            client_options=config.client_options(),
+            truncate_topics=truncate_topics,
         )
     from .sinks import KafkaSink, ProcessSink
 
     sink_class = ProcessSink if config.producer_process else KafkaSink
-    return sink_class(bootstrap_servers=config.bootstrap_servers, client_options=config.client_options())
+    return sink_class(
+        bootstrap_servers=config.bootstrap_servers,
+        client_options=config.client_options(),
+        truncate_topics=truncate_topics,
+    )
 
 
 def make_source(config: WorkerConfig, handler) -> Source:
@@ -618,19 +839,17 @@ def build_processor(config: WorkerConfig) -> StreamProcessor:
     )
 
 
-def _with_retries(what: str, connect: Callable[[], object], stop: threading.Event):
-    """Call ``connect`` until it works, backing off from 0.5 s to 15 s; None if stopped."""
+def _with_retries(what: str, connect: Callable[[], object], stop: threading.Event, broker=None):
+    """Call ``connect`` until it works, backing off (with jitter) from 0.5 s to 15 s; None if
+    stopped. Raises :class:`FatalBrokerError` when the broker refused our credentials.
+    ``broker`` (a BrokerHealth) hears of each wait: waiting for the broker is alive."""
     from kafka.errors import KafkaError
 
-    delay = 0.5
-    while not stop.is_set():
-        try:
-            return connect()
-        except (KafkaError, OSError) as error:
-            log.warning("%s: broker unreachable (%s); retrying in %.1f s", what, _describe(error), delay)
-            stop.wait(delay)
-            delay = min(delay * 2, 15.0)
-    return None
+    return retry(
+        what, connect, stop, retriable=(KafkaError, OSError), fatal=is_fatal,
+        backoff=Backoff(0.5, 15.0), logger=log, describe=_describe,
+        on_retry=None if broker is None else lambda error: broker.retrying(what, _describe(error)),
+    )
 
 
 def run_worker(
@@ -650,8 +869,13 @@ def run_worker(
         return 2
     try:
         try:
-            key = resolve_key(config.checkpoint_dir, config.checkpoint_key_file)
-            store = CheckpointStore(config.checkpoint_dir, key, keep=config.checkpoint_keep)
+            key = resolve_key(config.checkpoint_dir, config.checkpoint_key_file, generate=config.generate_key)
+            store = CheckpointStore(
+                config.checkpoint_dir,
+                key,
+                keep=config.checkpoint_keep,
+                trusted_modules=[m for m in map(module_of_factory, config.learners) if m],
+            )
             checkpoint = store.load_latest()
         except CheckpointRefused as error:
             log.error("refusing to start: %s", error)
@@ -659,6 +883,21 @@ def run_worker(
         except CheckpointError as error:
             log.error("%s", error)
             return 2
+        if checkpoint is None and store.had_checkpoints() and not config.allow_fresh_start:
+            log.error(
+                "refusing to start: %s held checkpoints but none is valid (corrupt ones moved aside "
+                "as *.corrupt); pass --allow-fresh-start to start with empty learners",
+                config.checkpoint_dir,
+            )
+            return 2
+        rewind = store.rewind(checkpoint)
+        if rewind:
+            log.warning(
+                "falling back to %s: re-reading %d partition(s) that newer checkpoints covered: %s",
+                checkpoint.path.name if checkpoint is not None else "empty learners",
+                len(rewind),
+                ", ".join(f"{t}[{p}] from {o}" for (t, p), o in sorted(rewind.items())),
+            )
         if checkpoint is not None:
             state = checkpoint.state
             if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
@@ -688,18 +927,27 @@ def run_worker(
                 return 2
             offsets, counts = {}, {}
 
-        metrics, server, heartbeat, readiness = _start_metrics(config)
+        from .metrics import BrokerHealth
+
+        broker = BrokerHealth(timeout=config.broker_timeout, liveness_timeout=config.broker_liveness_timeout)
+        metrics, server, heartbeat, readiness = _start_metrics(config, broker)
         if readiness is not None:
             readiness.checkpoint_loaded = True
 
         fusion = feed = None
         if config.fusion_rules is not None:
-            fusion, feed = _start_fusion(config, key, fusion_state, stop)
+            try:
+                fusion, feed = _start_fusion(config, key, fusion_state, stop, metrics, broker)
+            except FatalBrokerError as error:
+                log.error("%s", error)
+                if server is not None:
+                    server.stop()
+                return 2
             if fusion is None:
                 return 0
         try:
-            sink = _with_retries("producer", lambda: make_sink(config), stop)
-        except (ConfigError, ValueError) as error:  # a client that cannot be built as configured
+            sink = _with_retries("producer", lambda: make_sink(config), stop, broker)
+        except (ConfigError, ValueError, FatalBrokerError) as error:  # a client that cannot be built as configured
             log.error("%s", error)
             if feed is not None:
                 feed.stop()
@@ -720,19 +968,33 @@ def run_worker(
             processor,
             outputs,
             store,
+            decoder=config.decoder(),
             offsets=offsets,
             counts=counts,
             checkpoint_every_records=config.checkpoint_every_records,
             checkpoint_every_seconds=config.checkpoint_every_seconds,
             metrics=metrics,
             readiness=readiness,
+            broker=broker,
             fusion=fusion,
             model_feed=feed,
             models_topic=config.models_topic,
             mini_batch=config.mini_batch,
             max_event_time_skew=config.max_event_time_skew,
+            name=worker_id(config),
+            rewind=rewind,
+            loaded_sequence=checkpoint.sequence if checkpoint is not None else 0,
         )
-        source = _with_retries("consumer", lambda: make_source(config, worker), stop)
+        try:
+            source = _with_retries("consumer", lambda: make_source(config, worker), stop, broker)
+        except FatalBrokerError as error:
+            log.error("%s", error)
+            sink.close()
+            if feed is not None:
+                feed.stop()
+            if server is not None:
+                server.stop()
+            return 2
         if source is None:
             sink.close()
             if feed is not None:
@@ -747,7 +1009,10 @@ def run_worker(
         )
         if on_ready is not None:
             on_ready(worker)
-        source_failed = False
+        # Bounds the whole shutdown from the moment the stop is asked for, so a checkpoint in
+        # progress then counts too.
+        watchdog = _Watchdog(config.shutdown_timeout, stop, children=(source, sink))
+        source_failed = fatal = False
         try:
             worker.run(
                 source,
@@ -761,10 +1026,13 @@ def run_worker(
         except SourceError as error:  # the consumer process died: nothing more to commit
             log.error("%s", error)
             source_failed = True
+        except FatalBrokerError as error:  # credentials or permissions: restarting cannot help
+            log.error("%s", error)
+            fatal = True
         finally:
-            watchdog = _Watchdog(config.shutdown_timeout)
+            watchdog.arm()  # also when the loop ended by itself (idle, a dead consumer process)
             try:
-                clean = worker.shutdown(source, sink)
+                clean = worker.shutdown(source, sink, deadline=watchdog.deadline)
             finally:
                 watchdog.cancel()
                 if feed is not None:
@@ -775,6 +1043,8 @@ def run_worker(
                     server.stop()
         summary = worker.summary()
         log.info("stopped: %s", ", ".join(f"{k} {v:,}" for k, v in summary.items()))
+        if fatal:
+            return 2
         return 0 if clean and not source_failed else 1
     finally:
         lock.release()
@@ -788,10 +1058,15 @@ def worker_id(config: WorkerConfig) -> str:
     return config.worker_id or socket.gethostname()
 
 
-def _start_fusion(config: WorkerConfig, key: bytes, state, stop: threading.Event):
+def _start_fusion(
+    config: WorkerConfig, secret: bytes, state, stop: threading.Event, metrics=None, broker=None
+):
     """The fusion rules and the thread reading the models topic (created, compacted, if new)."""
     from .broker import create_topics
     from .fusion import Fusion, ModelFeed
+    from .keys import FUSION, derive_key
+
+    key = derive_key(secret, FUSION)  # never the checkpoint key: a snapshot cannot pass for one
 
     created = _with_retries(
         "models topic",
@@ -802,6 +1077,7 @@ def _start_fusion(config: WorkerConfig, key: bytes, state, stop: threading.Event
             client_options=config.client_options(),
         ),
         stop,
+        broker,
     )
     if created is None:
         return None, None
@@ -823,30 +1099,61 @@ def _start_fusion(config: WorkerConfig, key: bytes, state, stop: threading.Event
         key=key,
         client_options=config.client_options(),
         client=config.client,
+        peer_ttl=config.fusion_peer_ttl,
+        metrics=metrics,
     ).start()
     log.info("fusion on as worker %s: snapshots every %.0f s on %s", name, config.fusion_every_seconds, config.models_topic)
     return fusion, feed
 
 
 class _Watchdog:
-    """Bounds the shutdown: if closing hangs (broker gone), exit anyway after ``timeout``."""
+    """Bounds the shutdown: ``timeout`` seconds from the stop request (or from :meth:`arm`) to
+    the exit. The worker's steps aim at :attr:`deadline`, a little earlier; if they hang all
+    the same (broker gone), the watchdog kills the client processes and exits."""
 
-    def __init__(self, timeout: float):
-        self._timer = threading.Timer(timeout, self._expire)
-        self._timer.daemon = True
+    def __init__(self, timeout: float, stop: threading.Event | None = None, children=()):
         self._timeout = timeout
-        self._timer.start()
+        self._children = children
+        self._lock = threading.Lock()
+        self._cancelled = threading.Event()
+        self._timer: threading.Timer | None = None
+        self.deadline: float | None = None
+        if stop is not None:
+            threading.Thread(target=self._arm_on, args=(stop,), name="stream-learner-watchdog", daemon=True).start()
+
+    def _arm_on(self, stop: threading.Event) -> None:
+        while not self._cancelled.is_set():
+            if stop.wait(0.1):
+                self.arm()
+                return
+
+    def arm(self) -> None:
+        with self._lock:
+            if self._timer is not None or self._cancelled.is_set():
+                return
+            # Room for closing the client processes and logging after the last step.
+            self.deadline = time.monotonic() + self._timeout - min(3.0, 0.1 * self._timeout)
+            self._timer = threading.Timer(self._timeout, self._expire)
+            self._timer.daemon = True
+            self._timer.start()
 
     def _expire(self):
         log.error("shutdown took longer than %.0f s; exiting without a clean close", self._timeout)
+        for child in self._children:
+            process = getattr(child, "_process", None)  # the producer or consumer process
+            if process is not None and process.poll() is None:
+                process.kill()
         logging.shutdown()
         os._exit(1)
 
     def cancel(self):
-        self._timer.cancel()
+        with self._lock:
+            self._cancelled.set()
+            if self._timer is not None:
+                self._timer.cancel()
 
 
-def _start_metrics(config: WorkerConfig):
+def _start_metrics(config: WorkerConfig, broker=None):
     if config.metrics_port is None:
         return None, None, None, None
     from .metrics import HealthServer, Heartbeat, Readiness, StreamMetrics
@@ -856,8 +1163,9 @@ def _start_metrics(config: WorkerConfig):
         detector=config.drift_detector,
         config_info={k: str(v) for k, v in config.describe().items() if k in ("group_id", "topics", "learners", "serving", "drift_detector", "drift_reaction")},
     )
-    heartbeat = Heartbeat(max_silence=max(60.0, 10 * config.poll_timeout))
-    readiness = Readiness()
+    # Waiting for the broker is alive (not ready): the retries tell the heartbeat so.
+    heartbeat = Heartbeat(max_silence=max(60.0, 10 * config.poll_timeout), broker=broker)
+    readiness = Readiness(broker=broker)
     server = HealthServer(
         metrics.registry,
         host=config.metrics_host,
@@ -896,10 +1204,8 @@ def _run(args) -> int:
     if config.processes > 1:
         from .supervisor import run_processes
 
-        raw = getattr(args, "raw_argv", None) or []
-        run_argv = raw[raw.index("run") + 1 :] if "run" in raw else []
         os.environ.setdefault("STREAM_LEARNER_LOG_LEVEL", logging.getLevelName(logging.getLogger().getEffectiveLevel()))
-        return run_processes(config, run_argv)
+        return run_processes(config)  # settings go through the children's environment, not argv
     stop = threading.Event()
 
     def request_stop(signum, _frame):

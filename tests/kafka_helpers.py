@@ -81,6 +81,8 @@ def start_worker_process(broker, names, checkpoint_dir, log_path, *extra, group=
         "--checkpoint-dir", str(checkpoint_dir),
         "--session-timeout-ms", "3000",
         "--client", client,
+        # nb unless a test names its learners: small, fast checkpoints.
+        *(() if "--learners" in extra else ("--learners", "nb")),
         *extra,
     ]
     with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor

@@ -127,6 +127,7 @@ def test_on_kafka_a_backlog_is_read_in_time_order(kafka_broker, kafka_names, tmp
             "--client", kafka_client,
             "--max-poll-records", "50",
             "--max-event-time-skew", "30",
+            "--learners", "nb",
         ],
         environ={"STREAM_LEARNER_CHECKPOINT_KEY": KEY},
     )

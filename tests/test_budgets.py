@@ -423,6 +423,7 @@ def test_the_buffer_stays_within_its_bounds_and_counts_every_record(ops, max_ent
     for op, key, size in ops:
         if op == "put":
             features = {"k": {i * 7 + key: 1.0 / (i + 1) for i in range(size)}}
+            buffer.expire(now)  # as put does first: an expired record is not a replaced one
             replaced = 1 if str(key) in buffer._pending else 0
             buffer.put(
                 str(key), features=features, predictions={"m": {"a": 0.5, "b": 0.5}}, now=now

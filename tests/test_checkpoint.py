@@ -20,6 +20,7 @@ from stream_learner.checkpoint import (
     CheckpointRefused,
     CheckpointStore,
     DirectoryLock,
+    default_key_path,
     resolve_key,
 )
 
@@ -129,12 +130,34 @@ def test_key_from_env_file_or_generated_with_mode_0600(tmp_path, caplog):
     key_file.chmod(0o600)
     assert resolve_key(tmp_path, key_file, environ={KEY_ENV: "x" * 20}) == b"y" * 40
 
-    generated = resolve_key(tmp_path / "dir", environ={})
-    path = tmp_path / "dir" / "checkpoint.key"
+    home = {"XDG_CONFIG_HOME": str(tmp_path / "config")}
+    checkpoints = tmp_path / "ckpt"
+    generated = resolve_key(checkpoints, environ=home, generate=True)
+    path = tmp_path / "config" / "stream-learner" / "checkpoint.key"
+    assert path == default_key_path(home)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert len(generated) >= 32 and "generated one" in caplog.text
-    assert resolve_key(tmp_path / "dir", environ={}) == generated
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert len(generated) >= 32 and "generated a checkpoint key" in caplog.text
+    assert resolve_key(checkpoints, environ=home) == generated  # found again, no flag needed
     assert generated.decode() not in caplog.text
+    assert not checkpoints.exists() or not list(checkpoints.iterdir())  # nothing in the checkpoint dir
+
+    named = resolve_key(checkpoints, tmp_path / "keys" / "group.key", environ={}, generate=True)
+    assert (tmp_path / "keys" / "group.key").read_bytes().strip() == named
+    assert stat.S_IMODE((tmp_path / "keys" / "group.key").stat().st_mode) == 0o600
+
+
+def test_without_a_key_nothing_is_generated_unless_asked(tmp_path):
+    home = {"XDG_CONFIG_HOME": str(tmp_path / "config")}
+    with pytest.raises(CheckpointError, match="--generate-key"):
+        resolve_key(tmp_path / "ckpt", environ=home)
+    assert not (tmp_path / "config").exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_a_key_generated_by_an_older_release_in_the_checkpoint_dir_still_works(tmp_path, caplog):
+    (tmp_path / "checkpoint.key").write_text("z" * 64)
+    assert resolve_key(tmp_path, environ={"XDG_CONFIG_HOME": str(tmp_path / "c")}) == b"z" * 64
+    assert "move it elsewhere" in caplog.text
 
 
 def test_short_or_missing_keys_are_clear_errors(tmp_path):

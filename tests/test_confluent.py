@@ -37,14 +37,13 @@ def test_the_workers_security_settings_become_librdkafka_settings():
             "--security-protocol", "SASL_SSL",
             "--sasl-mechanism", "SCRAM-SHA-512",
             "--sasl-plain-username", "alice",
-            "--sasl-plain-password", "s3cret",
             "--ssl-cafile", "/etc/ca.pem",
             "--ssl-certfile", "/etc/client.pem",
             "--ssl-keyfile", "/etc/client.key",
-            "--ssl-password", "keypass",
             "--ssl-check-hostname", "false",
         ],
-        environ={},
+        # Passwords never come from flags.
+        environ={"STREAM_LEARNER_SASL_PLAIN_PASSWORD": "s3cret", "STREAM_LEARNER_SSL_PASSWORD": "keypass"},
     )
     assert librdkafka_options(config.client_options()) == {
         "client.id": "worker-7",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import collections
 import csv
 import dataclasses
 import gzip
@@ -18,6 +19,7 @@ import pickle
 import stat
 import sys
 import tarfile
+import unicodedata
 import zipfile
 from email.message import EmailMessage
 from email.mime.multipart import MIMEMultipart
@@ -327,6 +329,58 @@ def test_healthtweets_builder_orders_by_tweet_id(monkeypatch):
     meta = datasets.dataset_meta("healthtweets")
     assert meta["stats"]["without_numeric_tweet_id_at_end"] == 1
     assert meta["classes"]["cnnhealth"] == 2 and len(meta["classes"]) == 4
+
+
+def _poetry_fixture() -> bytes:
+    """12 poets with 12..1 poems (in Tang and Song files), plus what the builder must ignore."""
+    poets = [f"詩人{i}" for i in range(12)]
+    tang, song = [], []
+    for rank, poet in enumerate(poets):
+        for k in range(12 - rank):
+            poem = {"author": poet, "paragraphs": [f"春風{rank}吹{k}綠，", "明月照江南。"], "id": f"{poet}-{k}"}
+            (tang if k % 2 else song).append(poem)
+    tang += [
+        {"author": "無名氏", "paragraphs": ["佚名之詩。"] * 20},  # unknown author: never a class
+        {"author": "詩人0", "paragraphs": []},  # no text
+        {"author": "詩人0", "paragraphs": "not a list"},
+        {"paragraphs": ["no author"]},
+    ] + [{"author": "無名氏", "paragraphs": [f"句{i}。"]} for i in range(30)]
+    errors = [{"author": "錯", "paragraphs": ["錯誤。"]}] * 50
+    dump = lambda items: json.dumps(items, ensure_ascii=False).encode()  # noqa: E731
+    return _tar_gz(
+        {
+            "package/package.json": b'{"name": "chinese-poetry"}',
+            "package/dist/quantangshi/poet.tang.0.json": dump(tang),
+            "package/dist/quantangshi/poet.song.1000.json": dump(song),
+            "package/dist/quantangshi/error/poet.song.0.json": dump(errors),
+            "package/dist/quantangshi/authors.tang.json": dump([{"name": "錯", "desc": "x"}] * 50),
+            "package/dist/strains/json/poet.song.0.json": dump(errors),
+        }
+    )
+
+
+def test_poetry_builder_keeps_the_most_prolific_poets_in_a_seeded_shuffle(monkeypatch):
+    _fetch_fixture(monkeypatch, "poetry", _poetry_fixture(), "chinese-poetry-2.0.1.tgz")
+    records = load_records("poetry")
+    top = [f"詩人{i}" for i in range(datasets.POETRY_AUTHORS)]
+    counts = collections.Counter(r.label for r in records)
+    assert counts == {poet: 12 - rank for rank, poet in enumerate(top)}
+    by_id = {r.id: r for r in records}
+    assert by_id["詩人3-4"].text == "春風3吹4綠，\n明月照江南。" and by_id["詩人3-4"].ts is None
+    ids = [r.id for r in records]
+    assert ids != sorted(ids, key=lambda i: (int(i.split("-")[0][2:]), int(i.split("-")[1])))
+    meta = datasets.dataset_meta("poetry")
+    assert meta["stats"]["files"] == 2 and meta["stats"]["skipped_without_author_or_text"] == 34
+    assert list(meta["stats"]["authors"]) == top
+
+
+
+def test_poetry_stream_is_the_same_on_every_build(tmp_path):
+    artifact = tmp_path / "chinese-poetry-2.0.1.tgz"
+    artifact.write_bytes(_poetry_fixture())
+    first, _ = datasets._build_poetry(artifact)
+    second, _ = datasets._build_poetry(artifact)
+    assert [r.id for r in first] == [r.id for r in second] and len(first) == sum(range(3, 13))
 
 
 # --------------------------------------------------------------------------------------
@@ -649,7 +703,10 @@ def test_any_file_gives_records_or_dataset_errors(tmp_path, lines, suffix):
 
 
 _safe_text = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=30)
-_record_text = _safe_text.filter(lambda t: t.strip())
+# A text with content: not only whitespace, control and format characters (empty_text).
+_record_text = _safe_text.filter(
+    lambda t: any(unicodedata.category(c) not in ("Zs", "Zl", "Zp", "Cc", "Cf") for c in t)
+)
 _timestamps = st.one_of(
     st.none(),
     st.floats(min_value=-1e11, max_value=1e11, allow_nan=False),

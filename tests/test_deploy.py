@@ -275,13 +275,14 @@ def _k8s_objects() -> dict[str, dict]:
 
 def test_k8s_has_every_object_the_deployment_needs():
     objects = _k8s_objects()
-    assert {"Deployment", "Service", "ConfigMap", "Secret", "PodMonitor", "PrometheusRule"} <= set(objects)
+    assert {"StatefulSet", "Service", "ConfigMap", "Secret", "PodMonitor", "PrometheusRule"} <= set(objects)
+    assert "Deployment" not in objects  # a Deployment's pods would share no durable volume
     for kind, obj in objects.items():
         assert obj["apiVersion"] and obj["metadata"]["name"] == "stream-learner", kind
 
 
 def test_k8s_probes_hit_the_health_endpoints_on_the_metrics_port():
-    deployment = _k8s_objects()["Deployment"]
+    deployment = _k8s_objects()["StatefulSet"]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert ports == {"metrics": 9108}
@@ -295,7 +296,7 @@ def test_k8s_probes_hit_the_health_endpoints_on_the_metrics_port():
 
 def test_k8s_selectors_ports_and_scrape_settings_agree():
     objects = _k8s_objects()
-    deployment, service, monitor = objects["Deployment"], objects["Service"], objects["PodMonitor"]
+    deployment, service, monitor = objects["StatefulSet"], objects["Service"], objects["PodMonitor"]
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     assert service["spec"]["selector"].items() <= pod_labels.items()
@@ -311,7 +312,7 @@ def test_k8s_selectors_ports_and_scrape_settings_agree():
 
 def test_k8s_worker_runs_with_a_valid_configuration_and_secrets_from_the_secret():
     objects = _k8s_objects()
-    deployment, config_map, secret = objects["Deployment"], objects["ConfigMap"], objects["Secret"]
+    deployment, config_map, secret = objects["StatefulSet"], objects["ConfigMap"], objects["Secret"]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     refs = {kind: ref["name"] for ref in container["envFrom"] for kind, ref in ref.items()}
     assert refs == {"configMapRef": config_map["metadata"]["name"], "secretRef": secret["metadata"]["name"]}
@@ -328,6 +329,37 @@ def test_k8s_worker_runs_with_a_valid_configuration_and_secrets_from_the_secret(
     assert "sasl_plain_password" not in repr(config)
 
 
+def test_k8s_workers_keep_their_own_checkpoint_volume_and_name():
+    objects = _k8s_objects()
+    stateful_set, service, config_map = objects["StatefulSet"], objects["Service"], objects["ConfigMap"]
+    spec = stateful_set["spec"]
+    # The governing Service is headless and selects these pods.
+    assert spec["serviceName"] == service["metadata"]["name"]
+    assert service["spec"]["clusterIP"] == "None"
+    # One claim per pod, mounted where the checkpoint directory is, writable by the worker.
+    (claim,) = spec["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["spec"]["resources"]["requests"]["storage"]
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    checkpoint_dir = config_map["data"]["STREAM_LEARNER_CHECKPOINT_DIR"]
+    assert checkpoint_dir.startswith(mounts[claim["metadata"]["name"]].rstrip("/") + "/")
+    # The claim is not shadowed by a pod volume of the same name (that would be an emptyDir).
+    assert claim["metadata"]["name"] not in {v["name"] for v in pod.get("volumes", [])}
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert spec["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    # A stable worker id: the pod name, from the downward API.
+    env = {e["name"]: e for e in container["env"]}
+    assert env["STREAM_LEARNER_WORKER_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    environment = {**config_map["data"], "STREAM_LEARNER_WORKER_ID": "stream-learner-1"}
+    assert _worker_config(container["args"], environment).worker_id == "stream-learner-1"
+    # Updates one pod at a time: a pod's successor needs its volume and its checkpoint lock.
+    assert spec["updateStrategy"]["type"] == "RollingUpdate"
+    assert spec["updateStrategy"].get("rollingUpdate", {}).get("maxUnavailable", 1) == 1
+
+
 def test_a_worker_without_a_topic_is_a_configuration_error():
     # The cross-checks above would be vacuous if any environment were accepted.
     with pytest.raises(ConfigError, match="no input topic"):
@@ -340,7 +372,7 @@ def test_kustomize_renders_the_manifests():
     result = _run(["kubectl", "kustomize", str(K8S)])
     assert result.returncode == 0, result.stderr
     kinds = sorted(doc["kind"] for doc in yaml.safe_load_all(result.stdout) if doc)
-    assert kinds == ["ConfigMap", "Deployment", "Service"]
+    assert kinds == ["ConfigMap", "Service", "StatefulSet"]
     # The Secret is created by hand (never a placeholder credential applied by accident).
     assert "REPLACE-WITH" not in result.stdout
 

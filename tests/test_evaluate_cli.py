@@ -50,6 +50,8 @@ def test_warm_start_from_a_saved_model(tmp_path, capsys):
     assert main(["evaluate", str(first), "-m", "neural", "--save-models", str(models), "--no-progress", "--drift", "none"]) == 0
     saved = models / "neural.npz"
     assert saved.exists()
+    # Trained on users' texts: private to its owner.
+    assert saved.stat().st_mode & 0o777 == 0o600 and models.stat().st_mode & 0o777 == 0o700
     capsys.readouterr()
     assert main(["evaluate", str(later), "-m", str(saved), "-m", "neural", "--no-progress", "--drift", "none"]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.strip()}
@@ -60,9 +62,93 @@ def test_warm_start_from_a_saved_model(tmp_path, capsys):
 def test_bad_inputs_are_refused_with_a_reason(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "fine", "label": "a"}) + "\n" + "{not json\n")
-    assert main(["evaluate", str(bad), "-m", "nb", "--no-progress"]) == 2
+    assert main(["evaluate", str(bad), "-m", "nb", "--no-progress", "--on-error", "stop"]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl:2: invalid_json" in err
+    assert main(["evaluate", str(bad), "-m", "nb", "--no-progress"]) == 0
+    assert "bad.jsonl:2: invalid_json" in capsys.readouterr().out
     assert main(["evaluate", str(bad), "-m", "no-such-learner", "--no-progress"]) == 2
     assert "unknown learner" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "missing.npz"), "-m", "nb", "--no-progress"]) == 2
+
+
+def _lines(path, lines):
+    path.write_text("".join(json.dumps(obj) + "\n" for obj in lines))
+    return path
+
+
+def _messy(tmp_path):
+    good = [{"text": f"{'good great' if i % 2 else 'bad awful'} words {i}", "label": "ab"[i % 2]} for i in range(60)]
+    bad = [
+        {"text": "   ", "label": "a"},
+        {"text": "", "label": "b"},
+        {"text": "x" * 70_000 + " good", "label": "b"},
+        {"text": "bad words", "label": "a", "ts": "2016/12/30 7:11"},
+        {"text": "good words", "label": "b", "ts": "sometime"},
+    ]
+    return _lines(tmp_path / "messy.jsonl", good[:30] + bad + good[30:])
+
+
+def test_evaluate_skips_and_counts_what_it_cannot_use_and_goes_on(tmp_path, capsys):
+    report = tmp_path / "report.md"
+    code = main(["evaluate", str(_messy(tmp_path)), "-m", "nb", "--no-progress", "--report", str(report)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "63 records" in out  # 60 good, the truncated one, both with odd timestamps
+    assert "skipped 2 records the decoder refused (empty_text 2)" in out
+    assert "truncated 1 texts" in out and "dropped 1 timestamps" in out
+    assert "skipped 2 records" in report.read_text()
+
+
+def test_evaluate_can_still_stop_at_the_first_bad_record(tmp_path, capsys):
+    messy = _messy(tmp_path)
+    assert main(["evaluate", str(messy), "-m", "nb", "--no-progress", "--on-error", "stop"]) == 2
+    assert "messy.jsonl:31: empty_text" in capsys.readouterr().err
+    code = main(["evaluate", str(messy), "-m", "nb", "--no-progress", "--on-oversize", "stop"])
+    assert code == 2 and "text_too_long" in capsys.readouterr().err
+    code = main(["evaluate", str(messy), "-m", "nb", "--no-progress", "--on-oversize", "skip"])
+    out = capsys.readouterr().out
+    assert code == 0 and "62 records" in out and "text_too_long 1" in out
+
+
+def test_evaluate_says_plainly_when_nothing_could_be_scored(tmp_path, capsys):
+    stream = _lines(tmp_path / "s.jsonl", [{"body": "some words", "sentiment": "pos", "id": i} for i in range(5)])
+    assert main(["evaluate", str(stream), "-m", "nb", "--no-progress", "--text-field", "body"]) == 1
+    err = capsys.readouterr().err
+    assert "no record could be scored" in err and "'label'" in err
+    assert "fields seen: body, sentiment, id" in err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["evaluate", str(empty), "-m", "nb", "--no-progress"]) == 1
+    assert "holds no records" in capsys.readouterr().err
+    blanks = _lines(tmp_path / "blank.jsonl", [{"text": " ", "label": "a"}] * 3)
+    assert main(["evaluate", str(blanks), "-m", "nb", "--no-progress"]) == 1
+    assert "every one of the 3 rows" in capsys.readouterr().err
+
+
+def test_evaluate_without_a_model_serves_the_default_learner(stream_file, capsys):
+    from stream_learner.config import WorkerConfig
+    from stream_learner.evaluate import DEFAULT_LEARNERS
+
+    assert main(["evaluate", str(stream_file), "--no-progress", "--limit", "300"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in table[2:3]] == list(DEFAULT_LEARNERS) == ["neural"]
+    assert WorkerConfig(topics=("t",)).learners == DEFAULT_LEARNERS  # `run` serves the same
+
+
+def test_the_progress_line_counts_what_was_skipped_truncated_and_dropped(tmp_path):
+    from stream_learner.datasets import iter_records
+    from stream_learner.evaluate import InputProblems, _RichProgress
+    from stream_learner.runner import StreamProcessor
+
+    problems = InputProblems()
+    records = problems.watch(
+        iter_records(_messy(tmp_path), on_error="skip", on_skip=problems.skip, oversize="truncate", on_truncate=problems.truncate)
+    )
+    processor = StreamProcessor(["nb"])
+    for record in records:
+        processor.process(record)
+    assert problems.short() == "skipped 2  truncated 1  ts dropped 1"
+    bar = _RichProgress(total=None, problems=problems)
+    bar(63, 1.0, processor)
+    assert bar._progress.tasks[0].fields["problems"] == "skipped 2  truncated 1  ts dropped 1"

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from stream_learner.features import TextFeaturizer
+from stream_learner.features import _SEPARATOR, TextFeaturizer
 
 
 def test_unicode_is_nfkc_normalized_and_casefolded():
@@ -93,19 +93,21 @@ SAMPLE = [
     "Ünïcödé   text — with @mentions and http://links.example/path",
     "spam spam SPAM 100% free $$$",
     "日本語のテキスト",
+    "我爱北京天安门 and Tokyo東京タワー, ภาษาไทยที่นี่ 한국어를 배워요 ភាសាខ្មែរ ကြည့် ພາສາລາວ",
 ]
 
 
-def _buckets_in_subprocess(seed_env: str) -> list:
+def _buckets_in_subprocess(seed_env: str, config: dict) -> list:
     code = (
         "import json, sys; from stream_learner.features import TextFeaturizer;"
-        "f = TextFeaturizer(char_ngrams=(3, 5));"
-        "print(json.dumps([sorted(f.transform_one(t).items()) for t in json.loads(sys.stdin.read())]))"
+        "config, texts = json.loads(sys.stdin.read());"
+        "f = TextFeaturizer(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()});"
+        "print(json.dumps([sorted(f.transform_one(t).items()) for t in texts]))"
     )
     env = {**os.environ, "PYTHONHASHSEED": seed_env}
     out = subprocess.run(
         [sys.executable, "-c", code],
-        input=json.dumps(SAMPLE),
+        input=json.dumps([config, SAMPLE]),
         capture_output=True,
         text=True,
         env=env,
@@ -114,13 +116,13 @@ def _buckets_in_subprocess(seed_env: str) -> list:
     return json.loads(out.stdout)
 
 
-def test_bucket_ids_are_stable_across_processes():
+@pytest.mark.parametrize("config", [{"char_ngrams": (3, 5)}, {"word_ngrams": 1}], ids=str)
+def test_bucket_ids_are_stable_across_processes(config):
     # Different PYTHONHASHSEEDs give different str hashes; our bucket ids must not change.
-    first = _buckets_in_subprocess("1")
-    second = _buckets_in_subprocess("2")
+    first = _buckets_in_subprocess("1", config)
+    second = _buckets_in_subprocess("2", config)
     here = [
-        [list(p) for p in sorted(TextFeaturizer(char_ngrams=(3, 5)).transform_one(t).items())]
-        for t in SAMPLE
+        [list(p) for p in sorted(TextFeaturizer(**config).transform_one(t).items())] for t in SAMPLE
     ]
     assert first == second == here
 
@@ -151,6 +153,8 @@ BATCH_CONFIGS = [
     {"char_ngrams": (3, 5), "punctuation": False, "binary": True},
     {"normalize": False, "norm": "l2"},
     {"normalize": "urls,numbers", "word_ngrams": 0, "cache_size": 8},
+    {"word_ngrams": 1, "punctuation": False, "normalize": "urls"},
+    {"segment_unspaced": False},
 ]
 
 # Pieces that exercise the tokenizer and the normalizations, mixed with arbitrary unicode.
@@ -159,7 +163,8 @@ _PIECES = st.sampled_from(
         " ", "\t", "\n", "\x1c", "\xa0", "'", "’", "''", "don't", "it's!", "@bob", "@", "a@b.co",
         "http://x.org/a,", "www.y.com", "3.14", "42", "#tag", "(word", "word)", "!!!", ":)",
         "_", "__num__", "Straße", "ＨＥＬＬＯ", "İ", "q\u0303", "日本語", "\x00\x00", "\x00",
-        "\ud800", "ǅ", "Σς", "x\u00a8y",
+        "\ud800", "ǅ", "Σς", "x\u00a8y", "中国人", "東京タワーに", "ภาษาไทย", "ที่นี่", "한국어를",
+        "ကြည့်", "ភាសាខ្មែរ", "ພາສາ", "か\u3099", "ー々〇", "๑๒", "abc中文def", "中's", "x'中",
     ]
 )  # fmt: skip
 _MIXED = st.lists(st.one_of(_PIECES, _PIECES, st.text(max_size=5)), max_size=12)
@@ -223,3 +228,117 @@ def test_pickled_featurizer_leaves_its_caches_behind_and_maps_alike():
     after = copy.buckets_many(texts)
     assert [after.record(i) for i in range(2)] == [before.record(i) for i in range(2)]
     assert sorted(before.record(0)) == sorted(TextFeaturizer(char_ngrams=(3, 4)).transform_one(texts[0]))
+
+
+# --- scripts written without spaces ---------------------------------------------------------------
+
+
+def test_scripts_without_spaces_become_letters_beside_the_words_of_spaced_scripts():
+    featurizer = TextFeaturizer()
+    assert featurizer.tokens("我爱Python和北京!") == ["我", "爱", "python", "和", "北", "京", "!"]
+    # Kana and Han (NFKC composes か + voiced mark into が), Thai and Khmer letters keep their
+    # combining marks, spaced Hangul is split into syllables, digits of any script stay numbers.
+    assert featurizer.tokens("東京タワーか\u3099 ที่นี่ 한국어 ខ្មែរ ๑๒") == [
+        "東", "京", "タ", "ワ", "ー", "が", "ที่", "นี่", "한", "국", "어", "ខ្", "មែ", "រ", "__num__",
+    ]  # fmt: skip
+    # Bigrams within a run come from word bigrams; with word_ngrams=1 they are added as tokens.
+    unigrams = TextFeaturizer(word_ngrams=1)
+    assert unigrams.tokens("北京人, 好") == ["北", "京", "北京", "人", "京人", ",", "好"]
+    assert unigrams.tokens("北 京") == ["北", "京"]  # a space ends a run
+    whole = TextFeaturizer(segment_unspaced=False)
+    assert whole.tokens("我爱Python和北京!") == ["我爱python和北京", "!"]
+
+
+def test_unspaced_hashes_do_not_change_between_releases():
+    x = TextFeaturizer(n_buckets=2**18).transform_one("我爱北京 great")
+    assert sorted(x) == [27024, 35025, 54662, 88751, 133551, 138479, 153385, 161806, 225601]
+    x = TextFeaturizer(n_buckets=2**18, word_ngrams=1).transform_one("我爱北京 great")
+    assert sorted(x) == [2881, 22066, 45694, 88751, 138479, 153385, 161806, 225601]
+
+
+def test_segmentation_is_part_of_the_hashing_configuration():
+    on, off = TextFeaturizer(), TextFeaturizer(segment_unspaced=False)
+    assert on.hashing_config() != off.hashing_config()
+    assert "unspaced" not in off.hashing_config()  # what featurizers made before it recorded
+    # A featurizer pickled before the parameter existed maps text as it did.
+    state = on.__getstate__()
+    del state["segment_unspaced"]
+    old = TextFeaturizer.__new__(TextFeaturizer)
+    old.__dict__.update(state)
+    assert old.tokens("北京 ok") == ["北京", "ok"] and old.hashing_config() == off.hashing_config()
+
+
+_HAN = st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF)
+_KANA = st.characters(min_codepoint=0x30A1, max_codepoint=0x30FA)
+_HANGUL = st.characters(min_codepoint=0xAC00, max_codepoint=0xD7A3)
+_THAI_CONSONANT = st.characters(min_codepoint=0x0E01, max_codepoint=0x0E2E)
+_UNSPACED_RUN = st.lists(
+    st.one_of(_HAN, _KANA, _HANGUL, _THAI_CONSONANT), min_size=1, max_size=8
+).map("".join)
+_SPACED_WORD = st.from_regex(r"[a-zà-ö]{1,8}", fullmatch=True)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(_UNSPACED_RUN | _SPACED_WORD, st.sampled_from(["", " ", ", "])), max_size=9))
+def test_mixed_script_texts_give_each_letter_and_each_word(parts):
+    text = "".join(piece + gap for piece, gap in parts)
+    expected, pairs, run = [], [], ""
+    for i, char in enumerate(text + " "):
+        if "\u0e00" <= char <= "\u0e7f" or char >= "\u3000":
+            expected.append(char)
+            if run:
+                pairs.append(run[-1] + char)
+            run += char
+            continue
+        run = ""
+        if char.isalpha() and (i == 0 or not text[i - 1].isalpha() or text[i - 1] >= "\u0e00"):
+            expected.append(char)  # a word starts
+        elif char.isalpha():
+            expected[-1] += char
+        elif char == ",":
+            expected.append(",")
+    assert TextFeaturizer().tokens(text) == expected
+    unigrams = TextFeaturizer(word_ngrams=1).tokens(text)
+    assert sorted(unigrams) == sorted(expected + pairs)
+    # Only texts with such letters are tokenized differently.
+    if not any(c >= "\u0e00" for c in text):
+        assert TextFeaturizer(segment_unspaced=False).tokens(text) == expected
+
+
+# --- caches bounded in bytes ----------------------------------------------------------------------
+
+
+def _held_bytes(cache: dict) -> int:
+    return sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in cache.items())
+
+
+@pytest.mark.parametrize("config", [{}, {"char_ngrams": (3, 3)}], ids=str)
+def test_caches_stay_within_their_byte_budget_on_long_fresh_words(config):
+    budget = 2**19
+    featurizer = TextFeaturizer(cache_bytes=budget, **config)
+    fresh = TextFeaturizer(**config)
+    one_text = 0
+    for i in range(10):  # 60 kB words that never repeat: over 1 MB without the byte bound
+        texts = [f"{i}{j}" + "ab" * 30_000 + f" w{i}" for j in range(2)]
+        one_text = max(one_text, *(len(t.encode()) for t in texts))
+        assert featurizer.transform_one(texts[0]) == fresh.transform_one(texts[0])
+        batch = featurizer.buckets_many(texts)
+        assert [batch.record(j) for j in range(2)] == [fresh.transform_one(t) for t in texts]
+        # At most the budget, plus what the last call added before the check.
+        assert _held_bytes(featurizer._hash_cache) <= budget + 2 * 8 * one_text
+        word_cache, gram_cache = featurizer._chunk_caches
+        held = _held_bytes(word_cache) + _held_bytes(gram_cache)
+        assert held <= budget + 2 * 40 * one_text
+        assert word_cache.bytes >= _held_bytes(word_cache) - sys.getsizeof(_SEPARATOR) * 2
+
+
+def test_the_byte_budget_does_not_empty_caches_on_ordinary_text():
+    featurizer = TextFeaturizer()
+    texts = [f"the quick brown fox w{i % 50} jumps over the lazy dog" for i in range(500)]
+    for text in texts:
+        featurizer.transform_one(text)
+    featurizer.buckets_many(texts)
+    cached = len(featurizer._hash_cache)
+    featurizer.transform_one(texts[0])
+    assert len(featurizer._hash_cache) == cached > 10
+    assert 0 < featurizer._hash_cache_bytes < 100_000

@@ -17,12 +17,16 @@ from stream_learner.fusion import (
     FusionError,
     ModelFeed,
     SnapshotAssembler,
+    SnapshotRejected,
     encode_snapshot,
     parse_rules,
+    snapshot_mac,
 )
+from stream_learner.keys import CHECKPOINT, FUSION, derive_key
 from stream_learner.runner import StreamProcessor
 
-KEY = b"fusion-test-key-0123456789abcdef"
+SECRET = b"fusion-test-key-0123456789abcdef"
+KEY = derive_key(SECRET, FUSION)
 
 
 class Clock:
@@ -61,6 +65,21 @@ def _exchange(workers, clock, full=None):
         fusion.fold(processor, feed.latest())
 
 
+def _unsigned(messages):
+    return [
+        (key, value, [(n, raw) for n, raw in headers if n != "mac"])
+        for key, value, headers in messages
+    ]
+
+
+def _resigned(message, key, **changes):
+    """``message`` with headers changed (``name=bytes``) and signed again with ``key``."""
+    message_key, value, headers = message
+    meta = {n: raw for n, raw in headers if n != "mac"}
+    meta.update(changes)
+    return message_key, value, [*meta.items(), ("mac", snapshot_mac(key, message_key, value, meta))]
+
+
 def _nb_probabilities(processor, texts):
     featurizer, head = processor.heads()["nb"]
     return [head.predict_proba_one(featurizer.transform_one(t)) for t in texts]
@@ -83,7 +102,9 @@ def test_naive_bayes_counts_merge_exactly_into_one_learner_of_all_records():
             assert got.features == expected.features
     texts = [r.text for r in synthetic_records(20, seed=99)]
     for processor, _ in (a, b, c):
-        for got, want in zip(_nb_probabilities(processor, texts), _nb_probabilities(single, texts), strict=True):
+        for got, want in zip(
+            _nb_probabilities(processor, texts), _nb_probabilities(single, texts), strict=True
+        ):
             assert got.keys() == want.keys()
             assert all(abs(got[k] - want[k]) < 1e-12 for k in want)
 
@@ -98,10 +119,12 @@ def test_counts_published_are_the_workers_own_records_only():
         b[0].process(record)
     _exchange([a, b], clock)
     _exchange([a, b], clock)  # a second exchange must not count the peers' records twice
-    total = sum(sum(CountTable.of(p.heads()["nb"][1]).tables["class_counts"].values()) for p, _ in (a, b))
+    total = sum(
+        sum(CountTable.of(p.heads()["nb"][1]).tables["class_counts"].values()) for p, _ in (a, b)
+    )
     assert total == 400  # each of the two holds all 200 records, once
     own = [m for m in a[1].snapshots(a[0], full=True) if m[0].startswith(b"nb/a/")]
-    snapshot = SnapshotAssembler()
+    snapshot = SnapshotAssembler(KEY)
     for key, value, headers in own:
         result = snapshot.add(key, value, headers)
     assert sum(CountTable.from_bytes(result.payload).tables["class_counts"].values()) == 100
@@ -169,15 +192,26 @@ def test_ensemble_snapshots_need_the_shared_key():
     for record in synthetic_records(50):
         processor.process(record)
     messages = fusion.snapshots(processor)
-    stranger = ModelFeed("models", bootstrap_servers="unused", worker_id="b", key=b"another-key-0123456789abcdef")
+    stranger = ModelFeed(
+        "models", bootstrap_servers="unused", worker_id="b", key=b"another-key-0123456789abcdef"
+    )
     for key, value, headers in messages:
         stranger.feed(key, value, headers)
-    assert stranger.latest() == {} and stranger.errors == 1
+    assert stranger.latest() == {} and stranger.rejected == {"bad_signature": 1}
     # A pickle that was not signed at all is refused the same way, before it is unpickled.
-    forged = encode_snapshot("softmax", "x", "ensemble", pickle.dumps(object()), records=1, hashing="", created=5.0)
-    for key, value, headers in forged:
+    forged = encode_snapshot(
+        "softmax",
+        "x",
+        "ensemble",
+        pickle.dumps(object()),
+        key=KEY,
+        records=1,
+        hashing="",
+        created=5.0,
+    )
+    for key, value, headers in _unsigned(forged):
         stranger.feed(key, value, headers)
-    assert stranger.latest() == {} and stranger.errors == 2
+    assert stranger.latest() == {} and stranger.rejected == {"bad_signature": 1, "unsigned": 1}
 
 
 def test_fusion_state_and_peers_survive_a_checkpoint():
@@ -204,7 +238,7 @@ def test_rules_are_configuration():
     learners = {key.split(b"/")[0] for key, _, _ in fusion.snapshots(processor)}
     assert learners == {b"nb"}
     with pytest.raises(FusionError, match="naive Bayes"):
-        Fusion("a", {"softmax": "counts"}).snapshots(processor)
+        Fusion("a", {"softmax": "counts"}, key=KEY).snapshots(processor)
     with pytest.raises(FusionError, match="LEARNER=RULE"):
         parse_rules("nb")
 
@@ -215,7 +249,9 @@ def test_rules_are_configuration():
     seed=st.integers(0, 2**16),
     drop_old_parts=st.booleans(),
 )
-def test_assembler_returns_each_complete_snapshot_and_never_an_older_one(sizes, seed, drop_old_parts):
+def test_assembler_returns_each_complete_snapshot_and_never_an_older_one(
+    sizes, seed, drop_old_parts
+):
     rng = random.Random(seed)
     snapshots = [
         (bytes(rng.getrandbits(8) for _ in range(size)), 100.0 + i) for i, size in enumerate(sizes)
@@ -224,14 +260,23 @@ def test_assembler_returns_each_complete_snapshot_and_never_an_older_one(sizes, 
     for seq, (payload, created) in enumerate(snapshots, start=1):
         stream.extend(
             encode_snapshot(
-                "nb", "w1", "counts", payload, records=len(payload), hashing="", created=created,
-                epoch=7, seq=seq, part_bytes=16,
+                "nb",
+                "w1",
+                "counts",
+                payload,
+                key=KEY,
+                records=len(payload),
+                hashing="",
+                created=created,
+                epoch=7,
+                seq=seq,
+                part_bytes=16,
             )
         )
     if drop_old_parts:  # compaction: only the newest message of each key survives, in offset order
         newest = {key: index for index, (key, _, _) in enumerate(stream)}
         stream = [m for index, m in enumerate(stream) if newest[m[0]] == index]
-    assembler = SnapshotAssembler()
+    assembler = SnapshotAssembler(KEY)
     complete = [s for m in stream if (s := assembler.add(*m)) is not None]
     created = [s.created for s in complete]
     assert created == sorted(set(created))  # only ever newer
@@ -241,15 +286,22 @@ def test_assembler_returns_each_complete_snapshot_and_never_an_older_one(sizes, 
 
 
 def test_assembler_refuses_damaged_and_foreign_parts():
-    assembler = SnapshotAssembler()
-    (key, value, headers), = encode_snapshot("nb", "w", "counts", b"payload", records=1, hashing="", created=1.0)
-    with pytest.raises(FusionError, match="checksum"):
+    assembler = SnapshotAssembler(KEY)
+    ((key, value, headers),) = encode_snapshot(
+        "nb", "w", "counts", b"payload", key=KEY, records=1, hashing="", created=1.0
+    )
+    with pytest.raises(SnapshotRejected, match="not signed") as refused:
         assembler.add(key, value + b"!", headers)
-    with pytest.raises(FusionError, match="wire format"):
+    assert refused.value.reason == "bad_signature"
+    with pytest.raises(SnapshotRejected, match="no signature"):
         assembler.add(key, value, [])
-    bad = [(name, b"x" if name == "parts" else raw) for name, raw in headers]
-    with pytest.raises(FusionError, match="bad headers"):
-        assembler.add(key, value, bad)
+    # Signed by a key holder, yet damaged: refused by what is wrong with it.
+    with pytest.raises(SnapshotRejected, match="checksum"):
+        assembler.add(*_resigned((key, value + b"!", headers), KEY))
+    with pytest.raises(SnapshotRejected, match="wire format"):
+        assembler.add(*_resigned((key, value, headers), KEY, fusion_format=b"1"))
+    with pytest.raises(SnapshotRejected, match="bad headers"):
+        assembler.add(*_resigned((key, value, headers), KEY, parts=b"x"))
     with pytest.raises(FusionError, match="damaged count snapshot"):
         CountTable.from_bytes(b"not zlib")
 
@@ -270,7 +322,7 @@ def test_rounds_publish_increments_between_full_snapshots():
     clock.now += 1
     increment = fusion.snapshots(processor)
     assert _kinds(increment) == {b"increment"}
-    assembler = SnapshotAssembler()
+    assembler = SnapshotAssembler(KEY)
     (snapshot,) = [s for m in increment if (s := assembler.add(*m)) is not None]
     assert sum(CountTable.from_bytes(snapshot.payload).tables["class_counts"].values()) == 100
     clock.now += 61  # full_every_seconds later
@@ -318,8 +370,395 @@ def test_rounds_come_every_n_records_as_well_as_every_t_seconds():
     clock.now = fusion.last_published = 1e9  # a clock that stands still: rounds by records only
     worker = make_worker(fusion=fusion)
     rounds = []
-    worker.fusion_round = lambda: (rounds.append(worker._since_fusion), setattr(worker, "_since_fusion", 0))
+    worker.fusion_round = lambda: (
+        rounds.append(worker._since_fusion),
+        setattr(worker, "_since_fusion", 0),
+    )
     source = MemorySource(partitioned(records(1000), 1), handler=worker, max_poll_records=500)
     worker.owned = source.assignment()
     drain(worker, source)
     assert rounds == [100] * 10
+
+
+# --- authentication: forged, altered, replayed and foreign-key snapshots --------------------------
+
+
+def _state(processor, name):
+    """Everything a learner's predictions depend on, to compare before and after."""
+    return pickle.dumps(processor.heads()[name][1])
+
+
+def _feed_all(feed, messages):
+    for message in messages:
+        feed.feed(*message)
+
+
+def _metrics():
+    from stream_learner.metrics import StreamMetrics
+
+    return StreamMetrics(process_metrics=False)
+
+
+def _rejected(metrics, reason):
+    return metrics.registry.get_sample_value(
+        "stream_learner_fusion_rejected_total", {"reason": reason}
+    )
+
+
+def test_forged_counts_snapshots_are_dropped_counted_and_never_folded():
+    clock = Clock()
+    a, b = _worker("a", ["nb"], clock), _worker("b", ["nb"], clock)
+    records = synthetic_records(200, seed=31)
+    for i, record in enumerate(records):
+        (a, b)[i % 2][0].process(record)
+    _exchange([a, b], clock)
+    before = _state(a[0], "nb")
+    feed = _FEEDS[id(a[1])]
+    feed.metrics = metrics = _metrics()
+    # One count table that would flip every prediction towards a made-up class.
+    featurizer, head = a[0].heads()["nb"]
+    flood = CountTable(
+        {"class_counts": {"forged": 10**6}},
+        {f: {"forged": 10**6} for f in featurizer.transform_one(records[0].text)},
+    ).to_bytes()
+    version = dict(epoch=b[1].epoch, seq=b[1].seq + 5)
+    forged = encode_snapshot(
+        "nb",
+        "b",
+        "counts",
+        flood,
+        key=KEY,
+        records=10**6,
+        hashing=json_hashing(a),
+        created=clock.now,
+        **version,
+    )
+    checkpoint_key = derive_key(SECRET, CHECKPOINT)
+    attempts = {
+        "unsigned": _unsigned(forged),
+        "another key": encode_snapshot(
+            "nb",
+            "b",
+            "counts",
+            flood,
+            key=b"k" * 32,
+            records=1,
+            hashing=json_hashing(a),
+            created=clock.now,
+            **version,
+        ),
+        "checkpoint key": encode_snapshot(
+            "nb",
+            "b",
+            "counts",
+            flood,
+            key=checkpoint_key,
+            records=1,
+            hashing=json_hashing(a),
+            created=clock.now,
+            **version,
+        ),
+        "raw secret": encode_snapshot(
+            "nb",
+            "b",
+            "counts",
+            flood,
+            key=SECRET,
+            records=1,
+            hashing=json_hashing(a),
+            created=clock.now,
+            **version,
+        ),
+    }
+    for messages in attempts.values():
+        _feed_all(feed, messages)
+        a[1].fold(a[0], feed.latest())
+        assert _state(a[0], "nb") == before
+    assert head.predict_one(featurizer.transform_one(records[0].text)) != "forged"
+    assert feed.rejected == {"unsigned": 1, "bad_signature": 3}
+    assert _rejected(metrics, "unsigned") == 1 and _rejected(metrics, "bad_signature") == 3
+    assert _rejected(metrics, "replayed") == 0
+
+
+def json_hashing(worker):
+    from stream_learner.fusion import _hashing
+
+    return _hashing(worker[0].heads()["nb"][0])
+
+
+def test_forged_average_snapshot_and_altered_records_header_are_dropped():
+    clock = Clock()
+    a, b = _worker("a", ["neural"], clock), _worker("b", ["neural"], clock)
+    for i, record in enumerate(synthetic_records(200, seed=32)):
+        (a, b)[i % 2][0].process(record)
+    _exchange([a, b], clock)
+    before = _state(a[0], "neural")
+    feed = _FEEDS[id(a[1])]
+    for record in synthetic_records(50, seed=33):
+        b[0].process(record)
+    clock.now += 1
+    genuine = b[1].snapshots(b[0], full=True)
+    # The averaging weight is a header: claiming 10^9 records would make b's model the group's.
+    heavier = [
+        (k, v, [(n, b"1000000000" if n == "records" else raw) for n, raw in h])
+        for k, v, h in genuine
+    ]
+    renamed = [(k, v, [(n, b"c" if n == "worker" else raw) for n, raw in h]) for k, v, h in genuine]
+    rekeyed = [(k.replace(b"/b/", b"/c/"), v, h) for k, v, h in genuine]
+    unsigned = _unsigned(genuine)
+    for messages in (heavier, renamed, rekeyed, unsigned):
+        _feed_all(feed, messages)
+        a[1].fold(a[0], feed.latest())
+        assert _state(a[0], "neural") == before
+    assert feed.rejected == {"bad_signature": 3 * len(genuine), "unsigned": len(genuine)}
+    _feed_all(feed, genuine)  # the genuine one still counts, with its true weight
+    a[1].fold(a[0], feed.latest())
+    assert _state(a[0], "neural") != before
+
+
+def test_a_replayed_snapshot_is_dropped_and_counted():
+    clock = Clock()
+    a, b = _worker("a", ["nb", "softmax"], clock), _worker("b", ["nb", "softmax"], clock)
+    records = synthetic_records(300, seed=34)
+    for record in records[:100]:
+        b[0].process(record)
+    clock.now += 1
+    old = b[1].snapshots(b[0], full=True)
+    feed = _FEEDS[id(a[1])]
+    _feed_all(feed, old)
+    a[1].fold(a[0], feed.latest())
+    for record in records[100:200]:
+        b[0].process(record)
+    clock.now += 1
+    _feed_all(feed, b[1].snapshots(b[0], full=True))
+    a[1].fold(a[0], feed.latest())
+    before = {name: _state(a[0], name) for name in ("nb", "softmax")}
+    versions = {name: h.version for name, h in feed.latest().items()}
+    _feed_all(feed, old)  # someone with write access to the topic sends the old ones again
+    a[1].fold(a[0], feed.latest())
+    assert {name: h.version for name, h in feed.latest().items()} == versions
+    assert {name: _state(a[0], name) for name in ("nb", "softmax")} == before
+    assert feed.rejected == {"replayed": len(old)}
+    assert sum(CountTable.of(a[0].heads()["nb"][1]).tables["class_counts"].values()) == 200
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_any_altered_byte_of_a_signed_part_is_refused(data):
+    """Key, value, header names and values: changing any byte of a signed message is caught."""
+    (message,) = encode_snapshot(
+        "nb",
+        "w",
+        "counts",
+        b"counts payload",
+        key=KEY,
+        records=3,
+        hashing="h",
+        created=2.0,
+        epoch=1,
+        seq=2,
+    )
+    key, value, headers = message
+    fields = (
+        [("key", None), ("value", None)]
+        + [("name", i) for i in range(len(headers))]
+        + [("header", i) for i in range(len(headers))]
+    )
+    where, index = data.draw(st.sampled_from(fields))
+    target = (
+        {"key": key, "value": value}.get(where)
+        if index is None
+        else (headers[index][0].encode() if where == "name" else headers[index][1])
+    )
+    if not target:
+        return
+    position = data.draw(st.integers(0, len(target) - 1))
+    flip = data.draw(st.integers(1, 255))
+    changed = bytearray(target)
+    changed[position] ^= flip
+    changed = bytes(changed)
+    if where == "key":
+        key = changed
+    elif where == "value":
+        value = changed
+    elif where == "name":
+        try:
+            headers = [
+                (changed.decode("utf-8") if i == index else n, raw)
+                for i, (n, raw) in enumerate(headers)
+            ]
+        except UnicodeDecodeError:
+            return
+    else:
+        headers = [(n, changed if i == index else raw) for i, (n, raw) in enumerate(headers)]
+    with pytest.raises(SnapshotRejected) as refused:
+        SnapshotAssembler(KEY).add(key, value, headers)
+    assert refused.value.reason in ("bad_signature", "unsigned")
+
+
+class _Payload:
+    """A pickle that would run code when loaded."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+class _Reach:
+    """A pickle that reaches for an attribute through ``getattr``."""
+
+    def __init__(self, owner, name):
+        self.owner, self.name = owner, name
+
+    def __reduce__(self):
+        return (getattr, (self.owner, self.name))
+
+
+def test_every_learner_round_trips_through_the_allow_list():
+    from stream_learner.fusion import restricted_loads
+    from stream_learner.learners import available_learners
+
+    names = [n for n in available_learners() if n != "neural-minilm"]  # needs a download
+    processor = StreamProcessor(names, drift_detector="none")
+    records = synthetic_records(300, seed=38)
+    for record in records:
+        processor.process(record)
+    for name, (featurizer, head) in processor.heads().items():
+        restored = restricted_loads(pickle.dumps(head, protocol=pickle.HIGHEST_PROTOCOL))
+        x = featurizer.transform_one(records[0].text) if featurizer is not None else records[0].text
+        assert restored.predict_proba_one(x) == head.predict_proba_one(x), name
+
+
+def test_a_signed_ensemble_pickle_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    feed = ModelFeed(
+        "models",
+        bootstrap_servers="unused",
+        worker_id="a",
+        key=KEY,
+        metrics=(metrics := _metrics()),
+    )
+    from river.linear_model import SoftmaxRegression
+
+    payloads = (
+        pickle.dumps(_Payload(marker)),
+        pickle.dumps(eval),
+        b"cos\nsystem\n(S'true'\ntR.",
+        pickle.dumps(_Reach(SoftmaxRegression, "__init__")),  # a way to __globals__
+        pickle.dumps(_Reach({}, "get")),
+    )
+    for payload in payloads:
+        # Signed with the group's key (a worker gone rogue): still never executed.
+        _feed_all(
+            feed,
+            encode_snapshot(
+                "softmax",
+                "b",
+                "ensemble",
+                payload,
+                key=KEY,
+                records=1,
+                hashing="",
+                created=1.0,
+                seq=len(feed.rejected) + feed.errors + 1,
+            ),
+        )
+    assert not marker.exists()
+    assert feed.latest() == {}
+    assert feed.rejected == {"unsafe": 5} and _rejected(metrics, "unsafe") == 5
+
+
+# --- forgetting peers: a TTL and tombstones ----------------------------------------------------------
+
+
+def test_a_silent_peer_is_forgotten_after_the_ttl():
+    clock = Clock()
+    a, b = _worker("a", ["nb", "softmax"], clock), _worker("b", ["nb", "softmax"], clock)
+    feed = _FEEDS[id(a[1])] = ModelFeed(
+        "models", bootstrap_servers="unused", worker_id="a", key=KEY, peer_ttl=100, clock=clock
+    )
+    records = synthetic_records(100, seed=35)
+    for record in records:
+        b[0].process(record)
+    _exchange([a, b], clock)
+    assert feed.peers == {"b"}
+    clock.now += 99  # b publishes nothing more
+    assert set(feed.latest()) == {("nb", "b"), ("softmax", "b")}
+    clock.now += 2
+    last = feed.latest()
+    assert set(last) == {("nb", "b")}  # its counts, one last time (they are records learned)
+    assert feed.peers == set() and feed.latest() == {}
+    a[1].fold(a[0], last)
+    a[1].fold(a[0], feed.latest())
+    assert a[0]._slot("softmax").peers == []  # the ensemble goes on without b
+    assert (
+        sum(CountTable.of(a[0].heads()["nb"][1]).tables["class_counts"].values()) == 100
+    )  # counts stay
+    # It comes back: taken in again.
+    for record in synthetic_records(10, seed=36):
+        b[0].process(record)
+    _exchange([a, b], clock, full=True)
+    assert feed.peers == {"b"}
+    assert sum(CountTable.of(a[0].heads()["nb"][1]).tables["class_counts"].values()) == 110
+
+
+def test_tombstones_on_a_clean_stop_make_peers_forget_at_once():
+    clock = Clock()
+    a, b = _worker("a", ["nb", "softmax"], clock), _worker("b", ["nb", "softmax"], clock)
+    records = synthetic_records(200, seed=37)
+    for record in records[:100]:
+        b[0].process(record)
+    _exchange([a, b], clock)
+    for record in records[100:]:
+        b[0].process(record)
+    _exchange([a, b], clock)  # an increment of nb
+    clock.now += 1
+    final = b[1].snapshots(b[0], full=True)
+    own = _FEEDS[id(b[1])]  # b's own feed saw its keys on the topic (an earlier run's, say)
+    tombstones = b[1].tombstones(own.own_keys())
+    assert all(value is None for _, value, _ in tombstones)
+    deleted = {key for key, _, _ in tombstones}
+    published = {key for key, _, _ in final} | set(own.own_keys())
+    kept = {key for key, _, _ in final if key.startswith(b"nb/")}
+    assert (
+        deleted >= published - kept and not deleted & kept
+    )  # nb's last full counts stay for late joiners
+    feed = _FEEDS[id(a[1])]
+    _feed_all(feed, final + tombstones)
+    assert feed.peers == set()
+    last = feed.latest()
+    assert set(last) == {("nb", "b")}  # its final counts, folded once
+    a[1].fold(a[0], last)
+    assert feed.latest() == {}
+    assert sum(CountTable.of(a[0].heads()["nb"][1]).tables["class_counts"].values()) == 200
+    assert feed.rejected == {}
+    # Tombstones are signed: forged or replayed ones change nothing.
+    for record in records[:10]:
+        b[0].process(record)
+    _exchange([a, b], clock, full=True)
+    assert feed.peers == {"b"}
+    forged = _unsigned(b[1].tombstones())
+    _feed_all(feed, forged)
+    _feed_all(feed, tombstones)
+    assert feed.peers == {"b"}
+    assert feed.rejected == {"unsigned": len(forged), "replayed": len(tombstones)}
+
+
+def test_the_peer_ttl_is_configuration_and_outlasts_the_full_snapshots():
+    from stream_learner.config import ConfigError, load_config
+
+    base = ["--topic", "t", "--learners", "nb", "--fusion", "on"]
+    assert load_config(base, environ={}).fusion_peer_ttl == 600.0
+    assert load_config([*base, "--fusion-peer-ttl", "none"], environ={}).fusion_peer_ttl is None
+    assert (
+        load_config(base, environ={"STREAM_LEARNER_FUSION_PEER_TTL": "900"}).fusion_peer_ttl
+        == 900.0
+    )
+    with pytest.raises(ConfigError, match="fusion_peer_ttl must be longer"):
+        load_config(
+            [*base, "--fusion-peer-ttl", "30", "--fusion-full-every-seconds", "60"], environ={}
+        )

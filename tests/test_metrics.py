@@ -7,6 +7,7 @@ import math
 import re
 import shutil
 import subprocess
+import time
 import urllib.error
 import urllib.request
 
@@ -127,8 +128,41 @@ def test_batch_timing_gives_per_record_and_per_batch_histograms(registry, metric
     assert value(registry, "stream_learner_batch_records_sum") == 110
     metrics.observe_batch(0, 0.001)  # an empty poll is a batch, not a record
     assert value(registry, "stream_learner_record_processing_seconds_count") == 110
-    metrics.observe_record_seconds(0.002)
-    assert value(registry, "stream_learner_record_processing_seconds_count") == 111
+    metrics.observe_batch(3, 0.1, [0.0004, 0.0004, 0.0992])  # records timed one by one
+    assert value(registry, "stream_learner_record_processing_seconds_count") == 113
+    assert value(registry, "stream_learner_record_processing_seconds_bucket", le="0.0005") == 102
+    assert value(registry, "stream_learner_record_processing_seconds_bucket", le="0.05") == 112
+
+
+def test_the_worker_times_each_record_on_its_own(registry, metrics):
+    """One slow record in a batch shows as one slow observation, not as a slower mean."""
+    from river import base
+
+    from stream_learner.records import Decoder, Record
+    from stream_learner.runner import StreamProcessor
+    from stream_learner.sinks import MemorySink, Outputs
+    from stream_learner.sources import MemorySource
+    from stream_learner.worker import Worker
+
+    class SlowOnSomeTexts(base.Classifier):
+        def learn_one(self, x, y):
+            if "slow" in x:
+                time.sleep(0.06)
+
+        def predict_proba_one(self, x):
+            return {}
+
+    encode = Decoder().encode
+    values = [encode(Record(f"r{i}", "slow" if i == 50 else "fast", "a")) for i in range(100)]
+    processor = StreamProcessor({"slow": SlowOnSomeTexts()})
+    worker = Worker(processor, Outputs(MemorySink(), predictions_topic="p", dead_letter_topic="d"), None, metrics=metrics)
+    source = MemorySource({("in", 0): values})
+    worker.source = source
+    while batch := source.poll(0):
+        worker.process_batch(batch)
+    assert value(registry, "stream_learner_record_processing_seconds_count") == 100
+    at_most_50ms = value(registry, "stream_learner_record_processing_seconds_bucket", le="0.05")
+    assert 1 <= 100 - at_most_50ms < 100  # the slow record alone, not the whole batch
 
 
 @settings(max_examples=200, deadline=None)

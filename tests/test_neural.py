@@ -91,6 +91,9 @@ def small(**params):
         {"optimizer": "adam", "lr": 0.02},
         {"hidden": 16, "dropout": 0.1, "optimizer": "adam", "lr": 0.01},
         {"hidden": 16, "activation": "tanh", "bag": "sum", "l2": 1e-5, "lr_decay": 1e-3},
+        {"wide": True},
+        {"wide": True, "optimizer": "adam", "lr": 0.02, "wide_lr": 0.05},
+        {"wide": True, "optimizer": "sgd", "lr": 3.0, "hidden": 8},
     ],
 )
 def test_learns_a_topic_stream(params):
@@ -241,6 +244,8 @@ def _loss(model, x, y):
         {"bag": "sum"},
         {"hidden": 5, "activation": "tanh"},
         {"hidden": 5, "activation": "relu", "bag": "sum"},
+        {"wide": True},
+        {"wide": True, "bag": "sum", "hidden": 5, "activation": "tanh"},
     ],
 )
 def test_per_record_update_follows_the_finite_difference_gradient(params):
@@ -256,7 +261,11 @@ def test_per_record_update_follows_the_finite_difference_gradient(params):
     h = 1e-6
     for name, array in model._params.items():
         grad = np.zeros_like(array)
-        entries = [(r, c) for r in (1, 2, 5) for c in range(array.shape[1])] if name == "emb" else np.ndindex(array.shape)
+        entries = (
+            [(r, c) for r in (1, 2, 5) for c in range(array.shape[1])]
+            if name in ("emb", "wide")
+            else np.ndindex(array.shape)
+        )
         for entry in entries:
             saved = array[entry]
             array[entry] = saved + h
@@ -266,6 +275,7 @@ def test_per_record_update_follows_the_finite_difference_gradient(params):
             array[entry] = saved
             grad[entry] = (up - down) / (2 * h)
         numeric[name] = grad
+    _loss(model, x, y)  # learn_one reuses this forward pass: let it see the unperturbed rows
     model.learn_one(x, y)
     for name, before in params_now.items():
         analytic = (before - model._params[name]) / model.lr
@@ -321,6 +331,40 @@ def test_fusion_of_learners_with_different_classes_keeps_every_class():
     # the workers' combined model knows all three topics
     test = featurized(make_stream(300, seed=11, topics=["sport", "tech", "food"]))
     assert np.mean([fused.predict_one(x) == y for x, y in test]) > 0.7
+
+
+def test_fusion_averages_the_wide_term_per_class():
+    a, b = small(seed=2, wide=True), small(seed=2, wide=True)
+    prequential_accuracy(a, featurized(make_stream(400, topics=["sport", "tech"])))
+    prequential_accuracy(b, featurized(make_stream(200, seed=4, topics=["tech", "food"])))
+    fused = fuse([a, b])
+    index = {c: i for i, c in enumerate(fused.classes)}
+    wide, wide_a, wide_b = (m.parameters()["wide"] for m in (fused, a, b))
+    assert wide.shape == (2**12, 3)
+    np.testing.assert_allclose(wide[:, index["sport"]], wide_a[:, a.classes.index("sport")])
+    np.testing.assert_allclose(wide[:, index["food"]], wide_b[:, b.classes.index("food")])
+    tech = (
+        400 * wide_a[:, a.classes.index("tech")] + 200 * wide_b[:, b.classes.index("tech")]
+    ) / 600
+    np.testing.assert_allclose(wide[:, index["tech"]], tech, rtol=1e-5, atol=1e-7)
+    copies = fuse([a, _copy(a)])
+    for name, array in a.parameters().items():
+        np.testing.assert_allclose(copies.parameters()[name], array, rtol=1e-6, err_msg=name)
+    with pytest.raises(ValueError, match="wide"):
+        fuse([a, small(seed=2)])
+
+
+def test_wide_term_grows_with_classes_and_keeps_the_old_columns():
+    model = small(wide=True)
+    prequential_accuracy(model, featurized(make_stream(200, topics=["sport", "tech"])))
+    before = model.parameters()["wide"].copy()
+    model.learn_one(FEATURIZER.transform_one("pizza pasta"), "food")
+    after = model.parameters()["wide"]
+    assert after.shape == (2**12, 3)
+    touched = sorted(FEATURIZER.transform_one("pizza pasta"))
+    untouched = np.setdiff1d(np.arange(2**12), touched)
+    np.testing.assert_array_equal(after[untouched, :2], before[untouched])
+    assert np.all(after[untouched, 2] == 0) and np.any(after[touched, 2] > 0)
 
 
 def test_fusion_refuses_different_architectures_and_fuses_pipelines():
@@ -433,9 +477,12 @@ def test_bucket_batches_learn_what_lists_of_bucket_ids_learn():
     assert from_batch.n_seen == 96 and from_batch.n_updates == 1
 
 
-def test_bucket_batch_predictions_match_per_record_predictions():
+@pytest.mark.parametrize(
+    "params", [{}, {"wide": True}, {"wide": True, "bag": "sum", "optimizer": "adam"}]
+)
+def test_bucket_batch_predictions_match_per_record_predictions(params):
     texts, labels = _texts_and_labels(make_stream(400))
-    model = small()
+    model = small(**params)
     for start in range(0, 320, 32):
         model.learn_many(FEATURIZER.buckets_many(texts[start : start + 32]), labels[start : start + 32])
     held_out = texts[320:]
@@ -451,7 +498,15 @@ def test_bucket_batch_predictions_match_per_record_predictions():
     assert accuracy > 0.8
 
 
-@pytest.mark.parametrize("params", [{}, {"optimizer": "adam", "hidden": 8, "l2": 1e-4}, {"bag": "sum", "optimizer": "sgd"}])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"optimizer": "adam", "hidden": 8, "l2": 1e-4},
+        {"bag": "sum", "optimizer": "sgd"},
+        {"wide": True},
+    ],
+)
 def test_predicting_a_batch_first_does_not_change_what_it_teaches(params):
     texts, labels = _texts_and_labels(make_stream(64))
     first, second = _texts_and_labels(make_stream(64, seed=2))

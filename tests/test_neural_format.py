@@ -53,6 +53,8 @@ def assert_same_future(a, b, stream):
         {},
         {"hidden": 6, "dropout": 0.3, "optimizer": "adam", "lr": 0.01, "dim": 8},
         {"optimizer": "sgd", "lr": 1.0, "dtype": "float64", "dim": 4, "lr_decay": 0.01},
+        {"wide": True},
+        {"wide": True, "hidden": 4, "optimizer": "adam", "lr": 0.01, "wide_lr": 0.05, "dim": 8},
     ],
 )
 def test_round_trip_restores_the_learner_exactly(tmp_path, params):
@@ -196,8 +198,37 @@ def test_other_format_version_is_refused_by_name(saved, tmp_path):
     def bump(header):
         header["version"] = FORMAT_VERSION + 1
 
-    with pytest.raises(NeuralFormatError, match="format version 2"):
+    with pytest.raises(NeuralFormatError, match=f"format version {FORMAT_VERSION + 1}"):
         _load_bytes(tmp_path, _rewrite(saved[2], edit_header=bump, fix_checksum=True))
+
+
+def test_version_1_files_load_as_learners_without_the_wide_term(saved, tmp_path):
+    def downgrade(header):
+        header["version"] = 1
+        for name in ("wide", "wide_lr"):
+            del header["params"][name]
+
+    restored = _load_bytes(tmp_path, _rewrite(saved[2], edit_header=downgrade, fix_checksum=True))
+    assert _same_model(restored, saved[0]) and restored.wide is False
+
+
+def test_a_wide_file_without_its_wide_table_is_refused(tmp_path):
+    model = NeuralClassifier(n_buckets=32, dim=4, wide=True)
+    model.learn_one({1: 1.0}, "a")
+    path = tmp_path / "wide.npz"
+    save(model, path)
+
+    def drop(arrays):
+        for name in ("param.wide", "slot.wide.0"):
+            del arrays[name]
+
+    def unlist(header):
+        header["arrays"] = [a for a in header["arrays"] if "wide" not in a]
+        header["state"]["slots"].pop("wide")
+
+    data = _rewrite(path.read_bytes(), edit_arrays=drop, edit_header=unlist, fix_checksum=True)
+    with pytest.raises(NeuralFormatError, match="do not fit"):
+        _load_bytes(tmp_path, data)
 
 
 def test_inconsistent_but_checksummed_files_are_refused(saved, tmp_path):
@@ -251,3 +282,85 @@ def test_a_failed_load_changes_nothing(saved, tmp_path):
     assert path.read_bytes() == data
     for name, array in model.parameters().items():
         np.testing.assert_array_equal(array, before[name])
+
+
+# --- keyed MAC -------------------------------------------------------------------------------------
+
+SECRET = b"model-file-test-secret-0123456789"
+
+
+@pytest.fixture(scope="module")
+def signed(saved, tmp_path_factory):
+    model, _, _ = saved
+    path = tmp_path_factory.mktemp("signed") / "model.npz"
+    save(model, path, key=SECRET)
+    return model, path, path.read_bytes()
+
+
+def test_a_signed_file_loads_with_its_key_and_without_one(signed, tmp_path):
+    model, path, _ = signed
+    assert _same_model(load(path, key=SECRET), model)
+    assert _same_model(load(path), model)  # no key: the checksum alone
+    assert "mac" in read_header(path, key=SECRET)
+
+
+def test_with_a_key_a_tampered_file_is_refused_even_with_a_fixed_checksum(signed, tmp_path):
+    """The SHA-256 anyone can recompute; the MAC only the key holder."""
+
+    def relabel(header):
+        header["state"]["classes"][0] = ["str", "evil"]
+
+    def nudge(arrays):
+        arrays["param.emb"] = arrays["param.emb"].copy()
+        arrays["param.emb"][0, 0] += 1.0
+
+    for edit in ({"edit_header": relabel}, {"edit_arrays": nudge}):
+        forged = _rewrite(signed[2], fix_checksum=True, **edit)
+        with pytest.raises(NeuralFormatError, match="MAC mismatch"):
+            _load_bytes(tmp_path, forged, key=SECRET)
+        assert _load_bytes(tmp_path, forged) is not None  # without a key, integrity only
+    stripped = _rewrite(signed[2], edit_header=lambda header: header.pop("mac"))
+    with pytest.raises(NeuralFormatError, match="no MAC"):
+        _load_bytes(tmp_path, stripped, key=SECRET)
+
+
+def test_another_key_or_another_purpose_is_refused(signed, tmp_path):
+    from stream_learner.keys import CHECKPOINT, MODEL_FILE, derive_key
+
+    for key in (b"another secret", derive_key(SECRET, MODEL_FILE), derive_key(SECRET, CHECKPOINT)):
+        with pytest.raises(NeuralFormatError, match="MAC mismatch"):
+            _load_bytes(tmp_path, signed[2], key=key)
+
+
+def test_files_saved_without_a_key_still_load_and_are_refused_when_a_key_is_required(
+    saved, tmp_path
+):
+    model, _, data = saved  # as every file written before the MAC existed
+    assert _same_model(_load_bytes(tmp_path, data), model)
+    with pytest.raises(NeuralFormatError, match="no MAC"):
+        _load_bytes(tmp_path, data, key=SECRET)
+
+
+def test_a_pipeline_saved_before_unspaced_segmentation_loads_as_it_was(tmp_path):
+    model = make_learner("neural", n_buckets=2**10, seed=3)
+    model.steps[list(model.steps)[0]].segment_unspaced = False
+    for text, label in TEXTS * 2:
+        model.learn_one(text, label)
+    path = tmp_path / "model.npz"
+    save(model, path)
+
+    def as_written_before(header):  # no parameter, no key in the hashing configuration
+        del header["featurizer"]["segment_unspaced"]
+        assert "unspaced" not in header["hashing"]
+
+    old_hashing = read_header(path)["hashing"]
+    loaded = _load_bytes(
+        tmp_path,
+        _rewrite(path.read_bytes(), edit_header=as_written_before, fix_checksum=True),
+        expected_hashing=old_hashing,
+    )
+    featurizer = list(loaded.steps.values())[0]
+    assert featurizer.segment_unspaced is False
+    assert featurizer.tokens("東京タワー") == ["東京タワー"]
+    text = "東京 great match"
+    assert loaded.predict_proba_one(text) == model.predict_proba_one(text)

@@ -64,7 +64,7 @@ BAD_MESSAGES = [
     (b'{"id": "b7", "text": ""}', "empty_text"),
     (b'{"id": "b8", "text": 42}', "text_not_string"),
     (b"[1, 2, 3]", "not_an_object"),
-    (b'{"id": "b10", "text": "fine words", "ts": "yesterday"}', "invalid_timestamp"),
+    (b'{"id": "b10", "text": "fine words", "ts": [2016, 12, 30]}', "invalid_timestamp"),
 ]
 
 

@@ -1,6 +1,7 @@
 """Decoding: every input becomes a Record or a DecodeError with a reason — nothing else."""
 
 import json
+import unicodedata
 
 import pytest
 from hypothesis import given
@@ -64,7 +65,8 @@ def test_configurable_field_names():
         (b'{"text": "a", "label": [1]}', Reason.INVALID_LABEL),
         (b'{"text": "a", "label": 1.5}', Reason.INVALID_LABEL),
         (b'{"text": "a", "id": {"x": 1}}', Reason.INVALID_ID),
-        (b'{"text": "a", "ts": "yesterday"}', Reason.INVALID_TIMESTAMP),
+        (b'{"text": "a", "ts": true}', Reason.INVALID_TIMESTAMP),
+        (b'{"text": "a", "ts": [1]}', Reason.INVALID_TIMESTAMP),
         (b'{"label": "spam"}', Reason.LABEL_WITHOUT_ID),
         (b'{"text": "\\ud800"}', Reason.INVALID_UTF8),
     ],
@@ -130,11 +132,87 @@ def test_any_json_object_decodes_or_fails_with_a_reason(obj):
 no_surrogates = st.characters(blacklist_categories=("Cs",))
 
 
+def has_content(text: str) -> bool:
+    return any(unicodedata.category(c) not in ("Zs", "Zl", "Zp", "Cc", "Cf") for c in text)
+
+
 @given(
-    st.text(no_surrogates, min_size=1, max_size=50).filter(str.strip),
+    st.text(no_surrogates, min_size=1, max_size=50).filter(has_content),
     st.one_of(st.none(), st.text(no_surrogates, min_size=1, max_size=10), st.integers(-1000, 1000)),
     st.one_of(st.none(), st.text(no_surrogates, min_size=1, max_size=10)),
 )
 def test_encode_decode_round_trip(text, label, record_id):
     record = Record(record_id, text, label, 1234.5)
     assert decoder.decode(decoder.encode(record)) == record
+
+
+# --- quiet losses: byte-order marks, deep nesting, texts without content ------------------------
+
+BOM = b"\xef\xbb\xbf"
+
+
+@given(
+    st.text(no_surrogates, min_size=1, max_size=30).filter(has_content),
+    st.one_of(st.none(), st.text(no_surrogates, min_size=1, max_size=10)),
+    st.one_of(st.none(), st.text(no_surrogates, min_size=1, max_size=10)),
+)
+def test_a_byte_order_mark_before_json_is_dropped(text, label, record_id):
+    raw = decoder.encode(Record(record_id, text, label))
+    assert decoder.decode(BOM + raw) == decoder.decode(raw)
+    assert decoder.decode(BOM + b"  " + raw) == decoder.decode(raw)
+    assert decoder.decode(BOM + b"plain words").text == "plain words"
+    assert reason_of(BOM) == Reason.EMPTY_TEXT
+
+
+def test_a_closed_array_20000_deep_is_invalid_json_not_text():
+    assert reason_of(b"[" * 20000 + b"]" * 20000) == Reason.INVALID_JSON
+    assert reason_of(b'{"text": "x", "a": ' + b"[" * 20000 + b"]" * 20000 + b"}") == (
+        Reason.INVALID_JSON
+    )
+    # Brackets inside strings do not nest; an unclosed run of "[" is no JSON: text.
+    assert decoder.decode(json.dumps({"text": "[" * 20000}).encode()).text == "[" * 20000
+    assert decoder.decode(b"[" * 20000 + b" help").text.endswith("help")
+    strict = Decoder(allow_plain_text=False)
+    assert reason_of(b"[" * 20000 + b" help", strict) == Reason.INVALID_JSON
+
+
+def _nested(depth: int, shape: list[str]) -> str:
+    opening = "".join("[" if shape[i % len(shape)] == "[" else '{"k": ' for i in range(depth))
+    closing = "".join("]" if shape[i % len(shape)] == "[" else "}" for i in reversed(range(depth)))
+    return opening + "1" + closing
+
+
+@given(
+    st.integers(1, 400),
+    st.lists(st.sampled_from(["[", "{"]), min_size=1, max_size=4),
+    st.booleans(),
+)
+def test_json_nested_too_deep_is_invalid_json_whatever_its_shape(depth, shape, in_a_record):
+    limited = Decoder(max_json_depth=100)
+    value = _nested(depth, shape)
+    raw = (f'{{"text": "t", "meta": {value}}}' if in_a_record else value).encode()
+    deepest = depth + in_a_record
+    if deepest > 100:
+        assert reason_of(raw, limited) == Reason.INVALID_JSON
+    elif in_a_record:
+        assert limited.decode(raw).text == "t"
+    else:  # an array or an object without text: refused as before
+        assert reason_of(raw, limited) in (Reason.NOT_AN_OBJECT, Reason.MISSING_TEXT)
+
+
+_NO_CONTENT = st.text(
+    st.sampled_from(["\x00", "\x01", "\x1f", "\x7f", "\x85", "\u200b", "\u200e", "\u2066",
+                     "\ufeff", "\u00ad", " ", "\t", "\n", "\u3000", "\u2028", "\xa0"]),
+    min_size=1,
+    max_size=40,
+)  # fmt: skip
+
+
+@given(_NO_CONTENT)
+def test_a_text_of_control_format_and_space_characters_is_empty(text):
+    assert reason_of(json.dumps({"text": text}).encode()) == Reason.EMPTY_TEXT
+    if text.encode().strip():  # a blank message is empty_message
+        assert reason_of(text.encode()) == Reason.EMPTY_TEXT
+    # One character of content is enough.
+    assert decoder.decode(json.dumps({"text": text + "a" + text}).encode()).text
+    assert decoder.decode(json.dumps({"text": text + "\u0301"}).encode()).text

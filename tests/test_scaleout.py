@@ -196,6 +196,7 @@ def test_sigterm_stops_every_worker_process_cleanly(kafka_broker, kafka_names, t
         sys.executable, "-m", "stream_learner.cli", "run", "--topic", topic,
         "--bootstrap-servers", kafka_broker.bootstrap_servers, "--group-id", f"{kafka_names}-group",
         "--checkpoint-dir", str(tmp_path / "ckpt"), "--session-timeout-ms", "3000", "--processes", "2",
+        "--learners", "nb",
     ]
     with open(log_path, "ab") as log:
         supervisor = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -220,9 +220,11 @@ def test_flags_beat_environment_beat_toml_beat_defaults(tmp_path):
 
 
 def test_secrets_are_never_shown(tmp_path):
+    password_file = tmp_path / "sasl-password"
+    password_file.write_text("hunter2-secret\n")
     config = load_config(
         ["--topic", "t", "--security-protocol", "SASL_SSL", "--sasl-mechanism", "PLAIN",
-         "--sasl-plain-username", "me", "--sasl-plain-password", "hunter2-secret"],
+         "--sasl-plain-username", "me", "--sasl-plain-password-file", str(password_file)],
         environ={"STREAM_LEARNER_SSL_PASSWORD": "key-secret"},
     )
     assert "hunter2-secret" not in repr(config) and "key-secret" not in repr(config)
@@ -275,3 +277,18 @@ def test_any_environment_value_is_accepted_or_a_config_error(value):
     except ConfigError:
         return
     assert config.checkpoint_every_records >= 1
+
+
+def test_an_unreadable_timestamp_is_dropped_and_counted_and_the_record_kept():
+    worker = make_worker()
+    values = [
+        b'{"id": "t1", "text": "good great fine", "label": "pos", "ts": "2016/12/30 7:11"}',
+        b'{"id": "t2", "text": "bad awful poor", "label": "neg", "ts": "the day after"}',
+        b'{"id": "t3", "text": "good nice", "label": "pos", "ts": " 1483081860000 "}',
+    ]
+    source = MemorySource({("in", 0): values})
+    worker.owned = source.assignment()
+    drain(worker, source)
+    assert worker.outputs.sink.on("in.dlq") == []
+    assert worker.summary()["learned"] == 3
+    assert worker.counts["timestamp_dropped"] == 1
