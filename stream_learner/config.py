@@ -77,6 +77,25 @@ def _optional_int(value) -> int | None:
     return None if _optional_text(value) is None else int(value)
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30}
+
+
+def _byte_size(value: str | int) -> int:
+    """Bytes, with an optional unit.
+
+    >>> _byte_size("256MiB"), _byte_size("1.5 GB"), _byte_size(4096)
+    (268435456, 1500000000, 4096)
+    """
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().lower()
+    number = text.rstrip("kmgib ")
+    unit = text[len(number):].strip()
+    if unit not in _BYTE_UNITS or not number:
+        raise ValueError(f"not a size in bytes: {value!r} (e.g. 268435456, 256MiB, 1GB)")
+    return int(float(number) * _BYTE_UNITS[unit])
+
+
 @dataclasses.dataclass(frozen=True)
 class _Option:
     name: str
@@ -100,7 +119,9 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("drift_reaction", str, "alert | reset | background"),
     _Option("window", int, "rolling-accuracy window, records"),
     _Option("label_buffer_size", int, "most predicted records kept waiting for a late label"),
+    _Option("label_buffer_bytes", _byte_size, "most bytes the records waiting for a late label take (their features kept as arrays; KiB/MiB/GiB allowed); the oldest are evicted"),
     _Option("label_ttl", _optional_float, "seconds a record waits for its label (none: forever)"),
+    _Option("max_classes", int, "most classes the learners learn; a record with a label past them is dead-lettered (too_many_classes)"),
     _Option("seed", int, "random seed of the learners"),
     _Option("checkpoint_dir", Path, "checkpoint directory (one per worker)"),
     _Option("checkpoint_every_records", int, "checkpoint after this many records"),
@@ -169,7 +190,9 @@ class WorkerConfig:
     drift_reaction: str = "alert"
     window: int = 1000
     label_buffer_size: int = 100_000
+    label_buffer_bytes: int = 256 * 2**20
     label_ttl: float | None = 3600.0
+    max_classes: int = 500
     seed: int = 0
     checkpoint_dir: Path = Path("checkpoints")
     # A 2^18-bucket numpy model pickles to ~70 MB: checkpoint by time, with a record cap.
@@ -242,7 +265,7 @@ class WorkerConfig:
             raise ConfigError(str(error)) from None
         if self.fusion_every_seconds <= 0 or self.fusion_full_every_seconds <= 0:
             raise ConfigError("fusion_every_seconds and fusion_full_every_seconds must be positive")
-        for name in ("checkpoint_every_records", "checkpoint_keep", "max_poll_records", "window", "processes"):
+        for name in ("checkpoint_every_records", "checkpoint_keep", "max_poll_records", "window", "processes", "label_buffer_size", "label_buffer_bytes", "max_classes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.fusion_peer_ttl is not None and self.fusion_peer_ttl <= max(self.fusion_every_seconds, self.fusion_full_every_seconds):

@@ -16,10 +16,12 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 
+from .config import _byte_size
 from .drift import DETECTORS, REACTIONS
+from .labels import DEFAULT_MAX_BYTES
 from .records import Record
 from .report import format_table, leaderboard, markdown_report, plot_accuracy
-from .runner import LearnerFailure, StreamProcessor
+from .runner import DEFAULT_MAX_CLASSES, LearnerFailure, RecordRejected, StreamProcessor
 
 __all__ = ["EvaluationResult", "InputProblems", "evaluate", "delay_labels", "add_evaluate_parser"]
 
@@ -34,6 +36,7 @@ class EvaluationResult:
     records: int
     seconds: float
     learner_errors: int
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # reason -> records
 
     @property
     def records_per_s(self) -> float:
@@ -137,6 +140,7 @@ def evaluate(
     :meth:`StreamProcessor.process_many <stream_learner.runner.StreamProcessor.process_many>`
     that many at a time (each batch predicted before it is learned)."""
     learner_errors = 0
+    skipped: collections.Counter = collections.Counter()
     n = 0
     start = time.perf_counter()
     if mini_batch > 1:
@@ -145,23 +149,27 @@ def evaluate(
             results = processor.process_many(batch, [record.ts for record in batch])
             for result in results:
                 n += 1
-                if isinstance(result, LearnerFailure):
+                if isinstance(result, RecordRejected):
+                    skipped[str(result.reason)] += 1
+                elif isinstance(result, LearnerFailure):
                     learner_errors += 1
                     print(f"record {n}: {result}", file=sys.stderr)
             if progress is not None and n // progress_every != (n - len(batch)) // progress_every:
                 progress(n, time.perf_counter() - start, processor)
-        return EvaluationResult(processor, n, time.perf_counter() - start, learner_errors)
+        return EvaluationResult(processor, n, time.perf_counter() - start, learner_errors, skipped)
     process = processor.process
     for n, record in enumerate(records, 1):
         try:
             process(record, now=record.ts)
+        except RecordRejected as rejected:
+            skipped[str(rejected.reason)] += 1
         except LearnerFailure as failure:
             learner_errors += 1
             print(f"record {n}: {failure}", file=sys.stderr)
         if progress is not None and n % progress_every == 0:
             progress(n, time.perf_counter() - start, processor)
     seconds = time.perf_counter() - start
-    return EvaluationResult(processor, n, seconds, learner_errors)
+    return EvaluationResult(processor, n, seconds, learner_errors, skipped)
 
 
 class _RichProgress:
@@ -258,7 +266,7 @@ class _DeprecatedAlias(argparse.Action):
 # Options that change what a run computes, in the order the report's Command: line names them.
 _REPRODUCED = (
     "learners", "serving", "drift_detector", "drift_reaction", "window", "series_every",
-    "labels_delay", "limit", "mini_batch", "seed", "fmt", "on_error", "on_oversize",
+    "labels_delay", "label_buffer_bytes", "max_classes", "limit", "mini_batch", "seed", "fmt", "on_error", "on_oversize",
     "text_field", "label_field", "id_field", "ts_field",
 )  # fmt: skip
 
@@ -330,6 +338,22 @@ def add_evaluate_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--limit", type=int, default=None, help="stop after N records (default: all)"
+    )
+    parser.add_argument(
+        "--label-buffer-bytes",
+        type=_byte_size,
+        default=DEFAULT_MAX_BYTES,
+        metavar="BYTES",
+        help="most bytes the records waiting for a delayed label take; the oldest are evicted "
+        "(KiB/MiB/GiB allowed; default 256MiB)",
+    )
+    parser.add_argument(
+        "--max-classes",
+        type=int,
+        default=DEFAULT_MAX_CLASSES,
+        metavar="N",
+        help="most classes learned; records with a label past them are skipped "
+        "(too_many_classes) (default %(default)s)",
     )
     parser.add_argument(
         "--mini-batch",
@@ -427,6 +451,8 @@ def _run(args) -> int:
             window=args.window,
             series_every=args.series_every,
             label_ttl=None,
+            label_buffer_bytes=args.label_buffer_bytes,
+            max_classes=args.max_classes,
             seed=args.seed,
         )
     except ValueError as error:
@@ -481,6 +507,9 @@ def _run(args) -> int:
         print(
             f"delayed labels: joined {buffer['joined']:,}, unmatched {buffer['unmatched']:,}, evicted {buffer['evicted']:,}"
         )
+    drifts = sum(row["drifts"] for row in processor.learner_stats().values())
+    if drifts > len(processor.drift_events):
+        print(f"{drifts:,} drift events; the newest {len(processor.drift_events):,}:")
     for event in processor.drift_events:
         after = "" if event.accuracy_after is None else f" → {event.accuracy_after:.3f}"
         print(
@@ -488,6 +517,8 @@ def _run(args) -> int:
         )
     if result.learner_errors:
         print(f"{result.learner_errors} records made a learner fail (see stderr)")
+    for reason, count in sorted(result.skipped.items()):
+        print(f"{count:,} records skipped: {reason}")
     for line in problems.lines():
         print(line)
     if args.plot:

@@ -330,6 +330,11 @@ class StreamMetrics:
             "label_buffer_records", "Predictions waiting for their delayed label.",
             namespace=ns, registry=reg,
         )  # fmt: skip
+        self.label_buffer_bytes = Gauge(
+            "label_buffer_bytes",
+            "Bytes the predictions waiting for their delayed label take (bounded by --label-buffer-bytes).",
+            namespace=ns, registry=reg,
+        )  # fmt: skip
         self.label_buffer_expired = Counter(
             "label_buffer_expired", "Waiting predictions dropped because their label TTL passed.",
             namespace=ns, registry=reg,
@@ -491,7 +496,7 @@ class StreamMetrics:
         self.output_errors.labels(output=output, reason=reason).inc(n)
 
     def set_label_buffer(self, stats: Mapping) -> None:
-        """Publish ``StreamProcessor.label_buffer_stats()`` (``size`` and cumulative
+        """Publish ``StreamProcessor.label_buffer_stats()`` (``size``, ``bytes`` and cumulative
         ``expired``, ``evicted``, ``unmatched``).
 
         The cumulative counts are turned into counter increments. The first call sets the
@@ -501,6 +506,8 @@ class StreamMetrics:
         size = stats.get("size")
         if size is not None:
             self.label_buffer_size.set(size)
+        if stats.get("bytes") is not None:
+            self.label_buffer_bytes.set(stats["bytes"])
         current = {key: float(stats.get(key) or 0) for key in ("expired", "evicted", "unmatched")}
         with self._lock:
             previous = self._label_buffer_previous

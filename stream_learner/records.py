@@ -71,6 +71,8 @@ class Reason(enum.StrEnum):
     LABEL_WITHOUT_ID = "label_without_id"
     # Not raised by the decoder; used by the runner for records a learner could not handle.
     LEARNER_ERROR = "learner_error"
+    # Not raised by the decoder; a label past the runner's cap on classes (--max-classes).
+    TOO_MANY_CLASSES = "too_many_classes"
 
 
 def json_type(value) -> str:

@@ -32,7 +32,7 @@ from river import base, compose
 from .drift import REACTIONS, DriftEvent, DriftMonitor, Signal
 from .evaluation import PrequentialScore
 from .features import TextFeaturizer
-from .labels import LabelBuffer
+from .labels import DEFAULT_MAX_BYTES, LabelBuffer
 from .learners import make_learner
 from .records import Reason, Record
 
@@ -42,10 +42,19 @@ __all__ = [
     "Prediction",
     "ProcessResult",
     "LearnerFailure",
+    "RecordRejected",
     "SERVING_POLICIES",
+    "DEFAULT_MAX_CLASSES",
 ]
 
 SERVING_POLICIES = ("leader", "ensemble", "fixed:<learner>")
+
+#: Every learner's tables grow with each class (scoring a record costs time per class too):
+#: a stream of fresh labels would grow them without end.
+DEFAULT_MAX_CLASSES = 500
+
+#: Drift events kept in :attr:`StreamProcessor.drift_events` (and so in checkpoints).
+DEFAULT_DRIFT_EVENTS_KEPT = 1000
 
 
 class Outcome(enum.StrEnum):
@@ -78,6 +87,17 @@ class LearnerFailure(Exception):
         super().__init__(f"learner {learner!r} failed: {type(error).__name__}: {error}")
         self.learner = learner
         self.detail = f"{learner}: {type(error).__name__}: {error}"[:500]
+
+
+class RecordRejected(LearnerFailure):
+    """A record refused before any learner saw it: neither predicted nor learned. The caller
+    dead-letters it with :attr:`reason` (as any :class:`LearnerFailure`) and goes on."""
+
+    def __init__(self, reason: Reason, detail: str):
+        Exception.__init__(self, f"{reason.value}: {detail}")
+        self.learner = None
+        self.reason = reason
+        self.detail = detail[:500]
 
 
 def _split_featurizer(model: base.Classifier):
@@ -177,8 +197,13 @@ class StreamProcessor:
     window
         Rolling-accuracy window, also the delay after which a drift event's
         ``accuracy_after`` is taken.
-    label_buffer_size, label_ttl
-        Bounds of the delayed-label buffer.
+    label_buffer_size, label_buffer_bytes, label_ttl
+        Bounds of the delayed-label buffer: records, bytes, seconds.
+    max_classes
+        Most classes learned: a record whose label would be one more is rejected
+        (:class:`RecordRejected`, reason ``too_many_classes``); known classes stay learnable.
+    drift_events_kept
+        Newest drift events kept in :attr:`drift_events`.
     series_every
         Append a row per learner to :attr:`series` every this many labelled records.
     ensemble_temperature
@@ -197,6 +222,9 @@ class StreamProcessor:
         window: int = 1000,
         label_buffer_size: int = 100_000,
         label_ttl: float | None = 3600.0,
+        label_buffer_bytes: int = DEFAULT_MAX_BYTES,
+        max_classes: int = DEFAULT_MAX_CLASSES,
+        drift_events_kept: int = DEFAULT_DRIFT_EVENTS_KEPT,
         series_every: int = 200,
         series_max_rows: int = 200_000,
         ensemble_temperature: float = 0.05,
@@ -235,13 +263,46 @@ class StreamProcessor:
             _Slot(name, model, window, detector, seed) for name, model in learners.items()
         ]
         self._served = PrequentialScore(window=window)
-        self.labels = LabelBuffer(label_buffer_size, label_ttl)
+        if max_classes < 1 or drift_events_kept < 1:
+            raise ValueError("max_classes and drift_events_kept must be at least 1")
+        self.labels = LabelBuffer(label_buffer_size, label_ttl, max_bytes=label_buffer_bytes)
+        self.max_classes = max_classes
+        self.classes: dict = {}  # every label learned, in order of arrival
         self.series: collections.deque[dict] = collections.deque(maxlen=series_max_rows)
-        self.drift_events: list[DriftEvent] = []
+        self.drift_events: collections.deque[DriftEvent] = collections.deque(maxlen=drift_events_kept)
         self._awaiting_after: list[tuple[DriftEvent, _Slot, int]] = []
         self.records_seen = 0
         self.model_version = 0
         self.labelled = 0  # records learned from (with their own label or a joined one)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        # Processors pickled before classes, drift events and the label buffer were bounded.
+        if "classes" not in state:
+            self.max_classes = DEFAULT_MAX_CLASSES
+            self.classes = {}
+            for slot in self._slots:
+                self.classes.update(dict.fromkeys(slot.score.per_class()))
+        if not isinstance(self.drift_events, collections.deque):
+            self.drift_events = collections.deque(self.drift_events, maxlen=DEFAULT_DRIFT_EVENTS_KEPT)
+
+    def set_limits(
+        self,
+        *,
+        label_buffer_size: int | None = None,
+        label_buffer_bytes: int | None = None,
+        label_ttl: float | None = None,
+        max_classes: int | None = None,
+    ) -> None:
+        """Apply new bounds to a processor (one restored from a checkpoint takes the worker's
+        configuration). Classes already learned stay learnable even past a lower cap."""
+        self.labels.set_limits(max_entries=label_buffer_size, max_bytes=label_buffer_bytes)
+        if label_ttl is not None:
+            self.labels.ttl = label_ttl
+        if max_classes is not None:
+            if max_classes < 1:
+                raise ValueError("max_classes must be at least 1")
+            self.max_classes = max_classes
 
     # -- public views -------------------------------------------------------------------
 
@@ -308,6 +369,7 @@ class StreamProcessor:
         if now is None:
             now = time.time()
         self.records_seen += 1
+        self._check_label(record)
         if record.is_label_only:
             return self._join(record, now)
 
@@ -335,6 +397,23 @@ class StreamProcessor:
         events = self._learn(features, probas, served, record.label, record.ts or now)
         return ProcessResult(Outcome.LEARNED, served, events)
 
+    def _check_label(self, record: Record) -> None:
+        """Raise :class:`RecordRejected` for a label that would be one class too many; admit
+        the fresh label of a record with text (a label-only record's, once it joins)."""
+        label = record.label
+        if label is None or label in self.classes:
+            return
+        if len(self.classes) >= self.max_classes:
+            if record.is_label_only:
+                self.labels.discard(record.id)  # its prediction will never be learned
+            raise RecordRejected(
+                Reason.TOO_MANY_CLASSES,
+                f"label {str(label)[:100]!r} would be class {len(self.classes) + 1}; "
+                f"at most {self.max_classes} (--max-classes)",
+            )
+        if not record.is_label_only:
+            self.classes[label] = None
+
     def process_many(
         self, records: Sequence[Record], times: Sequence[float | None] | None = None
     ) -> list[ProcessResult | LearnerFailure]:
@@ -360,6 +439,15 @@ class StreamProcessor:
                 self._process_run(records, times, run, results)
                 run = []
                 results[i] = self._process_or_failure(record, times[i])
+            elif record.label is not None and record.label not in self.classes:
+                # Whether a fresh label fits depends on the labels before it, in order.
+                try:
+                    self._check_label(record)
+                except RecordRejected as rejected:
+                    self.records_seen += 1
+                    results[i] = rejected
+                    continue
+                run.append(i)
             else:
                 run.append(i)
         self._process_run(records, times, run, results)
@@ -502,6 +590,7 @@ class StreamProcessor:
         pending = self.labels.pop(record.id, now=now)
         if pending is None:
             return ProcessResult(Outcome.LABEL_UNMATCHED)
+        self.classes[record.label] = None
         events = self._learn(
             pending.features, pending.predictions, pending.served, record.label, record.ts or now
         )

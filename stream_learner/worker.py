@@ -53,7 +53,7 @@ from .checkpoint import (
 from .config import ConfigError, WorkerConfig, add_config_arguments, config_from_args
 from .records import DecodeError, Decoder, Reason, Record
 from .retry import Backoff, FatalBrokerError, fatal_message, is_fatal, retry
-from .runner import LearnerFailure, Outcome, StreamProcessor
+from .runner import LearnerFailure, Outcome, RecordRejected, StreamProcessor
 from .sinks import Outputs, Sink, SinkError
 from .sources import Message, Partition, Source, SourceError, SourceUnavailable
 from .unpickle import module_of_factory
@@ -242,6 +242,9 @@ class Worker:
             self.metrics.drift_detected(event.learner, event.detector, event.time)
 
     def _learner_failed(self, message: Message, failure: LearnerFailure) -> None:
+        if isinstance(failure, RecordRejected):  # bad input, not a fault: the dead letter says it
+            self._dead_letter(message, failure.reason, failure.detail)
+            return
         log.warning("learner error at %s[%d]@%d: %s", message.topic, message.partition, message.offset, failure.detail)
         self._dead_letter(message, failure.reason, failure.detail)
 
@@ -829,7 +832,9 @@ def build_processor(config: WorkerConfig) -> StreamProcessor:
         drift_reaction=config.drift_reaction,
         window=config.window,
         label_buffer_size=config.label_buffer_size,
+        label_buffer_bytes=config.label_buffer_bytes,
         label_ttl=config.label_ttl,
+        max_classes=config.max_classes,
         seed=config.seed,
     )
 
@@ -905,6 +910,11 @@ def run_worker(
                     checkpoint.path, ",".join(processor.learners), ",".join(config.learners),
                 )
                 return 2
+            processor.set_limits(
+                label_buffer_size=config.label_buffer_size,
+                label_buffer_bytes=config.label_buffer_bytes,
+                max_classes=config.max_classes,
+            )
             offsets, counts = checkpoint.offsets, state.get("counts", {})
             fusion_state = state.get("fusion")
             log.info("resuming after %d messages", counts.get("messages", 0))

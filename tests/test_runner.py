@@ -108,7 +108,7 @@ def test_unmatched_evicted_and_expired_labels_are_counted():
     assert processor.process(Record("zzz", None, "x"), now=3.0).outcome == Outcome.LABEL_UNMATCHED
     assert processor.process(Record("c", None, "x"), now=100.0).outcome == Outcome.LABEL_UNMATCHED
     stats = processor.label_buffer_stats()
-    assert stats == {"size": 0, "evicted": 1, "expired": 2, "unmatched": 3, "joined": 0}
+    assert stats == {"size": 0, "evicted": 1, "expired": 2, "unmatched": 3, "joined": 0, "bytes": 0}
 
 
 def test_a_failing_learner_raises_learner_failure_and_the_others_go_on():
