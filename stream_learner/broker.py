@@ -158,6 +158,18 @@ def wait_for_broker(
             time.sleep(0.1)
 
 
+def existing_topics(bootstrap_servers: str, client_options: Mapping | None = None) -> set[str]:
+    """The names of the topics the cluster has. Asks for all topics' metadata, which (unlike a
+    request naming a topic) never makes a broker that auto-creates topics create one."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, **dict(client_options or {}))
+    try:
+        return set(admin.list_topics())
+    finally:
+        admin.close()
+
+
 def create_topics(
     bootstrap_servers: str,
     topics: Mapping[str, int],

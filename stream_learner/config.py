@@ -109,6 +109,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("topics", _csv, "input topic(s), comma-separated"),
     _Option("labels_topic", _optional_text, "topic of late label-only records (default: the input topics)"),
     _Option("group_id", str, "Kafka consumer group"),
+    _Option("create_topics", _bool, "create missing input topics (one partition each) instead of refusing to start"),
     _Option("text_field", str, "JSON field of the messages holding the text"),
     _Option("label_field", str, "JSON field holding the label"),
     _Option("id_field", str, "JSON field holding the record id (joins late labels, keys the outputs)"),
@@ -180,6 +181,7 @@ class WorkerConfig:
     bootstrap_servers: str = "127.0.0.1:9092"
     labels_topic: str | None = None
     group_id: str = "stream-learner"
+    create_topics: bool = False
     text_field: str = "text"
     label_field: str = "label"
     id_field: str = "id"

@@ -22,7 +22,14 @@ from river import base, compose, ensemble, linear_model, multiclass, optim, tree
 from . import naive_bayes
 from .features import TextFeaturizer
 
-__all__ = ["LearnerSpec", "register", "make_learner", "available_learners", "LearnerError"]
+__all__ = [
+    "LearnerSpec",
+    "register",
+    "make_learner",
+    "check_learner",
+    "available_learners",
+    "LearnerError",
+]
 
 
 class LearnerError(ValueError):
@@ -57,32 +64,61 @@ def available_learners() -> dict[str, LearnerSpec]:
 def make_learner(spec: str, *, seed: int = 0, n_buckets: int = 2**18) -> base.Classifier:
     """Build a learner from a registry name, ``module:factory``, or the path of a model saved
     with :func:`stream_learner.neural.save` (``*.npz``: warm start from it)."""
+    return _builder(spec)(seed, n_buckets)
+
+
+def check_learner(spec: str) -> None:
+    """Raise :class:`LearnerError` where :func:`make_learner` would not find ``spec``, without
+    building it (a command checks its options before it allocates or writes anything).
+
+    >>> check_learner("nb")
+    >>> check_learner("nb2")
+    Traceback (most recent call last):
+    ...
+    stream_learner.learners.LearnerError: unknown learner 'nb2'; known: ...
+    """
+    _builder(spec)
+
+
+def _builder(spec: str) -> Callable[[int, int], base.Classifier]:
     _load_plugins()
     if spec in _REGISTRY:
-        return _REGISTRY[spec].factory(seed=seed, n_buckets=n_buckets)
+        factory = _REGISTRY[spec].factory
+        return lambda seed, n_buckets: factory(seed=seed, n_buckets=n_buckets)
     if spec.endswith(".npz"):
-        from .neural import load
-        from .neural_format import NeuralFormatError
+        import os
 
-        try:
-            model = load(spec)
-        except (OSError, NeuralFormatError) as error:
-            raise LearnerError(f"cannot load saved model {spec!r}: {error}") from error
-        if not isinstance(model, compose.Pipeline):
-            raise LearnerError(f"{spec!r} holds a bare classifier; save the text pipeline")
-        return model
+        if not os.path.isfile(spec):
+            raise LearnerError(f"cannot load saved model {spec!r}: no such file")
+        return lambda seed, n_buckets: _load_saved(spec)
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         try:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as error:
             raise LearnerError(f"cannot load learner factory {spec!r}: {error}") from error
-        model = factory()
-        if not isinstance(model, base.Classifier):
-            raise LearnerError(f"{spec!r} returned {type(model).__name__}, not a River classifier")
-        return model
+        return lambda seed, n_buckets: _checked_model(spec, factory())
     known = ", ".join(available_learners())
     raise LearnerError(f"unknown learner {spec!r}; known: {known}; or module:factory, or a saved model.npz")
+
+
+def _load_saved(spec: str) -> base.Classifier:
+    from .neural import load
+    from .neural_format import NeuralFormatError
+
+    try:
+        model = load(spec)
+    except (OSError, NeuralFormatError) as error:
+        raise LearnerError(f"cannot load saved model {spec!r}: {error}") from error
+    if not isinstance(model, compose.Pipeline):
+        raise LearnerError(f"{spec!r} holds a bare classifier; save the text pipeline")
+    return model
+
+
+def _checked_model(spec: str, model) -> base.Classifier:
+    if not isinstance(model, base.Classifier):
+        raise LearnerError(f"{spec!r} returned {type(model).__name__}, not a River classifier")
+    return model
 
 
 _PLUGINS_LOADED = False

@@ -34,6 +34,7 @@ from the beginning) from another worker's.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -51,6 +52,7 @@ from .checkpoint import (
     resolve_key,
 )
 from .config import ConfigError, WorkerConfig, add_config_arguments, config_from_args
+from .learners import LearnerError, check_learner
 from .records import DecodeError, Decoder, Reason, Record
 from .retry import Backoff, FatalBrokerError, fatal_message, is_fatal, retry
 from .runner import LearnerFailure, Outcome, RecordRejected, StreamProcessor
@@ -852,6 +854,10 @@ def _with_retries(what: str, connect: Callable[[], object], stop: threading.Even
     )
 
 
+class _Refused(Exception):
+    """A reason not to start, said in one line: the worker exits 2 (restarting cannot help)."""
+
+
 def run_worker(
     config: WorkerConfig,
     *,
@@ -860,158 +866,30 @@ def run_worker(
     progress_every: float = 10.0,
     on_ready: Callable[[Worker], None] | None = None,
 ) -> int:
-    """Run the worker until ``stop`` is set (or idle); returns the exit code."""
+    """Run the worker until ``stop`` is set (or idle); returns the exit code.
+
+    Every resource it opens is closed by one :class:`contextlib.ExitStack`, in reverse order,
+    whichever way it ends; a refusal to start is one log line and exit code 2.
+    """
     stop = stop or threading.Event()
-    try:
-        lock = DirectoryLock(config.checkpoint_dir).acquire()
-    except CheckpointError as error:
-        log.error("%s", error)
-        return 2
-    try:
+    from .metrics import BrokerHealth
+
+    broker = BrokerHealth(timeout=config.broker_timeout, liveness_timeout=config.broker_liveness_timeout)
+    with contextlib.ExitStack() as opened:
         try:
-            key = resolve_key(config.checkpoint_dir, config.checkpoint_key_file, generate=config.generate_key)
-            store = CheckpointStore(
-                config.checkpoint_dir,
-                key,
-                keep=config.checkpoint_keep,
-                trusted_modules=[m for m in map(module_of_factory, config.learners) if m],
-            )
-            checkpoint = store.load_latest()
-        except CheckpointRefused as error:
-            log.error("refusing to start: %s", error)
+            started = _start(config, stop, broker, opened)
+        except (_Refused, FatalBrokerError) as refusal:
+            log.error("%s", refusal)
             return 2
-        except CheckpointError as error:
-            log.error("%s", error)
-            return 2
-        if checkpoint is None and store.had_checkpoints() and not config.allow_fresh_start:
-            log.error(
-                "refusing to start: %s held checkpoints but none is valid (corrupt ones moved aside "
-                "as *.corrupt); pass --allow-fresh-start to start with empty learners",
-                config.checkpoint_dir,
-            )
-            return 2
-        rewind = store.rewind(checkpoint)
-        if rewind:
-            log.warning(
-                "falling back to %s: re-reading %d partition(s) that newer checkpoints covered: %s",
-                checkpoint.path.name if checkpoint is not None else "empty learners",
-                len(rewind),
-                ", ".join(f"{t}[{p}] from {o}" for (t, p), o in sorted(rewind.items())),
-            )
-        if checkpoint is not None:
-            state = checkpoint.state
-            if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-                log.error("checkpoint %s has an unknown format; move it away or use another --checkpoint-dir", checkpoint.path)
-                return 2
-            processor: StreamProcessor = state["processor"]
-            if list(processor.learners) != list(config.learners):
-                log.error(
-                    "checkpoint %s holds learners %s but --learners is %s; use another --checkpoint-dir",
-                    checkpoint.path, ",".join(processor.learners), ",".join(config.learners),
-                )
-                return 2
-            processor.set_limits(
-                label_buffer_size=config.label_buffer_size,
-                label_buffer_bytes=config.label_buffer_bytes,
-                max_classes=config.max_classes,
-            )
-            offsets, counts = checkpoint.offsets, state.get("counts", {})
-            fusion_state = state.get("fusion")
-            log.info("resuming after %d messages", counts.get("messages", 0))
-        else:
-            fusion_state = None
-            try:
-                processor = build_processor(config)
-            except (ValueError, ImportError) as error:
-                log.error("cannot build the learners: %s", error)
-                return 2
-            offsets, counts = {}, {}
-
-        from .metrics import BrokerHealth
-
-        broker = BrokerHealth(timeout=config.broker_timeout, liveness_timeout=config.broker_liveness_timeout)
-        metrics, server, heartbeat, readiness = _start_metrics(config, broker)
-        if readiness is not None:
-            readiness.checkpoint_loaded = True
-
-        fusion = feed = None
-        if config.fusion_rules is not None:
-            try:
-                fusion, feed = _start_fusion(config, key, fusion_state, stop, metrics, broker)
-            except FatalBrokerError as error:
-                log.error("%s", error)
-                if server is not None:
-                    server.stop()
-                return 2
-            if fusion is None:
-                return 0
-        try:
-            sink = _with_retries("producer", lambda: make_sink(config), stop, broker)
-        except (ConfigError, ValueError, FatalBrokerError) as error:  # a client that cannot be built as configured
-            log.error("%s", error)
-            if feed is not None:
-                feed.stop()
-            if server is not None:
-                server.stop()
-            return 2
-        if sink is None:
-            if feed is not None:
-                feed.stop()
+        if started is None:  # stopped while waiting for the broker
             return 0
-        outputs = Outputs(
-            sink,
-            predictions_topic=config.predictions_topic,
-            dead_letter_topic=config.dead_letter_topic,
-            drift_topic=config.drift_topic,
-        )
-        worker = Worker(
-            processor,
-            outputs,
-            store,
-            decoder=config.decoder(),
-            offsets=offsets,
-            counts=counts,
-            checkpoint_every_records=config.checkpoint_every_records,
-            checkpoint_every_seconds=config.checkpoint_every_seconds,
-            metrics=metrics,
-            readiness=readiness,
-            broker=broker,
-            fusion=fusion,
-            model_feed=feed,
-            models_topic=config.models_topic,
-            mini_batch=config.mini_batch,
-            max_event_time_skew=config.max_event_time_skew,
-            name=worker_id(config),
-            rewind=rewind,
-            loaded_sequence=checkpoint.sequence if checkpoint is not None else 0,
-        )
-        try:
-            source = _with_retries("consumer", lambda: make_source(config, worker), stop, broker)
-        except FatalBrokerError as error:
-            log.error("%s", error)
-            sink.close()
-            if feed is not None:
-                feed.stop()
-            if server is not None:
-                server.stop()
-            return 2
-        if source is None:
-            sink.close()
-            if feed is not None:
-                feed.stop()
-            return 0
-        if readiness is not None:
-            readiness.broker_reachable = True
-        worker.metrics_url = server.url if server is not None else None
-        log.info(
-            "worker up: topics %s, group %s, learners %s, checkpoints in %s",
-            ",".join(config.input_topics), config.group_id, ",".join(config.learners), config.checkpoint_dir,
-        )
+        worker, source, sink, heartbeat = started
         if on_ready is not None:
             on_ready(worker)
         # Bounds the whole shutdown from the moment the stop is asked for, so a checkpoint in
         # progress then counts too.
         watchdog = _Watchdog(config.shutdown_timeout, stop, children=(source, sink))
+        opened.callback(watchdog.cancel)
         source_failed = fatal = False
         try:
             worker.run(
@@ -1031,23 +909,171 @@ def run_worker(
             fatal = True
         finally:
             watchdog.arm()  # also when the loop ended by itself (idle, a dead consumer process)
-            try:
-                clean = worker.shutdown(source, sink, deadline=watchdog.deadline)
-            finally:
-                watchdog.cancel()
-                if feed is not None:
-                    feed.stop()
-                if heartbeat is not None:
-                    heartbeat.stop("worker stopped")
-                if server is not None:
-                    server.stop()
+            clean = worker.shutdown(source, sink, deadline=watchdog.deadline)
         summary = worker.summary()
         log.info("stopped: %s", ", ".join(f"{k} {v:,}" for k, v in summary.items()))
         if fatal:
             return 2
         return 0 if clean and not source_failed else 1
-    finally:
-        lock.release()
+
+
+def _start(config: WorkerConfig, stop: threading.Event, broker, opened: contextlib.ExitStack):
+    """Everything before the first poll, in an order that writes nothing until the settings
+    are known to be good: learners, metrics port, lock, key and checkpoint, fusion, producer,
+    input topics, consumer. Each resource is handed to ``opened`` as it is made. Returns
+    ``(worker, source, sink, heartbeat)``, or None if stopped while waiting for the broker."""
+    for spec in config.learners:
+        try:
+            check_learner(spec)
+        except LearnerError as error:
+            raise _Refused(f"cannot build the learners: {error}") from None
+    try:
+        metrics, server, heartbeat, readiness = _start_metrics(config, broker)
+    except OSError as error:
+        raise _Refused(
+            f"cannot serve metrics on {config.metrics_host} port {config.metrics_port}: "
+            f"{error.strerror or error}; choose another with --metrics-port (0: a free port)"
+        ) from None
+    if server is not None:
+        opened.callback(server.stop)
+    if heartbeat is not None:
+        opened.callback(heartbeat.stop, "worker stopped")
+    try:
+        opened.callback(DirectoryLock(config.checkpoint_dir).acquire().release)
+        key = resolve_key(config.checkpoint_dir, config.checkpoint_key_file, generate=config.generate_key)
+        store = CheckpointStore(
+            config.checkpoint_dir,
+            key,
+            keep=config.checkpoint_keep,
+            trusted_modules=[m for m in map(module_of_factory, config.learners) if m],
+        )
+        checkpoint = store.load_latest()
+    except CheckpointRefused as error:
+        raise _Refused(f"refusing to start: {error}") from None
+    except CheckpointError as error:
+        raise _Refused(str(error)) from None
+    if checkpoint is None and store.had_checkpoints() and not config.allow_fresh_start:
+        raise _Refused(
+            f"refusing to start: {config.checkpoint_dir} held checkpoints but none is valid (corrupt "
+            "ones moved aside as *.corrupt); pass --allow-fresh-start to start with empty learners"
+        )
+    rewind = store.rewind(checkpoint)
+    if rewind:
+        log.warning(
+            "falling back to %s: re-reading %d partition(s) that newer checkpoints covered: %s",
+            checkpoint.path.name if checkpoint is not None else "empty learners",
+            len(rewind),
+            ", ".join(f"{t}[{p}] from {o}" for (t, p), o in sorted(rewind.items())),
+        )
+    processor, offsets, counts, fusion_state = _restore(config, checkpoint)
+    if readiness is not None:
+        readiness.checkpoint_loaded = True
+
+    fusion = feed = None
+    if config.fusion_rules is not None:
+        fusion, feed = _start_fusion(config, key, fusion_state, stop, metrics, broker)
+        if fusion is None:
+            return None
+        opened.callback(feed.stop)
+    try:
+        sink = _with_retries("producer", lambda: make_sink(config), stop, broker)
+    except (ConfigError, ValueError) as error:  # a client that cannot be built as configured
+        raise _Refused(str(error)) from None
+    if sink is None:
+        return None
+    # The worker's shutdown closes the sink once it owns it; until then, closing is ours.
+    owned = {"sink": True}
+    opened.callback(lambda: owned["sink"] and sink.close())
+    worker = Worker(
+        processor,
+        Outputs(
+            sink,
+            predictions_topic=config.predictions_topic,
+            dead_letter_topic=config.dead_letter_topic,
+            drift_topic=config.drift_topic,
+        ),
+        store,
+        decoder=config.decoder(),
+        offsets=offsets,
+        counts=counts,
+        checkpoint_every_records=config.checkpoint_every_records,
+        checkpoint_every_seconds=config.checkpoint_every_seconds,
+        metrics=metrics,
+        readiness=readiness,
+        broker=broker,
+        fusion=fusion,
+        model_feed=feed,
+        models_topic=config.models_topic,
+        mini_batch=config.mini_batch,
+        max_event_time_skew=config.max_event_time_skew,
+        name=worker_id(config),
+        rewind=rewind,
+        loaded_sequence=checkpoint.sequence if checkpoint is not None else 0,
+    )
+    try:
+        if _with_retries("topics", lambda: _ensure_input_topics(config), stop, broker) is None:
+            return None
+    except ConfigError as error:
+        raise _Refused(str(error)) from None
+    source = _with_retries("consumer", lambda: make_source(config, worker), stop, broker)
+    if source is None:
+        return None
+    owned["sink"] = False
+    if readiness is not None:
+        readiness.broker_reachable = True
+    worker.metrics_url = server.url if server is not None else None
+    log.info(
+        "worker up: topics %s, group %s, learners %s, checkpoints in %s",
+        ",".join(config.input_topics), config.group_id, ",".join(config.learners), config.checkpoint_dir,
+    )
+    return worker, source, sink, heartbeat
+
+
+def _restore(config: WorkerConfig, checkpoint):
+    """``(processor, offsets, counts, fusion state)`` from the checkpoint, or fresh ones."""
+    if checkpoint is None:
+        try:
+            return build_processor(config), {}, {}, None
+        except (ValueError, ImportError) as error:
+            raise _Refused(f"cannot build the learners: {error}") from None
+    state = checkpoint.state
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise _Refused(
+            f"checkpoint {checkpoint.path} has an unknown format; move it away or use another "
+            "--checkpoint-dir"
+        )
+    processor: StreamProcessor = state["processor"]
+    if list(processor.learners) != list(config.learners):
+        raise _Refused(
+            f"checkpoint {checkpoint.path} holds learners {','.join(processor.learners)} but "
+            f"--learners is {','.join(config.learners)}; use another --checkpoint-dir"
+        )
+    processor.set_limits(
+        label_buffer_size=config.label_buffer_size,
+        label_buffer_bytes=config.label_buffer_bytes,
+        max_classes=config.max_classes,
+    )
+    counts = state.get("counts", {})
+    log.info("resuming after %d messages", counts.get("messages", 0))
+    return processor, checkpoint.offsets, counts, state.get("fusion")
+
+
+def _ensure_input_topics(config: WorkerConfig) -> bool:
+    """Refuse input topics the cluster does not have (a typo would otherwise be assigned
+    auto-created empty partitions and look healthy), or create them with --create-topics."""
+    from .broker import create_topics, existing_topics
+
+    missing = sorted(set(config.input_topics) - existing_topics(config.bootstrap_servers, config.client_options()))
+    if not missing:
+        return True
+    if not config.create_topics:
+        raise ConfigError(
+            f"input topic {', '.join(missing)} does not exist on {config.bootstrap_servers}; "
+            "check --topic / --labels-topic, or give --create-topics to create it"
+        )
+    create_topics(config.bootstrap_servers, dict.fromkeys(missing, 1), client_options=config.client_options())
+    log.info("created input topic %s (one partition)", ", ".join(missing))
+    return True
 
 
 def worker_id(config: WorkerConfig) -> str:

@@ -55,6 +55,8 @@ def _config(broker, names, checkpoint_dir, client="kafka-python", *extra):
             client,
             "--worker-id",
             "node-a",
+            "--learners",
+            "nb",
             "--checkpoint-key-file",
             _key_file(checkpoint_dir),
             *extra,

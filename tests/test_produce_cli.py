@@ -48,7 +48,7 @@ def test_field_names_reach_the_worker_through_the_broker(kafka_broker, kafka_nam
     os.environ["STREAM_LEARNER_CHECKPOINT_KEY"] = KEY
     config = load_config(
         ["--topic", topic, "--bootstrap-servers", kafka_broker.bootstrap_servers, "--group-id", f"{kafka_names}-g",
-         "--checkpoint-dir", str(tmp_path / "ckpt"), "--session-timeout-ms", "3000", "--stop-when-idle", "3", *FIELDS],
+         "--checkpoint-dir", str(tmp_path / "ckpt"), "--session-timeout-ms", "3000", "--stop-when-idle", "3", "--learners", "nb", *FIELDS],
         environ={"STREAM_LEARNER_CHECKPOINT_KEY": KEY},
     )  # fmt: skip
     captured = {}
