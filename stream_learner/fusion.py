@@ -574,52 +574,17 @@ class SnapshotAssembler:
         return tombstone
 
 
-# Classes (and a few functions) an ensemble snapshot may name: River's estimators and their
-# internals, the project's own classifiers, numpy arrays and generators, plain containers.
-# Anything else is refused before it is looked up, so a signed pickle cannot run code.
-_ALLOWED_MODULE_PREFIXES = ("river.", "stream_learner.naive_bayes", "stream_learner.neural")
-_ALLOWED_GLOBALS = {
-    ("builtins", name)
-    for name in ("bool", "bytearray", "bytes", "complex", "dict", "float", "frozenset", "int", "list",
-                 "object", "range", "set", "slice", "str", "tuple")
-} | {
-    ("collections", "Counter"), ("collections", "OrderedDict"), ("collections", "defaultdict"),
-    ("collections", "deque"), ("copy", "deepcopy"), ("copyreg", "_reconstructor"), ("functools", "partial"),
-    ("random", "Random"), ("numpy", "dtype"), ("numpy", "ndarray"),
-    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
-    ("numpy.random._pickle", "__generator_ctor"), ("numpy.random._pickle", "__bit_generator_ctor"),
-    ("numpy.random._pickle", "__randomstate_ctor"), ("numpy.random._pcg64", "PCG64"),
-    ("numpy.random._mt19937", "MT19937"), ("numpy.random.bit_generator", "__pyx_unpickle_SeedSequence"),
-    ("numpy.random.bit_generator", "SeedSequence"), ("numpy.random._generator", "Generator"),
-}  # fmt: skip
-
-
-def _model_attribute(owner, name: str):
-    """``getattr`` as pickles of River's models use it (a bound method of a model's own)."""
-    cls = owner if isinstance(owner, type) else type(owner)
-    if not cls.__module__.startswith(_ALLOWED_MODULE_PREFIXES) or not isinstance(name, str) or name.startswith("__"):
-        raise SnapshotRejected("unsafe", f"ensemble snapshot asks for attribute {name!r} of a {cls.__name__}")
-    return getattr(owner, name)
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if (module, name) == ("builtins", "getattr"):
-            return _model_attribute
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        if module.startswith(_ALLOWED_MODULE_PREFIXES) and not name.startswith("_"):
-            found = super().find_class(module, name)
-            if isinstance(found, type):
-                return found
-        raise SnapshotRejected("unsafe", f"ensemble snapshot names {module}.{name}, which a model never holds")
-
-
 def restricted_loads(data: bytes):
-    """Unpickle an ensemble snapshot, allowing only the classes a classifier holds."""
-    return _RestrictedUnpickler(io.BytesIO(data)).load()
+    """Unpickle an ensemble snapshot through the checkpoints' allow-list (River's estimators
+    and their internals, the project's own classes, numpy values, plain containers): a signed
+    pickle cannot run code, and a refused one is dropped as ``unsafe``."""
+    from .unpickle import UnpicklingRefused
+    from .unpickle import restricted_loads as load_allowed
+
+    try:
+        return load_allowed(data)
+    except UnpicklingRefused as error:
+        raise SnapshotRejected("unsafe", f"ensemble snapshot: {error}") from None
 
 
 def decode_payload(snapshot: PeerSnapshot):
