@@ -144,24 +144,27 @@ _BEYOND_BMP = re.compile("[\U00010000-\U0010ffff]")
 
 def _nfkc_casefold(text: str) -> str:
     """``text`` in NFKC, case-folded; runs of more than 30 combining marks cut to 30."""
-    long_run = _LONG_MARK_RUN if _BEYOND_BMP.search(text) else _LONG_BMP_MARK_RUN
-    if long_run.search(text):
+    # One scan for what ordinary text seldom holds: combining marks, characters beyond the
+    # BMP, characters NFKC expands to 4 or more; each is looked for from the first of them.
+    found = _MARK_OR_BEYOND_BMP_OR_EXPANDING.search(text)
+    if found is None:
+        return unicodedata.normalize("NFKC", text).casefold()
+    start = found.start()
+    long_run = _LONG_MARK_RUN if _BEYOND_BMP.search(text, start) else _LONG_BMP_MARK_RUN
+    if long_run.search(text, start):
         text = long_run.sub(r"\1", text)
-    if len(text) >= _EXPAND_AHEAD_FROM:
-        table, expander = _nfkc_expansions()
-        if expander.search(text):
-            text = text.translate(table)
+    expands = _EXPANDING.search(text, start) is not None
+    if expands and len(text) >= _EXPAND_AHEAD_FROM:
+        text = text.translate(_NFKC_EXPANSIONS)
     return unicodedata.normalize("NFKC", text).casefold()
 
 
-@functools.cache
-def _nfkc_expansions() -> tuple[dict[int, str], re.Pattern]:
+def _nfkc_expansions() -> dict[int, str]:
     """Characters whose NFKC form is 4 characters or more (U+FDFA: 18) and that NFKC maps
     alone: their forms neither start with what composes with a preceding character nor end
     with what composes with or is reordered against a following one (tested). CPython's NFKC
     takes about 60 ns per character it writes; ``str.translate`` writes these forms at a
-    fraction of that, and NFKC then finds them normalized already. Built on first use (40 ms)
-    → (code point → form, a pattern matching those characters)."""
+    fraction of that, and NFKC then finds them normalized already (code point → form)."""
     firsts, seconds, long_forms = set(), set(), []
     for code in range(0x20000):  # all canonical pairs and long forms lie below U+20000 (tested)
         mapping = unicodedata.decomposition(chr(code))
@@ -191,9 +194,19 @@ def _nfkc_expansions() -> tuple[dict[int, str], re.Pattern]:
             for s in ends
         ):  # fmt: skip
             table[code] = form
-    return table, re.compile(f"[{_ranges_class(sorted(table))}]")
+    return table
 
 
+_NFKC_EXPANSIONS = _nfkc_expansions()
+_EXPANDING = re.compile(f"[{_ranges_class(sorted(_NFKC_EXPANSIONS))}]")
+_MARK_OR_BEYOND_BMP_OR_EXPANDING = re.compile(
+    f"[{_ranges_class(c for c in _MARK_CODES if c <= 0xFFFF)}\U00010000-\U0010ffff"
+    f"{_ranges_class(sorted(_NFKC_EXPANSIONS))}]"
+)
+
+
+# Characters from which transform_one counts repeated chunks, tokens and word pairs once.
+_COUNT_FROM = 1024
 _EXPAND_AHEAD_FROM = 256  # characters: below, NFKC's own expansion costs next to nothing
 
 # Ends each text of a batch. Should a text hold the same chunk, buckets_many finds more ends
@@ -523,7 +536,9 @@ class TextFeaturizer(base.Transformer):
 
     def buckets(self, text: str) -> list[int]:
         """Bucket ids of every feature of ``text``, with repeats, in order."""
-        tokens = self.tokens(text)
+        return self._token_buckets(self.tokens(text))
+
+    def _token_buckets(self, tokens: list[str]) -> list[int]:
         hashes = self._hashes(tokens)
         n = self.n_buckets
         out = [h % n for h in hashes]
@@ -551,6 +566,56 @@ class TextFeaturizer(base.Transformer):
                     grams.extend(word[i : i + size] for i in range(len(word) - size + 1))
             out.extend(h % n for h in self._hashes(grams))
         return out
+
+    def _long_text_counts(self, text: str) -> collections.Counter:
+        """``Counter(self.buckets(text))``: the same counts in the same order. A text with many
+        tokens per character has short ones, so it repeats them: each distinct token and word
+        pair is hashed once, and a text NFKC expanded (U+FDFA: 18 characters, 4 tokens) is
+        tokenized a distinct chunk at a time. Ordinary text takes the path of ``buckets``."""
+        lowered = text.lower() if text.isascii() else _nfkc_casefold(text)
+        tokens = token_counts = None
+        if len(lowered) * 2 > len(text) * 3:
+            tokens, token_counts = self._tokens_by_chunk(lowered)
+        else:
+            tokens = self._split_tokens(lowered)
+            if len(tokens) * 4 < len(lowered):  # ordinary text: 1 token per 5 to 7 characters
+                return collections.Counter(self._token_buckets(tokens))
+        if token_counts is None:
+            token_counts = collections.Counter(tokens)
+        # Insertion order as Counter(buckets) has it: unigrams in order of first occurrence,
+        # then word pairs; learners sum features in this order.
+        hashes = self._hashes(list(token_counts))
+        n = self.n_buckets
+        counts = collections.Counter()
+        get = counts.get
+        for h, count in zip(hashes, token_counts.values(), strict=True):
+            bucket = h % n
+            counts[bucket] = get(bucket, 0) + count
+        if self.word_ngrams >= 2 and len(tokens) > 1:
+            hash_of = dict(zip(token_counts, hashes, strict=True))
+            pairs = collections.Counter(zip(tokens, itertools.islice(tokens, 1, None)))
+            for (a, b), count in pairs.items():
+                bucket = ((((hash_of[a] * 0x01000193) ^ hash_of[b] ^ 2) & _MASK32) * _MIX & _MASK32) % n
+                counts[bucket] = get(bucket, 0) + count
+        return counts
+
+    def _tokens_by_chunk(self, text: str):
+        """``text``'s tokens (None when not needed: word_ngrams=1) and their counts (None when
+        not counted), tokenizing each distinct whitespace-free chunk once when chunks repeat."""
+        chunks = text.split()
+        chunk_counts = collections.Counter(chunks)
+        split = self._split_tokens
+        if len(chunk_counts) * 4 > len(chunks):
+            return split(text), None
+        # The tokens of a text are its chunks' tokens in order (see buckets_many).
+        tokens_of = {chunk: split(chunk) for chunk in chunk_counts}
+        if self.word_ngrams >= 2:
+            return list(itertools.chain.from_iterable(map(tokens_of.__getitem__, chunks))), None
+        token_counts = {}
+        for chunk, count in chunk_counts.items():
+            for token in tokens_of[chunk]:
+                token_counts[token] = token_counts.get(token, 0) + count
+        return None, token_counts
 
     def buckets_many(self, xs) -> BucketBatch:
         """The features of a batch of records in one pass, as a :class:`BucketBatch` whose
@@ -594,12 +659,18 @@ class TextFeaturizer(base.Transformer):
         if self.char_ngrams:
             grams = np.frombuffer(b"".join(map(gram_cache.__getitem__, chunks)), dtype=np.uint32)
         if ends.size != n or (grams is not None and np.count_nonzero(grams == _NOT_A_HASH) != n):
-            lists = [self.buckets(t) if isinstance(t, str) else [] for t in texts]
+            lists = [self._buckets_with_repeats(t) if isinstance(t, str) else [] for t in texts]
             return self._weigh(*_concatenate(lists))
         ids, offsets = self._word_features(hashes, ends)
         if grams is not None:
             ids, offsets = self._add_char_features(ids, offsets, grams)
         return self._weigh(ids, offsets)
+
+    def _buckets_with_repeats(self, text: str) -> list[int]:
+        """``buckets(text)``, in another order for a long text (cheaper on hostile ones)."""
+        if len(text) >= _COUNT_FROM and self.word_ngrams <= 2 and not self.char_ngrams:
+            return list(self._long_text_counts(text).elements())
+        return self.buckets(text)
 
     def _chunk_caches_for(self, chunks: list[str]):
         """The chunk → token hashes and chunk → character n-gram hashes caches. A chunk missing
@@ -718,7 +789,10 @@ class TextFeaturizer(base.Transformer):
         text = x[self.on] if self.on is not None else x
         if not isinstance(text, str):
             return {}
-        counts = collections.Counter(self.buckets(text))
+        if len(text) >= _COUNT_FROM and self.word_ngrams <= 2 and not self.char_ngrams:
+            counts = self._long_text_counts(text)
+        else:
+            counts = collections.Counter(self.buckets(text))
         if self.binary:
             x = dict.fromkeys(counts, 1)
         elif self.norm == "l2" and counts:
@@ -798,6 +872,11 @@ def _hash4(token: str, seed: int) -> bytes:
 
 def _hash_bytes(tokens, seed: int) -> bytes:
     """The mixed hashes of ``tokens`` (what ``_hashes`` gives) as the bytes of a uint32 array."""
+    if len(tokens) > 64:  # a long chunk: each distinct token hashed once
+        distinct = dict.fromkeys(tokens)
+        for token in distinct:
+            distinct[token] = _hash4(token, seed)
+        return b"".join(map(distinct.__getitem__, tokens))
     return b"".join(
         [
             ((zlib.crc32(t.encode("utf-8", "surrogatepass"), seed) * _MIX) & _MASK32).to_bytes(4, "little")
