@@ -593,9 +593,10 @@ class TextFeaturizer(base.Transformer):
             counts[bucket] = get(bucket, 0) + count
         if self.word_ngrams >= 2 and len(tokens) > 1:
             hash_of = dict(zip(token_counts, hashes, strict=True))
-            pairs = collections.Counter(zip(tokens, itertools.islice(tokens, 1, None)))
+            pairs = collections.Counter(zip(tokens, tokens[1:], strict=False))
             for (a, b), count in pairs.items():
-                bucket = ((((hash_of[a] * 0x01000193) ^ hash_of[b] ^ 2) & _MASK32) * _MIX & _MASK32) % n
+                pair = ((hash_of[a] * 0x01000193) ^ hash_of[b] ^ 2) & _MASK32  # as in buckets
+                bucket = (pair * _MIX & _MASK32) % n
                 counts[bucket] = get(bucket, 0) + count
         return counts
 
