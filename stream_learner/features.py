@@ -55,7 +55,8 @@ _EMAIL_DOMAIN = re.compile(r"[\w-]++(?:\.[\w-]++)++")
 # different "@"s do not overlap.
 _EMAIL_AT = re.compile(r"@(?=[\w-]++\.[\w-])")
 _EMAIL_LOCAL_PART = re.compile(r"[\w.+-]++")  # matched on the reversed text, from the "@" back
-_MENTION = re.compile(r"(?<![\w@])@\w++")
+# "(?<![\w@])@\w++" with the "@" first, so that the engine skips to each "@" at C speed.
+_MENTION = re.compile(r"@(?<![\w@]@)\w++")
 # A digit run glued to letters gives back one digit at most before the look-ahead holds, so it
 # is linear; it is left greedy because "10am" -> "__num__ 0am" is what saved models learned.
 _NUMBER = re.compile(r"(?<![^\W\d])\d+(?:[.,:/]\d+)*(?![^\W\d])")
@@ -248,19 +249,17 @@ def _replace_emails(text: str) -> str:
     done = 0  # text[:done] is settled
     reversed_text = None
     size = len(text)
-    candidate = _EMAIL_AT.search(text)
-    while candidate is not None:
+    # A domain holds no "@": the candidates after an address are those after its domain.
+    for candidate in _EMAIL_AT.finditer(text):
         at = candidate.start()
         if at > done:
             if reversed_text is None:
                 reversed_text = text[::-1]
             local = _EMAIL_LOCAL_PART.match(reversed_text, size - at, size - done)
             if local is not None:
-                pieces += (text[done : at - (local.end() - local.start())], " __email__ ")
+                pieces.append(text[done : at - (local.end() - local.start())])
+                pieces.append(" __email__ ")
                 done = _EMAIL_DOMAIN.match(text, at + 1).end()
-                candidate = _EMAIL_AT.search(text, done)
-                continue
-        candidate = _EMAIL_AT.search(text, at + 1)
     if not pieces:
         return text
     pieces.append(text[done:])
