@@ -870,13 +870,24 @@ def _hash4(token: str, seed: int) -> bytes:
     return ((_crc32(token.encode("utf-8", "surrogatepass"), seed) * _MIX) & _MASK32).to_bytes(4, "little")
 
 
+class _HashBytesOf(dict):
+    """token → ``_hash4(token, seed)``, computed on a miss."""
+
+    __slots__ = ("_seed",)
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self._seed = seed
+
+    def __missing__(self, token: str) -> bytes:
+        value = self[token] = _hash4(token, self._seed)
+        return value
+
+
 def _hash_bytes(tokens, seed: int) -> bytes:
     """The mixed hashes of ``tokens`` (what ``_hashes`` gives) as the bytes of a uint32 array."""
     if len(tokens) > 64:  # a long chunk: each distinct token hashed once
-        distinct = dict.fromkeys(tokens)
-        for token in distinct:
-            distinct[token] = _hash4(token, seed)
-        return b"".join(map(distinct.__getitem__, tokens))
+        return b"".join(map(_HashBytesOf(seed).__getitem__, tokens))
     return b"".join(
         [
             ((zlib.crc32(t.encode("utf-8", "surrogatepass"), seed) * _MIX) & _MASK32).to_bytes(4, "little")
