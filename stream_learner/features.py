@@ -473,6 +473,7 @@ class TextFeaturizer(base.Transformer):
         """``text`` (already lower-cased) → tokens: the normalizations, then the tokenizer."""
         kinds = self._normalized_kinds
         if kinds:
+            size = len(text)
             if "urls" in kinds and ("http" in text or "www." in text):
                 text = _URL.sub(_url_tokens, text)
             if "@" in text:
@@ -482,6 +483,25 @@ class TextFeaturizer(base.Transformer):
                     text = _MENTION.sub(" __user__ ", text)
             if "numbers" in kinds and _DIGIT.search(text):
                 text = _NUMBER.sub(" __num__ ", text)
+            if len(text) >= _COUNT_FROM and len(text) * 4 > size * 5:
+                # Replaced by many placeholders ("@a@a…", "a@b.a@b.…", "1 1 1…"): the
+                # placeholders repeat, so do the chunks between them.
+                return self._tokenize_by_chunk(text)
+        return self._tokenize(text)
+
+    def _tokenize_by_chunk(self, text: str) -> list[str]:
+        """``_tokenize(text)``, each distinct whitespace-free chunk tokenized once when chunks
+        repeat (no token spans whitespace)."""
+        chunks = text.split()
+        tokens_of = dict.fromkeys(chunks)
+        if len(tokens_of) * 4 > len(chunks):
+            return self._tokenize(text)
+        for chunk in tokens_of:
+            tokens_of[chunk] = self._tokenize(chunk)
+        return list(itertools.chain.from_iterable(map(tokens_of.__getitem__, chunks)))
+
+    def _tokenize(self, text: str) -> list[str]:
+        """Normalized ``text`` → tokens."""
         if self.segment_unspaced and not text.isascii() and _UNSPACED_LETTER.search(text):
             return self._split_unspaced(text)
         pattern = _WORD_AND_PUNCT if self.punctuation else _WORD_ONLY

@@ -6,7 +6,9 @@ as the reference."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import re
+import sys
 import time
 import unicodedata
 
@@ -14,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from stream_learner import features
 from stream_learner.adversarial import PIECES
 from stream_learner.features import (
     _COUNT_FROM,
@@ -33,9 +36,21 @@ CONFIGS = [
 ]
 
 
+@contextlib.contextmanager
+def _plain_path():
+    """No shortcut: every text is short to the featurizer, and NFKC meets no table."""
+    saved = features._COUNT_FROM, features._EXPAND_AHEAD_FROM
+    features._COUNT_FROM = features._EXPAND_AHEAD_FROM = sys.maxsize
+    try:
+        yield
+    finally:
+        features._COUNT_FROM, features._EXPAND_AHEAD_FROM = saved
+
+
 def reference(featurizer: TextFeaturizer, text: str) -> list:
     """What transform_one gave before the shortcuts, as (bucket, weight) pairs in order."""
-    counts = collections.Counter(featurizer.buckets(text))
+    with _plain_path():
+        counts = collections.Counter(featurizer.clone().buckets(text))
     if featurizer.binary:
         x = dict.fromkeys(counts, 1)
     elif featurizer.norm == "l2" and counts:
@@ -164,3 +179,21 @@ def test_expanding_characters_featurize_fast_at_the_text_limit(config):
     x = featurizer.transform_one(text)
     assert time.perf_counter() - start < 5.0
     assert list(x.items()) == reference(TextFeaturizer(**config), text)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    unit=st.sampled_from(["@a", "a@b.", "a@b.c ", "1 ", "1.", "x http://a.b ", "@a中", "a@b.c+"]),
+    count=st.integers(200, 3000),
+    tail=st.sampled_from(["", " words at the end", " 中文", " don't @bob 42"]),
+)
+def test_texts_made_of_placeholders_give_the_features_of_the_plain_path(config, unit, count, tail):
+    # Normalizations that replace most of a text tokenize its repeated chunks once.
+    text = _long_text([(unit, "", count)]) + tail
+    assert list(TextFeaturizer(**config).transform_one(text).items()) == reference(
+        TextFeaturizer(**config), text
+    )
+    if not config.get("dense"):
+        batch = TextFeaturizer(**config).buckets_many([text])
+        assert batch.record(0) == dict(reference(TextFeaturizer(**config), text))
