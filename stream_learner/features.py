@@ -487,7 +487,10 @@ class TextFeaturizer(base.Transformer):
                 # Replaced by many placeholders ("@a@a…", "a@b.a@b.…", "1 1 1…"): the
                 # placeholders repeat, so do the chunks between them.
                 return self._tokenize_by_chunk(text)
-        return self._tokenize(text)
+        # What _tokenize does, inline: this runs for every text.
+        if self.segment_unspaced and not text.isascii() and _UNSPACED_LETTER.search(text):
+            return self._split_unspaced(text)
+        return (_WORD_AND_PUNCT if self.punctuation else _WORD_ONLY).findall(text)
 
     def _tokenize_by_chunk(self, text: str) -> list[str]:
         """``_tokenize(text)``, each distinct whitespace-free chunk tokenized once when chunks
@@ -812,7 +815,7 @@ class TextFeaturizer(base.Transformer):
         if len(text) >= _COUNT_FROM and self.word_ngrams <= 2 and not self.char_ngrams:
             counts = self._long_text_counts(text)
         else:
-            counts = collections.Counter(self.buckets(text))
+            counts = collections.Counter(self._token_buckets(self.tokens(text)))
         if self.binary:
             x = dict.fromkeys(counts, 1)
         elif self.norm == "l2" and counts:
