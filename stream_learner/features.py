@@ -206,7 +206,8 @@ _MARK_OR_BEYOND_BMP_OR_EXPANDING = re.compile(
 )
 
 
-# Characters from which transform_one counts repeated chunks, tokens and word pairs once.
+# From this many characters on, a text's repeated chunks, tokens and word pairs are worked on
+# once (a shortcut: same features, same order).
 _COUNT_FROM = 1024
 _EXPAND_AHEAD_FROM = 256  # characters: below, NFKC's own expansion costs next to nothing
 
@@ -597,7 +598,7 @@ class TextFeaturizer(base.Transformer):
         lowered = text.lower() if text.isascii() else _nfkc_casefold(text)
         tokens = token_counts = None
         if len(lowered) * 2 > len(text) * 3:
-            tokens, token_counts = self._tokens_by_chunk(lowered)
+            tokens, token_counts = self._split_tokens_by_chunk(lowered)
         else:
             tokens = self._split_tokens(lowered)
             if len(tokens) * 4 < len(lowered):  # ordinary text: 1 token per 5 to 7 characters
@@ -622,7 +623,7 @@ class TextFeaturizer(base.Transformer):
                 counts[bucket] = get(bucket, 0) + count
         return counts
 
-    def _tokens_by_chunk(self, text: str):
+    def _split_tokens_by_chunk(self, text: str):
         """``text``'s tokens (None when not needed: word_ngrams=1) and their counts (None when
         not counted), tokenizing each distinct whitespace-free chunk once when chunks repeat."""
         chunks = text.split()
