@@ -55,7 +55,8 @@ _EMAIL_DOMAIN = re.compile(r"[\w-]++(?:\.[\w-]++)++")
 # different "@"s do not overlap.
 _EMAIL_AT = re.compile(r"@(?=[\w-]++\.[\w-])")
 _EMAIL_LOCAL_PART = re.compile(r"[\w.+-]++")  # matched on the reversed text, from the "@" back
-_MENTION = re.compile(r"(?<![\w@])@\w++")
+# "(?<![\w@])@\w++" with the "@" first, so that the engine skips to each "@" at C speed.
+_MENTION = re.compile(r"@(?<![\w@]@)\w++")
 # A digit run glued to letters gives back one digit at most before the look-ahead holds, so it
 # is linear; it is left greedy because "10am" -> "__num__ 0am" is what saved models learned.
 _NUMBER = re.compile(r"(?<![^\W\d])\d+(?:[.,:/]\d+)*(?![^\W\d])")
@@ -144,10 +145,71 @@ _BEYOND_BMP = re.compile("[\U00010000-\U0010ffff]")
 
 def _nfkc_casefold(text: str) -> str:
     """``text`` in NFKC, case-folded; runs of more than 30 combining marks cut to 30."""
-    long_run = _LONG_MARK_RUN if _BEYOND_BMP.search(text) else _LONG_BMP_MARK_RUN
-    if long_run.search(text):
+    # One scan for what ordinary text seldom holds: combining marks, characters beyond the
+    # BMP, characters NFKC expands to 4 or more; each is looked for from the first of them.
+    found = _MARK_OR_BEYOND_BMP_OR_EXPANDING.search(text)
+    if found is None:
+        return unicodedata.normalize("NFKC", text).casefold()
+    start = found.start()
+    long_run = _LONG_MARK_RUN if _BEYOND_BMP.search(text, start) else _LONG_BMP_MARK_RUN
+    if long_run.search(text, start):
         text = long_run.sub(r"\1", text)
+    expands = _EXPANDING.search(text, start) is not None
+    if expands and len(text) >= _EXPAND_AHEAD_FROM:
+        text = text.translate(_NFKC_EXPANSIONS)
     return unicodedata.normalize("NFKC", text).casefold()
+
+
+def _nfkc_expansions() -> dict[int, str]:
+    """Characters whose NFKC form is 4 characters or more (U+FDFA: 18) and that NFKC maps
+    alone: their forms neither start with what composes with a preceding character nor end
+    with what composes with or is reordered against a following one (tested). CPython's NFKC
+    takes about 60 ns per character it writes; ``str.translate`` writes these forms at a
+    fraction of that, and NFKC then finds them normalized already (code point → form)."""
+    firsts, seconds, long_forms = set(), set(), []
+    for code in range(0x20000):  # all canonical pairs and long forms lie below U+20000 (tested)
+        mapping = unicodedata.decomposition(chr(code))
+        if not mapping:
+            continue
+        if mapping[0] != "<" and " " in mapping:
+            first, second = mapping.split()
+            firsts.add(chr(int(first, 16)))
+            seconds.add(chr(int(second, 16)))
+        if len(unicodedata.normalize("NFKC", chr(code))) >= 4:
+            long_forms.append(code)
+
+    def hangul(char: str) -> bool:  # jamo and syllables compose algorithmically
+        return 0x1100 <= ord(char) <= 0x11FF or 0xAC00 <= ord(char) <= 0xD7A3
+
+    table = {}
+    for code in long_forms:
+        char = chr(code)
+        form = unicodedata.normalize("NFKC", char)
+        if unicodedata.combining(char):
+            continue
+        ends = [unicodedata.normalize("NFKD", char), form]
+        if all(
+            not unicodedata.combining(s[0]) and not unicodedata.combining(s[-1])
+            and s[0] not in seconds and s[-1] not in firsts
+            and not hangul(s[0]) and not hangul(s[-1])
+            for s in ends
+        ):  # fmt: skip
+            table[code] = form
+    return table
+
+
+_NFKC_EXPANSIONS = _nfkc_expansions()
+_EXPANDING = re.compile(f"[{_ranges_class(sorted(_NFKC_EXPANSIONS))}]")
+_MARK_OR_BEYOND_BMP_OR_EXPANDING = re.compile(
+    f"[{_ranges_class(c for c in _MARK_CODES if c <= 0xFFFF)}\U00010000-\U0010ffff"
+    f"{_ranges_class(sorted(_NFKC_EXPANSIONS))}]"
+)
+
+
+# From this many characters on, a text's repeated chunks, tokens and word pairs are worked on
+# once (a shortcut: same features, same order).
+_COUNT_FROM = 1024
+_EXPAND_AHEAD_FROM = 256  # characters: below, NFKC's own expansion costs next to nothing
 
 # Ends each text of a batch. Should a text hold the same chunk, buckets_many finds more ends
 # than texts and takes the per-text path instead.
@@ -188,19 +250,17 @@ def _replace_emails(text: str) -> str:
     done = 0  # text[:done] is settled
     reversed_text = None
     size = len(text)
-    candidate = _EMAIL_AT.search(text)
-    while candidate is not None:
+    # A domain holds no "@": the candidates after an address are those after its domain.
+    for candidate in _EMAIL_AT.finditer(text):
         at = candidate.start()
         if at > done:
             if reversed_text is None:
                 reversed_text = text[::-1]
             local = _EMAIL_LOCAL_PART.match(reversed_text, size - at, size - done)
             if local is not None:
-                pieces += (text[done : at - (local.end() - local.start())], " __email__ ")
+                pieces.append(text[done : at - (local.end() - local.start())])
+                pieces.append(" __email__ ")
                 done = _EMAIL_DOMAIN.match(text, at + 1).end()
-                candidate = _EMAIL_AT.search(text, done)
-                continue
-        candidate = _EMAIL_AT.search(text, at + 1)
     if not pieces:
         return text
     pieces.append(text[done:])
@@ -414,6 +474,7 @@ class TextFeaturizer(base.Transformer):
         """``text`` (already lower-cased) → tokens: the normalizations, then the tokenizer."""
         kinds = self._normalized_kinds
         if kinds:
+            size = len(text)
             if "urls" in kinds and ("http" in text or "www." in text):
                 text = _URL.sub(_url_tokens, text)
             if "@" in text:
@@ -423,6 +484,28 @@ class TextFeaturizer(base.Transformer):
                     text = _MENTION.sub(" __user__ ", text)
             if "numbers" in kinds and _DIGIT.search(text):
                 text = _NUMBER.sub(" __num__ ", text)
+            if len(text) >= _COUNT_FROM and len(text) * 4 > size * 5:
+                # Replaced by many placeholders ("@a@a…", "a@b.a@b.…", "1 1 1…"): the
+                # placeholders repeat, so do the chunks between them.
+                return self._tokenize_by_chunk(text)
+        # What _tokenize does, inline: this runs for every text.
+        if self.segment_unspaced and not text.isascii() and _UNSPACED_LETTER.search(text):
+            return self._split_unspaced(text)
+        return (_WORD_AND_PUNCT if self.punctuation else _WORD_ONLY).findall(text)
+
+    def _tokenize_by_chunk(self, text: str) -> list[str]:
+        """``_tokenize(text)``, each distinct whitespace-free chunk tokenized once when chunks
+        repeat (no token spans whitespace)."""
+        chunks = text.split()
+        tokens_of = dict.fromkeys(chunks)
+        if len(tokens_of) * 4 > len(chunks):
+            return self._tokenize(text)
+        for chunk in tokens_of:
+            tokens_of[chunk] = self._tokenize(chunk)
+        return list(itertools.chain.from_iterable(map(tokens_of.__getitem__, chunks)))
+
+    def _tokenize(self, text: str) -> list[str]:
+        """Normalized ``text`` → tokens."""
         if self.segment_unspaced and not text.isascii() and _UNSPACED_LETTER.search(text):
             return self._split_unspaced(text)
         pattern = _WORD_AND_PUNCT if self.punctuation else _WORD_ONLY
@@ -476,7 +559,9 @@ class TextFeaturizer(base.Transformer):
 
     def buckets(self, text: str) -> list[int]:
         """Bucket ids of every feature of ``text``, with repeats, in order."""
-        tokens = self.tokens(text)
+        return self._token_buckets(self.tokens(text))
+
+    def _token_buckets(self, tokens: list[str]) -> list[int]:
         hashes = self._hashes(tokens)
         n = self.n_buckets
         out = [h % n for h in hashes]
@@ -504,6 +589,57 @@ class TextFeaturizer(base.Transformer):
                     grams.extend(word[i : i + size] for i in range(len(word) - size + 1))
             out.extend(h % n for h in self._hashes(grams))
         return out
+
+    def _long_text_counts(self, text: str) -> collections.Counter:
+        """``Counter(self.buckets(text))``: the same counts in the same order. A text with many
+        tokens per character has short ones, so it repeats them: each distinct token and word
+        pair is hashed once, and a text NFKC expanded (U+FDFA: 18 characters, 4 tokens) is
+        tokenized a distinct chunk at a time. Ordinary text takes the path of ``buckets``."""
+        lowered = text.lower() if text.isascii() else _nfkc_casefold(text)
+        tokens = token_counts = None
+        if len(lowered) * 2 > len(text) * 3:
+            tokens, token_counts = self._split_tokens_by_chunk(lowered)
+        else:
+            tokens = self._split_tokens(lowered)
+            if len(tokens) * 4 < len(lowered):  # ordinary text: 1 token per 5 to 7 characters
+                return collections.Counter(self._token_buckets(tokens))
+        if token_counts is None:
+            token_counts = collections.Counter(tokens)
+        # Insertion order as Counter(buckets) has it: unigrams in order of first occurrence,
+        # then word pairs; learners sum features in this order.
+        hashes = self._hashes(list(token_counts))
+        n = self.n_buckets
+        counts = collections.Counter()
+        get = counts.get
+        for h, count in zip(hashes, token_counts.values(), strict=True):
+            bucket = h % n
+            counts[bucket] = get(bucket, 0) + count
+        if self.word_ngrams >= 2 and len(tokens) > 1:
+            hash_of = dict(zip(token_counts, hashes, strict=True))
+            pairs = collections.Counter(zip(tokens, tokens[1:], strict=False))
+            for (a, b), count in pairs.items():
+                pair = ((hash_of[a] * 0x01000193) ^ hash_of[b] ^ 2) & _MASK32  # as in buckets
+                bucket = (pair * _MIX & _MASK32) % n
+                counts[bucket] = get(bucket, 0) + count
+        return counts
+
+    def _split_tokens_by_chunk(self, text: str):
+        """``text``'s tokens (None when not needed: word_ngrams=1) and their counts (None when
+        not counted), tokenizing each distinct whitespace-free chunk once when chunks repeat."""
+        chunks = text.split()
+        chunk_counts = collections.Counter(chunks)
+        split = self._split_tokens
+        if len(chunk_counts) * 4 > len(chunks):
+            return split(text), None
+        # The tokens of a text are its chunks' tokens in order (see buckets_many).
+        tokens_of = {chunk: split(chunk) for chunk in chunk_counts}
+        if self.word_ngrams >= 2:
+            return list(itertools.chain.from_iterable(map(tokens_of.__getitem__, chunks))), None
+        token_counts = {}
+        for chunk, count in chunk_counts.items():
+            for token in tokens_of[chunk]:
+                token_counts[token] = token_counts.get(token, 0) + count
+        return None, token_counts
 
     def buckets_many(self, xs) -> BucketBatch:
         """The features of a batch of records in one pass, as a :class:`BucketBatch` whose
@@ -547,12 +683,18 @@ class TextFeaturizer(base.Transformer):
         if self.char_ngrams:
             grams = np.frombuffer(b"".join(map(gram_cache.__getitem__, chunks)), dtype=np.uint32)
         if ends.size != n or (grams is not None and np.count_nonzero(grams == _NOT_A_HASH) != n):
-            lists = [self.buckets(t) if isinstance(t, str) else [] for t in texts]
+            lists = [self._buckets_with_repeats(t) if isinstance(t, str) else [] for t in texts]
             return self._weigh(*_concatenate(lists))
         ids, offsets = self._word_features(hashes, ends)
         if grams is not None:
             ids, offsets = self._add_char_features(ids, offsets, grams)
         return self._weigh(ids, offsets)
+
+    def _buckets_with_repeats(self, text: str) -> list[int]:
+        """``buckets(text)``, in another order for a long text (cheaper on hostile ones)."""
+        if len(text) >= _COUNT_FROM and self.word_ngrams <= 2 and not self.char_ngrams:
+            return list(self._long_text_counts(text).elements())
+        return self.buckets(text)
 
     def _chunk_caches_for(self, chunks: list[str]):
         """The chunk → token hashes and chunk → character n-gram hashes caches. A chunk missing
@@ -671,7 +813,10 @@ class TextFeaturizer(base.Transformer):
         text = x[self.on] if self.on is not None else x
         if not isinstance(text, str):
             return {}
-        counts = collections.Counter(self.buckets(text))
+        if len(text) >= _COUNT_FROM and self.word_ngrams <= 2 and not self.char_ngrams:
+            counts = self._long_text_counts(text)
+        else:
+            counts = collections.Counter(self._token_buckets(self.tokens(text)))
         if self.binary:
             x = dict.fromkeys(counts, 1)
         elif self.norm == "l2" and counts:
@@ -749,8 +894,24 @@ def _hash4(token: str, seed: int) -> bytes:
     return ((_crc32(token.encode("utf-8", "surrogatepass"), seed) * _MIX) & _MASK32).to_bytes(4, "little")
 
 
+class _HashBytesOf(dict):
+    """token → ``_hash4(token, seed)``, computed on a miss."""
+
+    __slots__ = ("_seed",)
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self._seed = seed
+
+    def __missing__(self, token: str) -> bytes:
+        value = self[token] = _hash4(token, self._seed)
+        return value
+
+
 def _hash_bytes(tokens, seed: int) -> bytes:
     """The mixed hashes of ``tokens`` (what ``_hashes`` gives) as the bytes of a uint32 array."""
+    if len(tokens) > 64:  # a long chunk: each distinct token hashed once
+        return b"".join(map(_HashBytesOf(seed).__getitem__, tokens))
     return b"".join(
         [
             ((zlib.crc32(t.encode("utf-8", "surrogatepass"), seed) * _MIX) & _MASK32).to_bytes(4, "little")
