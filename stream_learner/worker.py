@@ -165,7 +165,8 @@ class Worker:
         self._folded = False
         self._last_checkpoint = clock()
         self._checkpointed_offsets: dict[Partition, int] = dict(self.offsets)
-        self._record_seconds: list[float] = []  # this batch's, for the latency histogram
+        # This batch's per-record times, for the latency histogram (not kept without metrics).
+        self._record_seconds: list[float] | None = None if metrics is None else []
         self.name = name
         # Partitions lost checkpoints covered and the loaded one lacks: where to re-read them.
         self.rewind: dict[Partition, int] = dict(rewind or {})
@@ -190,7 +191,8 @@ class Worker:
         else:
             self._emit(message, record, result, started)
         self._done(message)
-        self._record_seconds.append(time.perf_counter() - started)
+        if self._record_seconds is not None:
+            self._record_seconds.append(time.perf_counter() - started)
 
     def handle_many(self, messages: list[Message]) -> None:
         """Decode, process and emit messages as one mini-batch (``StreamProcessor.process_many``:
@@ -219,8 +221,9 @@ class Worker:
         for message in messages:
             self._done(message)
         # Records of a mini-batch are learned in one step: each is charged an equal share.
-        share = (time.perf_counter() - started) / max(len(messages), 1)
-        self._record_seconds.extend([share] * len(messages))
+        if self._record_seconds is not None:
+            share = (time.perf_counter() - started) / max(len(messages), 1)
+            self._record_seconds.extend([share] * len(messages))
 
     def _event_time(self, record: Record, message: Message) -> float | None:
         when = _event_time(record, message)
@@ -316,7 +319,8 @@ class Worker:
         try:
             self._observe(messages, before, predictions_before, seconds)
         finally:
-            self._record_seconds.clear()
+            if self._record_seconds is not None:
+                self._record_seconds.clear()
 
     def _observe(self, messages, before, predictions_before, seconds) -> None:
         if messages:
