@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 
 import pytest
 from kafka_helpers import KEY, read_topic
@@ -35,7 +34,7 @@ def rows(n):
     ]
 
 
-def test_field_names_reach_the_worker_through_the_broker(kafka_broker, kafka_names, tmp_path, capsys):
+def test_field_names_reach_the_worker_through_the_broker(kafka_broker, kafka_names, tmp_path, capsys, monkeypatch):
     topic = f"{kafka_names}-in"
     create_topics(kafka_broker.bootstrap_servers, {topic: 1, f"{topic}.predictions": 1, f"{topic}.dlq": 1})
     source = write_csv(tmp_path / "mail.csv", rows(200))
@@ -45,7 +44,7 @@ def test_field_names_reach_the_worker_through_the_broker(kafka_broker, kafka_nam
     sent = read_topic(kafka_broker.bootstrap_servers, topic, expected=200)
     assert set(json.loads(sent[0].value)) == {"msg", "body", "verdict", "sent"}  # the file's own names
 
-    os.environ["STREAM_LEARNER_CHECKPOINT_KEY"] = KEY
+    monkeypatch.setenv("STREAM_LEARNER_CHECKPOINT_KEY", KEY)
     config = load_config(
         ["--topic", topic, "--bootstrap-servers", kafka_broker.bootstrap_servers, "--group-id", f"{kafka_names}-g",
          "--checkpoint-dir", str(tmp_path / "ckpt"), "--session-timeout-ms", "3000", "--stop-when-idle", "3", "--learners", "nb", *FIELDS],
