@@ -27,6 +27,7 @@ import time
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Protocol
 
+from .logs import quiet_kafka_client_logs
 from .retry import Backoff, RateLimitedLog
 from .sources import Message
 
@@ -432,10 +433,7 @@ def _producer_process(fd: int) -> None:
     signal_module.signal(signal_module.SIGINT, signal_module.SIG_IGN)
     signal_module.signal(signal_module.SIGTERM, signal_module.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if log_level > logging.DEBUG:  # as the worker does: our log lines say what went wrong
-        logging.getLogger("kafka").setLevel(logging.WARNING)
-        for name in ("kafka.net", "kafka.cluster", "kafka.producer.sender"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+    quiet_kafka_client_logs(log_level)  # as the worker does: our log lines say what went wrong
     try:
         sink = KafkaSink(bootstrap_servers=bootstrap_servers, client_options=client_options, **options)
     except Exception as error:

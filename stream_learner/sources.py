@@ -23,6 +23,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
+from .logs import quiet_kafka_client_logs
+
 __all__ = [
     "Message",
     "Partition",
@@ -881,10 +883,7 @@ def _consumer_process(fd: int) -> None:
     signal_module.signal(signal_module.SIGINT, signal_module.SIG_IGN)
     signal_module.signal(signal_module.SIGTERM, signal_module.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if log_level > logging.DEBUG:  # as the worker does: our log lines say what went wrong
-        logging.getLogger("kafka").setLevel(logging.WARNING)
-        for name in ("kafka.net", "kafka.cluster", "kafka.producer.sender"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+    quiet_kafka_client_logs(log_level)  # as the worker does: our log lines say what went wrong
     _ConsumerProcess(conn).run(options, prefetch)
 
 

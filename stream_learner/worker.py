@@ -53,6 +53,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, WorkerConfig, add_config_arguments, config_from_args
 from .learners import LearnerError, check_learner
+from .logs import quiet_kafka_client_logs
 from .records import DecodeError, Decoder, Reason, Record
 from .retry import Backoff, FatalBrokerError, fatal_message, is_fatal, retry
 from .runner import LearnerFailure, Outcome, RecordRejected, StreamProcessor
@@ -1221,11 +1222,7 @@ def add_run_parser(subparsers) -> None:
 
 
 def _run(args) -> int:
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-        logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO lines drown ours
-        # Connection churn while a broker is away is logged once per retry by us, clearly.
-        for name in ("kafka.net", "kafka.cluster", "kafka.producer.sender"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+    quiet_kafka_client_logs()  # its INFO lines drown ours
     try:
         config = config_from_args(args)
     except ConfigError as error:
