@@ -1159,6 +1159,12 @@ def read_raw_lines(source: str | os.PathLike) -> Iterator[bytes]:
         yield line
 
 
+def field_options(args: argparse.Namespace) -> dict[str, str]:
+    """The field names :func:`add_field_arguments` parsed, as keyword arguments of
+    :func:`iter_records` and :class:`~stream_learner.records.Decoder`."""
+    return {name: getattr(args, name) for name in ("id_field", "text_field", "label_field", "ts_field")}
+
+
 def add_field_arguments(parser: argparse.ArgumentParser, what: str = "of the records") -> None:
     """``--text-field``, ``--label-field``, ``--id-field``, ``--ts-field``, each with its env form."""
     for name, default, meaning in (

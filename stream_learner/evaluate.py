@@ -439,7 +439,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def _run(args) -> int:
-    from .datasets import DatasetError, iter_records
+    from .datasets import DatasetError, field_options, iter_records
 
     models = learner_names(args.learners)
     try:
@@ -463,11 +463,8 @@ def _run(args) -> int:
         records: Iterable[Record] = iter_records(
             args.source,
             fmt=args.fmt,
-            id_field=args.id_field,
-            text_field=args.text_field,
-            label_field=args.label_field,
-            ts_field=args.ts_field,
             limit=args.limit,
+            **field_options(args),
             on_error="skip" if args.on_error == "skip" else "raise",
             on_skip=problems.skip,
             oversize={"truncate": "truncate", "skip": "skip", "stop": "raise"}[args.on_oversize],

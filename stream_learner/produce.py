@@ -202,7 +202,7 @@ def add_produce_parser(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from .datasets import DatasetError, iter_records
+    from .datasets import DatasetError, field_options, iter_records
     from .logs import quiet_kafka_client_logs
 
     quiet_kafka_client_logs()
@@ -230,27 +230,16 @@ def _run(args) -> int:
         if args.pass_through:
             messages = raw_line_messages(args.source, args.topic, limit=args.limit)
         else:
+            fields = field_options(args)
             records = iter_records(
-                args.source,
-                limit=args.limit,
-                id_field=args.id_field,
-                text_field=args.text_field,
-                label_field=args.label_field,
-                ts_field=args.ts_field,
-                on_error="skip",
-                on_skip=on_skip,
+                args.source, limit=args.limit, on_error="skip", on_skip=on_skip, **fields
             )
             messages = record_messages(
                 records,
                 args.topic,
                 labels_delay=args.labels_delay,
                 labels_topic=args.labels_topic,
-                decoder=Decoder(
-                    id_field=args.id_field,
-                    text_field=args.text_field,
-                    label_field=args.label_field,
-                    ts_field=args.ts_field,
-                ),
+                decoder=Decoder(**fields),
             )
         if args.partitions:
             from .broker import create_topics

@@ -228,13 +228,9 @@ def add_schema_parser(subparsers) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.name == "input":
-        decoder = Decoder(
-            id_field=args.id_field,
-            text_field=args.text_field,
-            label_field=args.label_field,
-            ts_field=args.ts_field,
-        )
-        schema = input_schema(decoder)
+        from .datasets import field_options
+
+        schema = input_schema(Decoder(**field_options(args)))
     else:
         schema = SCHEMAS[args.name]()
     json.dump(schema, sys.stdout, indent=2, ensure_ascii=False)
