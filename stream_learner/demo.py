@@ -55,18 +55,21 @@ class _LiveLine:
             f"{name} {row['rolling_accuracy']:.3f}" if row["n"] else f"{name} n/a"
             for name, row in stats.items()
         )
-        events = worker.processor.drift_events
+        events = list(worker.processor.drift_events)
+        total = sum(row.get("drifts", 0) for row in stats.values())
         line = (
             f"{count:>7,} records  {rate:>6,.0f} rec/s  rolling acc: {accuracy}  "
-            f"drift events: {len(events)}  lag: {getattr(worker, 'lag', 0):,}"
+            f"drift events: {total}  lag: {getattr(worker, 'lag', 0):,}"
         )
-        for event in events[self.drifts_seen :]:
+        # The processor keeps only the newest events: what is new is counted from the end.
+        new = min(max(0, total - self.drifts_seen), len(events))
+        for event in events[len(events) - new :]:
             self._print(
                 f"  drift: {event.learner} at record {event.position:,} "
                 f"(rolling acc {event.accuracy_before:.3f}, {event.detector})",
                 final=True,
             )
-        self.drifts_seen = len(events)
+        self.drifts_seen = total
         self._print(line)
 
     def _print(self, text: str, final: bool = False) -> None:

@@ -225,7 +225,7 @@ def test_a_2_mib_message_is_dead_lettered_truncated_and_the_worker_goes_on(
 def test_a_sasl_mechanism_the_broker_does_not_offer_exits_2_with_one_line(
     kafka_broker, kafka_names, tmp_path, kafka_client
 ):
-    env = dict(os.environ, STREAM_LEARNER_CHECKPOINT_KEY=KEY)
+    env = dict(os.environ, STREAM_LEARNER_CHECKPOINT_KEY=KEY, STREAM_LEARNER_SASL_PLAIN_PASSWORD="not-a-real-secret")
     command = [
         sys.executable, "-m", "stream_learner.cli", "run",
         "--topic", f"{kafka_names}-in",
@@ -236,7 +236,6 @@ def test_a_sasl_mechanism_the_broker_does_not_offer_exits_2_with_one_line(
         "--security-protocol", "SASL_PLAINTEXT",
         "--sasl-mechanism", "SCRAM-SHA-512",
         "--sasl-plain-username", "worker",
-        "--sasl-plain-password", "not-a-real-secret",
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     output = (result.stdout + result.stderr).strip()
@@ -294,9 +293,8 @@ def test_a_consumer_refused_by_the_broker_is_fatal_not_retried(
             "--security-protocol", "SASL_PLAINTEXT",
             "--sasl-mechanism", "SCRAM-SHA-256",
             "--sasl-plain-username", "worker",
-            "--sasl-plain-password", "not-a-real-secret",
         ],
-        environ={},
+        environ={"STREAM_LEARNER_SASL_PLAIN_PASSWORD": "not-a-real-secret"},
     )  # fmt: skip
     attempts = []
 
