@@ -10,8 +10,8 @@ decoder checks (a text's size in UTF-8 bytes, printable content): a message the 
 accepts always validates, and a message that does not validate is always dead-lettered.
 
 >>> schema = input_schema()
->>> schema["properties"]["text"]["type"]
-'string'
+>>> [choice["type"] for choice in schema["properties"]["text"]["anyOf"]]
+['string', 'null']
 >>> sorted(SCHEMAS)
 ['dead-letter', 'drift', 'input', 'prediction']
 
