@@ -181,25 +181,25 @@ def test_liveness_stays_200_while_waiting_for_a_broker_that_never_answers(kafka_
     assert "retrying" not in log[log.index("SIGTERM received") :]
 
 
+def _trickle(broker, topic: str, *, seed: int, rate: float) -> threading.Event:
+    """Produce synthetic records to ``topic`` at ``rate`` a second until the event is set."""
+    stop = threading.Event()
+    threading.Thread(
+        target=produce_records,
+        args=(synthetic_records(100_000, seed=seed),),
+        kwargs={"bootstrap_servers": broker.bootstrap_servers, "topic": topic, "rate": rate, "stop": stop},
+        daemon=True,
+    ).start()
+    return stop
+
+
 def test_an_outage_is_not_idleness(kafka_names, tmp_path):
     with EmbeddedBroker() as broker:
         topic = f"{kafka_names}-in"
         create_topics(
             broker.bootstrap_servers, {topic: 1, f"{topic}.predictions": 1, f"{topic}.dlq": 1}
         )
-        stop_producing = threading.Event()
-        producer = threading.Thread(
-            target=produce_records,
-            args=(synthetic_records(100_000, seed=3),),
-            kwargs={
-                "bootstrap_servers": broker.bootstrap_servers,
-                "topic": topic,
-                "rate": 50,
-                "stop": stop_producing,
-            },
-            daemon=True,
-        )
-        producer.start()
+        stop_producing = _trickle(broker, topic, seed=3, rate=50)
         log_path, checkpoint_dir = tmp_path / "worker.log", tmp_path / "ckpt"
         process = start_worker_process(
             broker,
@@ -252,19 +252,7 @@ def test_shutdown_keeps_its_bound_while_the_broker_is_frozen(kafka_names, tmp_pa
         create_topics(
             broker.bootstrap_servers, {topic: 2, f"{topic}.predictions": 2, f"{topic}.dlq": 1}
         )
-        stop_producing = threading.Event()
-        producer = threading.Thread(
-            target=produce_records,
-            args=(synthetic_records(100_000, seed=4),),
-            kwargs={
-                "bootstrap_servers": broker.bootstrap_servers,
-                "topic": topic,
-                "rate": 200,
-                "stop": stop_producing,
-            },
-            daemon=True,
-        )
-        producer.start()
+        stop_producing = _trickle(broker, topic, seed=4, rate=200)
         log_path, checkpoint_dir = tmp_path / "worker.log", tmp_path / "ckpt"
         process = start_worker_process(
             broker,
