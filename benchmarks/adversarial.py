@@ -1,7 +1,7 @@
 """What hostile text costs the featurizer: time per KiB on the adversarial corpus against
 ordinary text of the same size, for every registered learner's featurizer, in one run.
 
-The corpus is :func:`stream_learner.adversarial.worst_cases` (the fixed corpus the tests use):
+The corpus is :func:`stream_learner.data.adversarial.worst_cases` (the fixed corpus the tests use):
 texts of 60,000 UTF-8 bytes, each a long run of what some pattern reads, most ending in the
 near miss that once made a pattern backtrack. Ordinary text is records of the dev datasets
 (``spamassassin`` e-mails, ``vader`` reviews, ``healthtweets``) joined until the same size.
@@ -29,10 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from stream_learner.adversarial import worst_cases
-from stream_learner.datasets import load_records
-from stream_learner.features import TextFeaturizer
-from stream_learner.learners import LearnerError, available_learners, make_learner
+from stream_learner.core.features import TextFeaturizer
+from stream_learner.data.adversarial import worst_cases
+from stream_learner.data.datasets import load_records
+from stream_learner.learners.registry import LearnerError, available_learners, make_learner
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZE = 60_000
@@ -101,7 +101,7 @@ def seconds_per_kib(featurizer: TextFeaturizer, text: str, repeats: int, batch: 
 def old_featurizer_class(revision: str):
     """``TextFeaturizer`` as git revision ``revision`` had it."""
     source = subprocess.run(
-        ["git", "show", f"{revision}:stream_learner/features.py"],
+        ["git", "show", f"{revision}:stream_learner/core/features.py"],
         capture_output=True,
         text=True,
         check=True,
@@ -194,7 +194,7 @@ def write_report(args, groups, ordinary, adversarial, single, batch, before) -> 
         "## Featurizing time per KiB",
         "",
         f"{len(adversarial)} adversarial texts of {SIZE:,} UTF-8 bytes "
-        "(`stream_learner.adversarial.worst_cases`, the corpus the tests feed every registered "
+        "(`stream_learner.data.adversarial.worst_cases`, the corpus the tests feed every registered "
         f"featurizer) against {len(ordinary)} ordinary texts of the same size (records of "
         f"{', '.join(f'`{d}`' for d in ORDINARY_DATASETS)} joined). Each text is featurized by "
         f"a fresh featurizer (cold caches), fastest of {args.repeats} runs, thread CPU time; "

@@ -1,6 +1,6 @@
 """Resident memory and records/s of a worker under hostile input, before and after the budgets.
 
-Each figure comes from a worker (``stream_learner.worker.Worker``, learners ``nb,softmax``, the
+Each figure comes from a worker (``stream_learner.runtime.worker.Worker``, learners ``nb,softmax``, the
 default settings) fed from memory in batches of 500 JSON messages, as the Kafka source hands
 them over, writing to a sink that counts and drops (so the outputs take no memory). Every run
 is a fresh child process, so its resident memory is its own:
@@ -59,7 +59,7 @@ def _status(field: str) -> int:
 
 
 def _vader(limit: int | None = None):
-    from stream_learner.datasets import load_records
+    from stream_learner.data.datasets import load_records
 
     return load_records("vader", limit=limit)
 
@@ -71,7 +71,7 @@ def _words(rng: random.Random, n: int = 200_000) -> list[str]:
 
 def _stream(kind: str, n: int, big: int, fresh: int, seed: int = 0):
     """The records of a run, made lazily (60 KB texts are not all held at once)."""
-    from stream_learner.records import Record
+    from stream_learner.core.records import Record
 
     ordinary = _vader()
     if kind == "ordinary":
@@ -80,7 +80,7 @@ def _stream(kind: str, n: int, big: int, fresh: int, seed: int = 0):
             yield Record(f"o{i}", record.text, record.label)
         return
     if kind == "delayed":  # every label 100 records late
-        from stream_learner.evaluate import delay_labels
+        from stream_learner.cli.evaluate import delay_labels
 
         yield from delay_labels(
             (Record(f"o{i}", r.text, r.label) for i, r in enumerate(ordinary[:n])), 100
@@ -103,11 +103,11 @@ def child(kind: str, n: int, big: int, fresh: int) -> dict:
     import collections
     import pickle
 
-    from stream_learner.records import Decoder
-    from stream_learner.runner import StreamProcessor
-    from stream_learner.sinks import MemorySink, Outputs
-    from stream_learner.sources import Message
-    from stream_learner.worker import Worker
+    from stream_learner.core.processor import StreamProcessor
+    from stream_learner.core.records import Decoder
+    from stream_learner.io.sinks import MemorySink, Outputs
+    from stream_learner.io.sources import Message
+    from stream_learner.runtime.worker import Worker
 
     class CountingSink(MemorySink):
         """Counts what it is sent and keeps none of it."""

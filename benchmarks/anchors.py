@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-from stream_learner.features import TextFeaturizer
+from stream_learner.core.features import TextFeaturizer
 
 __all__ = ["AnchorResult", "run_vw", "write_vw_file", "run_sklearn", "run_river", "prequential"]
 
@@ -153,7 +153,7 @@ def run_river(
     """A registry learner (a River pipeline over raw text) in River's plain loop. With
     ``max_seconds`` a learner too slow for the stream is stopped: ``records`` says how far it
     got (compare only complete runs)."""
-    from stream_learner.learners import make_learner
+    from stream_learner.learners.registry import make_learner
 
     accuracy, seconds, done = prequential(
         make_learner(name, seed=seed), texts, labels, max_seconds=max_seconds

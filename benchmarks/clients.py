@@ -5,9 +5,9 @@ Two levels, each client in turn, alternating over the repeats:
 
 * ``bare`` — the client's own consumer, partitions assigned (no group join), read from the
   beginning until every message is in: ``KafkaConsumer.poll`` / ``Consumer.consume``.
-* ``source`` — the worker's source (:class:`~stream_learner.sources.KafkaSource`,
-  :class:`~stream_learner.confluent.ConfluentSource`): group member, manual commits, messages
-  converted to :class:`~stream_learner.sources.Message`; timed from its first message, so the
+* ``source`` — the worker's source (:class:`~stream_learner.io.sources.KafkaSource`,
+  :class:`~stream_learner.io.confluent.ConfluentSource`): group member, manual commits, messages
+  converted to :class:`~stream_learner.io.sources.Message`; timed from its first message, so the
   group join is not counted.
 
 Reported: records per second (wall) and process CPU seconds per 100k records (librdkafka and
@@ -28,7 +28,7 @@ import statistics
 import time
 from pathlib import Path
 
-from stream_learner.broker import EmbeddedBroker, create_topics
+from stream_learner.io.broker import EmbeddedBroker, create_topics
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -101,9 +101,9 @@ class _Handler:
 
 def through_source(client: str, bootstrap: str, topic: str, count: int, group: str) -> tuple[float, float]:
     if client == "confluent":
-        from stream_learner.confluent import ConfluentSource as source_class
+        from stream_learner.io.confluent import ConfluentSource as source_class
     else:
-        from stream_learner.sources import KafkaSource as source_class
+        from stream_learner.io.sources import KafkaSource as source_class
     source = source_class([topic], bootstrap_servers=bootstrap, group_id=group, handler=_Handler(), session_timeout_ms=6000)
     try:
         batch = []

@@ -30,10 +30,10 @@ from pathlib import Path
 from river import compose, feature_extraction, linear_model, multiclass, naive_bayes
 
 from benchmarks.anchors import AnchorResult, characters, prequential, run_sklearn, run_vw
-from stream_learner.datasets import dataset_meta, load_records
-from stream_learner.evaluate import DEFAULT_LEARNERS, evaluate
-from stream_learner.learners import LearnerError, available_learners, make_learner
-from stream_learner.runner import StreamProcessor
+from stream_learner.cli.evaluate import DEFAULT_LEARNERS, evaluate
+from stream_learner.core.processor import StreamProcessor
+from stream_learner.data.datasets import dataset_meta, load_records
+from stream_learner.learners.registry import LearnerError, available_learners, make_learner
 
 STREAMS = ("spamassassin", "vader", "healthtweets", "poetry")
 DEFAULT = "evaluate (default: no --learners)"

@@ -1,7 +1,7 @@
 """What Prometheus metrics cost the worker: the same records through the same loop, metrics off
 and on, in one run.
 
-The loop is the worker's own (:meth:`stream_learner.worker.Worker.process_batch`: decode,
+The loop is the worker's own (:meth:`stream_learner.runtime.worker.Worker.process_batch`: decode,
 StreamProcessor, outputs) over the VADER stream, in batches of 500 as polled from Kafka, with
 an in-memory sink instead of a broker so that only our own work is timed. Three workers run
 side by side on the same batches:
@@ -37,13 +37,13 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from stream_learner.config import WorkerConfig
-from stream_learner.datasets import load_records
-from stream_learner.metrics import HealthServer, StreamMetrics
-from stream_learner.records import Decoder
-from stream_learner.sinks import MemorySink, Outputs
-from stream_learner.sources import Message
-from stream_learner.worker import Worker, build_processor
+from stream_learner.core.records import Decoder
+from stream_learner.data.datasets import load_records
+from stream_learner.io.sinks import MemorySink, Outputs
+from stream_learner.io.sources import Message
+from stream_learner.runtime.config import WorkerConfig
+from stream_learner.runtime.metrics import HealthServer, StreamMetrics
+from stream_learner.runtime.worker import Worker, build_processor
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 500

@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.anchors import characters, prequential, run_river, run_sklearn, run_vw
-from stream_learner.datasets import dataset_meta, load_records
-from stream_learner.evaluate import evaluate
-from stream_learner.features import TextFeaturizer
-from stream_learner.learners import make_learner
-from stream_learner.neural import load, neural_step, save
-from stream_learner.runner import StreamProcessor
+from stream_learner.cli.evaluate import evaluate
+from stream_learner.core.features import TextFeaturizer
+from stream_learner.core.processor import StreamProcessor
+from stream_learner.data.datasets import dataset_meta, load_records
+from stream_learner.learners.neural.model import load, neural_step, save
+from stream_learner.learners.registry import make_learner
 
 STREAMS = ("spamassassin", "vader", "healthtweets", "poetry")
 RIVER_CANDIDATES = ("nb", "cnb", "logreg", "pa", "softmax")
@@ -335,7 +335,7 @@ def _scores(predictions, labels) -> dict:
 
 
 def section_pretrained(results):
-    from stream_learner.pretrained_init import init_embeddings, read_minilm
+    from stream_learner.learners.neural.pretrained_init import init_embeddings, read_minilm
 
     vocab, matrix = read_minilm()
     variants = {

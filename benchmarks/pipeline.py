@@ -2,7 +2,7 @@
 
 For each learner (the numpy learner "neural" and the River learner "nb") on the same stream:
 
-* **evaluate** — ``stream_learner.evaluate.evaluate`` over the same records read from a JSONL
+* **evaluate** — ``stream_learner.cli.evaluate.evaluate`` over the same records read from a JSONL
   file (decode + the same StreamProcessor, no broker): the figure the worker is held to.
 * **worker** — ``stream-learner run`` in this process against the embedded Tansu broker: poll,
   decode, process, publish predictions (idempotent producer), checkpoint (default cadence),
@@ -35,14 +35,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from stream_learner import datasets
-from stream_learner.broker import EmbeddedBroker, create_topics
-from stream_learner.config import WorkerConfig, load_config
-from stream_learner.evaluate import evaluate
-from stream_learner.produce import produce_records
-from stream_learner.records import Decoder
-from stream_learner.runner import StreamProcessor
-from stream_learner.worker import run_worker
+from stream_learner.cli.evaluate import evaluate
+from stream_learner.cli.produce import produce_records
+from stream_learner.core.processor import StreamProcessor
+from stream_learner.core.records import Decoder
+from stream_learner.data import datasets
+from stream_learner.io.broker import EmbeddedBroker, create_topics
+from stream_learner.runtime.config import WorkerConfig, load_config
+from stream_learner.runtime.worker import run_worker
 
 RESULTS = Path(__file__).parent / "results"
 TARGET_RATIO = 0.70
@@ -121,7 +121,7 @@ class _Deferred:
 
 def checkpoint_cost(worker, directory):
     """Seconds and bytes of one checkpoint of this worker's state (the worker's own method)."""
-    from stream_learner.checkpoint import CheckpointStore
+    from stream_learner.state.checkpoint import CheckpointStore
 
     store = CheckpointStore(directory, b"benchmark-key-0123456789abcdef")
     started = time.perf_counter()
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
             # The producer runs in its own process, so it takes no GIL time from the worker.
             producer = _Deferred(
                 [
-                    sys.executable, "-m", "stream_learner.cli", "produce", str(jsonl),
+                    sys.executable, "-m", "stream_learner.cli.main", "produce", str(jsonl),
                     "--topic", paced_topic, "--bootstrap-servers", broker.bootstrap_servers,
                     "--rate", f"{rate:.0f}", "--limit", str(paced),
                 ]

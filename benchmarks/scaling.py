@@ -33,9 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from stream_learner import datasets
-from stream_learner.broker import EmbeddedBroker, create_topics
-from stream_learner.produce import produce_records
+from stream_learner.cli.produce import produce_records
+from stream_learner.data import datasets
+from stream_learner.io.broker import EmbeddedBroker, create_topics
 
 RESULTS = Path(__file__).parent / "results"
 PARTITIONS = 4
@@ -75,7 +75,7 @@ def run_configuration(broker, records, *, name, client, processes, fusion, fusio
     create_topics(broker.bootstrap_servers, {topic: PARTITIONS, f"{topic}.predictions": PARTITIONS, f"{topic}.dlq": 1})
     produce_records(records, bootstrap_servers=broker.bootstrap_servers, topic=topic)
     command = [
-        sys.executable, "-m", "stream_learner.cli", "--log-level", "WARNING", "run",
+        sys.executable, "-m", "stream_learner.cli.main", "--log-level", "WARNING", "run",
         "--topic", topic,
         "--bootstrap-servers", broker.bootstrap_servers,
         "--group-id", f"{name}-group",

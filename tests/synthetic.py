@@ -2,7 +2,7 @@
 
 import random
 
-from stream_learner.records import Record
+from stream_learner.core.records import Record
 
 TOPICS = {
     "sports": [

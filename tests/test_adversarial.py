@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream_learner.adversarial import ENDINGS, PIECES, worst_cases
-from stream_learner.features import TextFeaturizer
-from stream_learner.learners import LearnerError, available_learners, make_learner
+from stream_learner.core.features import TextFeaturizer
+from stream_learner.data.adversarial import ENDINGS, PIECES, worst_cases
+from stream_learner.learners.registry import LearnerError, available_learners, make_learner
 
 # Per text of 60 kB an ordinary text takes tens of milliseconds; the quadratic e-mail pattern
 # took ~10 s there and ~45 s at 128 kB, where a linear featurizer needs well under a second.
@@ -95,7 +95,7 @@ def test_the_e_mail_normalization_is_unchanged_but_linear():
 def test_e_mails_are_found_as_the_reference_pattern_finds_them(text):
     import re
 
-    from stream_learner.features import _replace_emails
+    from stream_learner.core.features import _replace_emails
 
     reference = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")  # quadratic: short texts only
     assert _replace_emails(text) == reference.sub(" __email__ ", text)
@@ -115,7 +115,7 @@ def test_long_runs_of_combining_marks_are_cut_before_nfkc():
 
 
 def test_every_character_that_decomposes_into_marks_counts_as_one():
-    from stream_learner.features import _DECOMPOSE_INTO_MARKS
+    from stream_learner.core.features import _DECOMPOSE_INTO_MARKS
 
     def into_marks(char: str) -> bool:
         return unicodedata.combining(unicodedata.normalize("NFKD", char)[0]) != 0
@@ -133,9 +133,9 @@ def test_every_character_that_decomposes_into_marks_counts_as_one():
 
 @pytest.mark.parametrize("mini_batch", [0, 16])
 def test_the_corpus_through_the_decoder_and_evaluate(mini_batch):
-    from stream_learner.evaluate import evaluate
-    from stream_learner.records import DecodeError, Decoder
-    from stream_learner.runner import StreamProcessor
+    from stream_learner.cli.evaluate import evaluate
+    from stream_learner.core.processor import StreamProcessor
+    from stream_learner.core.records import DecodeError, Decoder
 
     decoder = Decoder()
     records, refused = [], {}

@@ -11,10 +11,10 @@ import urllib.request
 import pytest
 from kafka_helpers import KEY, read_topic
 
-from stream_learner.adversarial import worst_cases
-from stream_learner.broker import create_topics
-from stream_learner.config import load_config
-from stream_learner.worker import run_worker
+from stream_learner.data.adversarial import worst_cases
+from stream_learner.io.broker import create_topics
+from stream_learner.runtime.config import load_config
+from stream_learner.runtime.worker import run_worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

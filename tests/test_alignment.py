@@ -10,11 +10,11 @@ import pytest
 from kafka_helpers import KEY, synthetic_records
 from test_worker import make_worker
 
-from stream_learner.broker import create_topics
-from stream_learner.config import ConfigError, load_config
-from stream_learner.records import Decoder
-from stream_learner.sources import MemorySource
-from stream_learner.worker import run_worker
+from stream_learner.core.records import Decoder
+from stream_learner.io.broker import create_topics
+from stream_learner.io.sources import MemorySource
+from stream_learner.runtime.config import ConfigError, load_config
+from stream_learner.runtime.worker import run_worker
 
 ENCODE = Decoder().encode
 

@@ -18,8 +18,8 @@ from kafka_helpers import (
     wait_for_log,
 )
 
-from stream_learner.broker import EmbeddedBroker, create_topics, free_port
-from stream_learner.produce import produce_records
+from stream_learner.cli.produce import produce_records
+from stream_learner.io.broker import EmbeddedBroker, create_topics, free_port
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from stream_learner.broker import create_topics
+from stream_learner.io.broker import create_topics
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -799,7 +799,7 @@ def test_commit_survives_a_broker_freeze(client, kafka_names):
     the other tests."""
     import threading
 
-    from stream_learner.broker import EmbeddedBroker
+    from stream_learner.io.broker import EmbeddedBroker
 
     with EmbeddedBroker() as broker:
         topic = f"{kafka_names}-out"

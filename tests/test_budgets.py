@@ -13,14 +13,14 @@ from hypothesis import strategies as st
 from river import base
 from test_worker import ENCODE, drain, make_worker
 
-from stream_learner.checkpoint import CheckpointStore
-from stream_learner.config import ConfigError, load_config
-from stream_learner.evaluate import delay_labels, evaluate
-from stream_learner.labels import LabelBuffer, PendingRecord, SparseFeatures
-from stream_learner.learners import make_learner
-from stream_learner.records import Reason, Record
-from stream_learner.runner import Outcome, Prediction, RecordRejected, StreamProcessor
-from stream_learner.sources import MemorySource
+from stream_learner.cli.evaluate import delay_labels, evaluate
+from stream_learner.core.labels import LabelBuffer, PendingRecord, SparseFeatures
+from stream_learner.core.processor import Outcome, Prediction, RecordRejected, StreamProcessor
+from stream_learner.core.records import Reason, Record
+from stream_learner.io.sources import MemorySource
+from stream_learner.learners.registry import make_learner
+from stream_learner.runtime.config import ConfigError, load_config
+from stream_learner.state.checkpoint import CheckpointStore
 
 MiB = 2**20
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -389,7 +389,7 @@ def test_a_processor_pickled_before_the_budgets_loads_bounded():
 def test_the_buffer_bytes_and_the_new_reason_are_exported():
     from prometheus_client import CollectorRegistry
 
-    from stream_learner.metrics import DEAD_LETTER_REASONS, StreamMetrics
+    from stream_learner.runtime.metrics import DEAD_LETTER_REASONS, StreamMetrics
 
     registry = CollectorRegistry()
     metrics = StreamMetrics(registry, learners=["nb"], detector="adwin")

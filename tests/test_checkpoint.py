@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream_learner.checkpoint import (
+from stream_learner.state.checkpoint import (
     KEY_ENV,
     MAGIC,
     CheckpointCorrupt,

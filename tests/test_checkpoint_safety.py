@@ -21,14 +21,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream_learner.checkpoint import MAGIC, CheckpointRefused, CheckpointStore
-from stream_learner.files import atomic_write
-from stream_learner.keys import CHECKPOINT, derive_key
-from stream_learner.learners import LearnerError, available_learners, make_learner
-from stream_learner.records import Record
-from stream_learner.runner import StreamProcessor
-from stream_learner.unpickle import RENAMED, UnpicklingRefused, restricted_loads
-from stream_learner.worker import STATE_FORMAT
+from stream_learner.core.processor import StreamProcessor
+from stream_learner.core.records import Record
+from stream_learner.learners.registry import LearnerError, available_learners, make_learner
+from stream_learner.runtime.worker import STATE_FORMAT
+from stream_learner.state.checkpoint import MAGIC, CheckpointRefused, CheckpointStore
+from stream_learner.state.files import atomic_write
+from stream_learner.state.keys import CHECKPOINT, derive_key
+from stream_learner.state.unpickle import RENAMED, UnpicklingRefused, restricted_loads
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN_KEY = b"golden-checkpoint-key-0123456789abcdef"
@@ -69,7 +69,7 @@ def _payloads(marker: Path):
     yield "ndarray.tofile", pickle.dumps(_Reduce(getattr, np.zeros(2), "tofile"))
     yield "numpy.memmap", pickle.dumps(_Reduce(np.memmap, str(marker), np.uint8, "w+", 0, (4,)))
     yield "numpy.load", b"\x80\x04\x95" + _global_call("numpy", "load", str(marker))
-    yield "a fusion feed", b"\x80\x04\x95" + _global_call("stream_learner.fusion", "ModelFeed", str(marker))
+    yield "a fusion feed", b"\x80\x04\x95" + _global_call("stream_learner.fusion.fusion", "ModelFeed", str(marker))
 
 
 def _global_call(module: str, name: str, argument: str) -> bytes:
@@ -96,7 +96,7 @@ def test_a_signed_malicious_pickle_is_refused_and_never_run(tmp_path, name):
 _DANGEROUS_MODULES = [
     "os", "posix", "subprocess", "builtins", "sys", "importlib", "shutil", "socket", "pickle",
     "io", "codecs", "ctypes", "runpy", "code", "pty", "numpy", "numpy.lib.npyio", "river.datasets.base",
-    "river.stream", "stream_learner.worker", "stream_learner.sinks", "stream_learner.datasets",
+    "river.stream", "stream_learner.runtime.worker", "stream_learner.io.sinks", "stream_learner.data.datasets",
 ]
 _DANGEROUS_NAMES = [
     "system", "popen", "Popen", "eval", "exec", "open", "getattr", "__import__", "rmtree", "load",
@@ -119,15 +119,23 @@ def test_no_dangerous_global_is_ever_resolved(module, name):
 
 
 def test_the_unpickler_maps_renamed_classes(monkeypatch):
-    data = pickle.dumps(Record("a", "text", "spam")).replace(
-        b"stream_learner.records", b"stream_learner.oldrecs"
+    # protocol 2 names classes as text lines, so a module may be renamed to any length
+    data = pickle.dumps(Record("a", "text", "spam"), protocol=2).replace(
+        b"stream_learner.core.records", b"stream_learner.oldrecs"
     )
     with pytest.raises(UnpicklingRefused):
         restricted_loads(data)
     monkeypatch.setitem(
-        RENAMED, ("stream_learner.oldrecs", "Record"), ("stream_learner.records", "Record")
+        RENAMED, ("stream_learner.oldrecs", "Record"), ("stream_learner.core.records", "Record")
     )
     assert restricted_loads(data) == Record("a", "text", "spam")
+
+
+def test_classes_of_modules_that_moved_load_from_their_old_path():
+    data = pickle.dumps(Record("a", "text", "spam"), protocol=2)
+    assert b"stream_learner.core.records" in data
+    before_the_move = data.replace(b"stream_learner.core.records", b"stream_learner.records")
+    assert restricted_loads(before_the_move) == Record("a", "text", "spam")
 
 
 def test_classes_of_a_users_factory_module_load_only_when_trusted():
@@ -224,7 +232,7 @@ def test_checkpoints_manifest_and_models_are_private(tmp_path):
     _ = store.identity
     assert stat.S_IMODE((tmp_path / "ckpt" / "store-id").stat().st_mode) == 0o600
 
-    from stream_learner.neural import save
+    from stream_learner.learners.neural.model import save
 
     model = make_learner("neural", n_buckets=2**8)
     model.learn_one("cheap pills", "spam")
@@ -295,8 +303,8 @@ def test_a_tampered_manifest_is_ignored(tmp_path, caplog):
 
 
 def test_without_the_manifest_a_worker_knows_its_own_later_commits(tmp_path):
-    from stream_learner.sinks import MemorySink, Outputs
-    from stream_learner.worker import Worker
+    from stream_learner.io.sinks import MemorySink, Outputs
+    from stream_learner.runtime.worker import Worker
 
     store = CheckpointStore(tmp_path, KEY)
     worker = Worker(

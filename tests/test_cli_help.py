@@ -10,9 +10,9 @@ import shlex
 import pytest
 from synthetic import topic_stream
 
-from stream_learner.cli import build_parser, main
-from stream_learner.evaluate import record_total
-from stream_learner.records import Decoder
+from stream_learner.cli.evaluate import record_total
+from stream_learner.cli.main import build_parser, main
+from stream_learner.core.records import Decoder
 
 
 def subcommands():
@@ -80,7 +80,7 @@ def test_old_spellings_still_work_and_name_their_replacement(tmp_path, capsys):
 
 
 def test_nothing_scored_reads_n_a_and_the_total_is_known_for_line_files(tmp_path):
-    from stream_learner.report import format_table
+    from stream_learner.cli.report import format_table
 
     text = format_table([{"learner": "nb", "n": 0, "accuracy": 0.0, "rolling_accuracy": 0.0}])
     assert "n/a" in text and "0.0000" not in text

@@ -12,19 +12,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kafka_helpers import read_topic
 
-from stream_learner.config import ConfigError, load_config
+from stream_learner.runtime.config import ConfigError, load_config
 
 confluent_kafka = pytest.importorskip("confluent_kafka")
 
-from stream_learner.confluent import (  # noqa: E402
+from stream_learner.io.confluent import (  # noqa: E402
     _NAMES,
     SECRET_OPTIONS,
     ConfluentSink,
     ConfluentSource,
     librdkafka_options,
 )
-from stream_learner.sinks import SinkError  # noqa: E402
-from stream_learner.sources import SourceUnavailable  # noqa: E402
+from stream_learner.io.sinks import SinkError  # noqa: E402
+from stream_learner.io.sources import SourceUnavailable  # noqa: E402
 
 # -- option translation ----------------------------------------------------------------
 
@@ -157,7 +157,7 @@ def test_a_secret_of_the_wrong_type_is_refused_without_showing_it(secret):
 
 
 def test_without_confluent_kafka_the_worker_says_what_to_install(monkeypatch):
-    from stream_learner.worker import make_sink, make_source
+    from stream_learner.runtime.worker import make_sink, make_source
 
     config = load_config(["--topic", "t", "--client", "confluent"], environ={})
     monkeypatch.setitem(__import__("sys").modules, "confluent_kafka", None)  # as if not installed
@@ -202,8 +202,8 @@ def _committed(bootstrap, group, topic, partitions):
 def test_source_starts_at_the_handlers_seek_over_the_committed_offset_and_commits_on_close(
     kafka_broker, kafka_names
 ):
-    from stream_learner.broker import create_topics
-    from stream_learner.produce import produce_messages
+    from stream_learner.cli.produce import produce_messages
+    from stream_learner.io.broker import create_topics
 
     bootstrap = kafka_broker.bootstrap_servers
     topic, group = f"{kafka_names}-in", f"{kafka_names}-group"
@@ -250,8 +250,8 @@ def test_source_starts_at_the_handlers_seek_over_the_committed_offset_and_commit
 
 @pytest.mark.kafka
 def test_sink_partitions_like_kafka_python_and_the_hint_decides(kafka_broker, kafka_names):
-    from stream_learner.broker import create_topics
-    from stream_learner.sinks import KafkaSink
+    from stream_learner.io.broker import create_topics
+    from stream_learner.io.sinks import KafkaSink
 
     bootstrap = kafka_broker.bootstrap_servers
     ours, theirs = f"{kafka_names}-confluent", f"{kafka_names}-kafka-python"
@@ -273,7 +273,7 @@ def test_sink_partitions_like_kafka_python_and_the_hint_decides(kafka_broker, ka
 
 
 def test_source_and_sink_refuse_to_start_without_a_broker():
-    from stream_learner.broker import free_port
+    from stream_learner.io.broker import free_port
 
     nowhere = f"127.0.0.1:{free_port()}"
     with pytest.raises(SourceUnavailable, match="no broker answered"):
@@ -288,7 +288,7 @@ def test_source_and_sink_refuse_to_start_without_a_broker():
 @pytest.mark.kafka
 @pytest.mark.slow
 def test_sink_resends_outputs_whose_delivery_failed_and_loses_none(kafka_names, caplog):
-    from stream_learner.broker import EmbeddedBroker, create_topics
+    from stream_learner.io.broker import EmbeddedBroker, create_topics
 
     with EmbeddedBroker() as broker:  # its own broker: this test freezes it
         topic = f"{kafka_names}-out"

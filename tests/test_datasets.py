@@ -30,9 +30,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream_learner import cli, datasets
-from stream_learner.datasets import DatasetError, iter_records, load_records
-from stream_learner.records import Decoder, Record
+from stream_learner.cli import main as cli
+from stream_learner.core.records import Decoder, Record
+from stream_learner.data import datasets
+from stream_learner.data.datasets import DatasetError, iter_records, load_records
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ import pytest
 def test_demo_streams_through_the_broker_and_cleans_up(fetched_dataset, tmp_path):
     fetched_dataset("vader")
     done = subprocess.run(
-        [sys.executable, "-m", "stream_learner.cli", "demo", "--limit", "1500",
+        [sys.executable, "-m", "stream_learner.cli.main", "demo", "--limit", "1500",
          "--output-dir", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from stream_learner.cli import build_parser
-from stream_learner.config import _OPTIONS, ConfigError, config_from_args, env_name
-from stream_learner.metrics import StreamMetrics
+from stream_learner.cli.main import build_parser
+from stream_learner.runtime.config import _OPTIONS, ConfigError, config_from_args, env_name
+from stream_learner.runtime.metrics import StreamMetrics
 
 yaml = pytest.importorskip("yaml")
 

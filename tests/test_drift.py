@@ -3,9 +3,9 @@
 import pytest
 from synthetic import topic_stream
 
-from stream_learner.drift import DETECTORS, DriftMonitor, Signal
-from stream_learner.evaluate import evaluate
-from stream_learner.runner import StreamProcessor
+from stream_learner.cli.evaluate import evaluate
+from stream_learner.core.drift import DETECTORS, DriftMonitor, Signal
+from stream_learner.core.processor import StreamProcessor
 
 CHANGE_AT = 3000
 N = 5000

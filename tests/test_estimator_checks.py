@@ -6,10 +6,10 @@ import pytest
 from river import checks
 from synthetic import topic_stream
 
-from stream_learner.evaluate import evaluate
-from stream_learner.features import TextFeaturizer
-from stream_learner.learners import LearnerError, available_learners, make_learner
-from stream_learner.runner import StreamProcessor, _split_featurizer
+from stream_learner.cli.evaluate import evaluate
+from stream_learner.core.features import TextFeaturizer
+from stream_learner.core.processor import StreamProcessor, _split_featurizer
+from stream_learner.learners.registry import LearnerError, available_learners, make_learner
 
 
 def _build(name):

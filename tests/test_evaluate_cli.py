@@ -5,8 +5,8 @@ import json
 import pytest
 from synthetic import topic_stream
 
-from stream_learner.cli import main
-from stream_learner.records import Decoder
+from stream_learner.cli.main import main
+from stream_learner.core.records import Decoder
 
 
 def _write(path, records):
@@ -127,8 +127,8 @@ def test_evaluate_says_plainly_when_nothing_could_be_scored(tmp_path, capsys):
 
 
 def test_evaluate_without_a_model_serves_the_default_learner(stream_file, capsys):
-    from stream_learner.config import WorkerConfig
-    from stream_learner.evaluate import DEFAULT_LEARNERS
+    from stream_learner.cli.evaluate import DEFAULT_LEARNERS
+    from stream_learner.runtime.config import WorkerConfig
 
     assert main(["evaluate", str(stream_file), "--no-progress", "--limit", "300"]) == 0
     table = capsys.readouterr().out.splitlines()
@@ -137,9 +137,9 @@ def test_evaluate_without_a_model_serves_the_default_learner(stream_file, capsys
 
 
 def test_the_progress_line_counts_what_was_skipped_truncated_and_dropped(tmp_path):
-    from stream_learner.datasets import iter_records
-    from stream_learner.evaluate import InputProblems, _RichProgress
-    from stream_learner.runner import StreamProcessor
+    from stream_learner.cli.evaluate import InputProblems, _RichProgress
+    from stream_learner.core.processor import StreamProcessor
+    from stream_learner.data.datasets import iter_records
 
     problems = InputProblems()
     records = problems.watch(

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from stream_learner.evaluation import PrequentialScore
+from stream_learner.core.evaluation import PrequentialScore
 
 
 def test_scores_match_hand_computation():

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from stream_learner.features import _SEPARATOR, TextFeaturizer
+from stream_learner.core.features import _SEPARATOR, TextFeaturizer
 
 
 def test_unicode_is_nfkc_normalized_and_casefolded():
@@ -99,7 +99,7 @@ SAMPLE = [
 
 def _buckets_in_subprocess(seed_env: str, config: dict) -> list:
     code = (
-        "import json, sys; from stream_learner.features import TextFeaturizer;"
+        "import json, sys; from stream_learner.core.features import TextFeaturizer;"
         "config, texts = json.loads(sys.stdin.read());"
         "f = TextFeaturizer(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()});"
         "print(json.dumps([sorted(f.transform_one(t).items()) for t in texts]))"

@@ -16,9 +16,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from stream_learner import features
-from stream_learner.adversarial import PIECES
-from stream_learner.features import (
+from stream_learner.core import features
+from stream_learner.core.features import (
     _COUNT_FROM,
     _LONG_MARK_RUN,
     _MENTION,
@@ -26,6 +25,7 @@ from stream_learner.features import (
     TextFeaturizer,
     _nfkc_casefold,
 )
+from stream_learner.data.adversarial import PIECES
 
 CONFIGS = [
     {},  # the neural learners'
@@ -103,7 +103,7 @@ def test_long_texts_give_the_features_of_the_plain_path_in_its_order(config, run
 
 
 def test_ordinary_long_texts_keep_their_features():
-    from stream_learner.datasets import load_records
+    from stream_learner.data.datasets import load_records
 
     text = "\n".join(r.text for r in load_records("vader")[:600])
     assert len(text) > 10 * _COUNT_FROM

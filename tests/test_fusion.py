@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kafka_helpers import synthetic_records
 
-from stream_learner.fusion import (
+from stream_learner.core.processor import StreamProcessor
+from stream_learner.fusion.fusion import (
     CountTable,
     Fusion,
     FusionError,
@@ -22,8 +23,7 @@ from stream_learner.fusion import (
     parse_rules,
     snapshot_mac,
 )
-from stream_learner.keys import CHECKPOINT, FUSION, derive_key
-from stream_learner.runner import StreamProcessor
+from stream_learner.state.keys import CHECKPOINT, FUSION, derive_key
 
 SECRET = b"fusion-test-key-0123456789abcdef"
 KEY = derive_key(SECRET, FUSION)
@@ -357,7 +357,7 @@ def test_a_restarted_peer_is_replaced_by_its_full_snapshot_not_counted_twice():
 def test_rounds_come_every_n_records_as_well_as_every_t_seconds():
     from test_worker import drain, make_worker, partitioned, records
 
-    from stream_learner.sources import MemorySource
+    from stream_learner.io.sources import MemorySource
 
     clock = Clock()
     fusion = Fusion("a", every_seconds=10, every_records=100, clock=clock)
@@ -394,7 +394,7 @@ def _feed_all(feed, messages):
 
 
 def _metrics():
-    from stream_learner.metrics import StreamMetrics
+    from stream_learner.runtime.metrics import StreamMetrics
 
     return StreamMetrics(process_metrics=False)
 
@@ -481,7 +481,7 @@ def test_forged_counts_snapshots_are_dropped_counted_and_never_folded():
 
 
 def json_hashing(worker):
-    from stream_learner.fusion import _hashing
+    from stream_learner.fusion.fusion import _hashing
 
     return _hashing(worker[0].heads()["nb"][0])
 
@@ -619,8 +619,8 @@ class _Reach:
 
 
 def test_every_learner_round_trips_through_the_allow_list():
-    from stream_learner.fusion import restricted_loads
-    from stream_learner.learners import available_learners
+    from stream_learner.fusion.fusion import restricted_loads
+    from stream_learner.learners.registry import available_learners
 
     names = [n for n in available_learners() if n != "neural-minilm"]  # needs a download
     processor = StreamProcessor(names, drift_detector="none")
@@ -749,7 +749,7 @@ def test_tombstones_on_a_clean_stop_make_peers_forget_at_once():
 
 
 def test_the_peer_ttl_is_configuration_and_outlasts_the_full_snapshots():
-    from stream_learner.config import ConfigError, load_config
+    from stream_learner.runtime.config import ConfigError, load_config
 
     base = ["--topic", "t", "--learners", "nb", "--fusion", "on"]
     assert load_config(base, environ={}).fusion_peer_ttl == 600.0

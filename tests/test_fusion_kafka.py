@@ -10,14 +10,14 @@ import pytest
 from kafka import KafkaProducer
 from kafka_helpers import KEY, synthetic_records
 
-from stream_learner.broker import create_topics
-from stream_learner.config import load_config
-from stream_learner.fusion import CountTable, Fusion, ModelFeed
-from stream_learner.keys import CHECKPOINT, FUSION, derive_key
-from stream_learner.metrics import StreamMetrics
-from stream_learner.produce import produce_records
-from stream_learner.runner import StreamProcessor
-from stream_learner.worker import run_worker
+from stream_learner.cli.produce import produce_records
+from stream_learner.core.processor import StreamProcessor
+from stream_learner.fusion.fusion import CountTable, Fusion, ModelFeed
+from stream_learner.io.broker import create_topics
+from stream_learner.runtime.config import load_config
+from stream_learner.runtime.metrics import StreamMetrics
+from stream_learner.runtime.worker import run_worker
+from stream_learner.state.keys import CHECKPOINT, FUSION, derive_key
 
 pytestmark = [pytest.mark.kafka]
 

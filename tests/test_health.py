@@ -6,11 +6,11 @@ import json
 import threading
 import time
 
-from stream_learner.metrics import BrokerHealth, Heartbeat, Readiness
-from stream_learner.runner import StreamProcessor
-from stream_learner.sinks import MemorySink, Outputs, SinkError
-from stream_learner.sources import MemorySource
-from stream_learner.worker import Worker
+from stream_learner.core.processor import StreamProcessor
+from stream_learner.io.sinks import MemorySink, Outputs, SinkError
+from stream_learner.io.sources import MemorySource
+from stream_learner.runtime.metrics import BrokerHealth, Heartbeat, Readiness
+from stream_learner.runtime.worker import Worker
 
 
 class Clock:
@@ -68,7 +68,7 @@ def test_the_loss_is_logged_once_per_timeout_and_the_return_once(caplog):
     clock = Clock()
     broker = BrokerHealth(timeout=10.0, clock=clock)
     broker.contact()
-    with caplog.at_level("INFO", logger="stream_learner.metrics"):
+    with caplog.at_level("INFO", logger="stream_learner.runtime.metrics"):
         for _ in range(250):  # 25 s of a loop observing every 0.1 s
             clock.now += 0.1
             broker.observe()

@@ -17,8 +17,8 @@ from kafka_helpers import (
     wait_for_log,
 )
 
-from stream_learner.broker import EmbeddedBroker, create_topics
-from stream_learner.produce import produce_records
+from stream_learner.cli.produce import produce_records
+from stream_learner.io.broker import EmbeddedBroker, create_topics
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -86,7 +86,7 @@ def test_a_broker_that_stops_answering_mid_run_loses_nothing(kafka_names, tmp_pa
 
 
 def test_outputs_from_the_producer_process_arrive_and_its_death_is_reported(kafka_broker, kafka_names):
-    from stream_learner.sinks import ProcessSink, SinkError
+    from stream_learner.io.sinks import ProcessSink, SinkError
 
     topic = f"{kafka_names}-out"
     create_topics(kafka_broker.bootstrap_servers, {topic: 2})

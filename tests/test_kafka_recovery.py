@@ -16,14 +16,14 @@ import sys
 import pytest
 from kafka_helpers import KEY, synthetic_records
 
-from stream_learner.broker import create_topics
-from stream_learner.checkpoint import MAGIC, CheckpointStore
-from stream_learner.config import load_config
-from stream_learner.evaluate import evaluate
-from stream_learner.keys import CHECKPOINT, derive_key
-from stream_learner.records import Decoder
-from stream_learner.runner import StreamProcessor
-from stream_learner.worker import run_worker
+from stream_learner.cli.evaluate import evaluate
+from stream_learner.core.processor import StreamProcessor
+from stream_learner.core.records import Decoder
+from stream_learner.io.broker import create_topics
+from stream_learner.runtime.config import load_config
+from stream_learner.runtime.worker import run_worker
+from stream_learner.state.checkpoint import MAGIC, CheckpointStore
+from stream_learner.state.keys import CHECKPOINT, derive_key
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -160,7 +160,7 @@ def test_all_corrupt_refuses_to_start_and_allow_fresh_start_re_reads(
     command = [
         sys.executable,
         "-m",
-        "stream_learner.cli",
+        "stream_learner.cli.main",
         "run",
         "--topic",
         f"{kafka_names}-in",
@@ -219,7 +219,7 @@ def test_a_signed_malicious_checkpoint_stops_the_worker_before_it_runs(
     command = [
         sys.executable,
         "-m",
-        "stream_learner.cli",
+        "stream_learner.cli.main",
         "run",
         "--topic",
         f"{kafka_names}-in",

@@ -23,13 +23,13 @@ from kafka_helpers import (
     wait_for_log,
 )
 
-from stream_learner.broker import EmbeddedBroker, create_topics, free_port
-from stream_learner.config import load_config
-from stream_learner.evaluate import delay_labels, evaluate
-from stream_learner.produce import produce_messages, produce_records
-from stream_learner.records import Record
-from stream_learner.runner import StreamProcessor
-from stream_learner.worker import run_worker
+from stream_learner.cli.evaluate import delay_labels, evaluate
+from stream_learner.cli.produce import produce_messages, produce_records
+from stream_learner.core.processor import StreamProcessor
+from stream_learner.core.records import Record
+from stream_learner.io.broker import EmbeddedBroker, create_topics, free_port
+from stream_learner.runtime.config import load_config
+from stream_learner.runtime.worker import run_worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -183,7 +183,7 @@ def test_bad_input_is_dead_lettered_with_reason_and_original_bytes(kafka_broker,
     rng.shuffle(stream)
     topic = f"{kafka_names}-in"
     create_topics(kafka_broker.bootstrap_servers, {topic: 3})
-    from stream_learner.records import Decoder
+    from stream_learner.core.records import Decoder
 
     encode = Decoder().encode
     messages = [
@@ -392,7 +392,7 @@ def test_the_metrics_endpoint_counts_what_the_worker_did(kafka_broker, kafka_nam
     topic = f"{kafka_names}-in"
     create_topics(kafka_broker.bootstrap_servers, {topic: 2})
     good = synthetic_records(600, seed=10)
-    from stream_learner.records import Decoder
+    from stream_learner.core.records import Decoder
 
     messages = [(topic, r.id.encode(), Decoder().encode(r)) for r in good]
     messages += [(topic, b"bad", b"{not json")] * 40

@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream_learner.metrics import (
+from stream_learner.core.processor import StreamProcessor
+from stream_learner.core.records import Reason, Record
+from stream_learner.runtime.metrics import (
     DEAD_LETTER_REASONS,
     MAX_LABEL_VALUES,
     OUTCOMES,
@@ -27,8 +29,6 @@ from stream_learner.metrics import (
     StreamMetrics,
     _observe_many,
 )
-from stream_learner.records import Reason, Record
-from stream_learner.runner import StreamProcessor
 
 
 @pytest.fixture
@@ -138,11 +138,11 @@ def test_the_worker_times_each_record_on_its_own(registry, metrics):
     """One slow record in a batch shows as one slow observation, not as a slower mean."""
     from river import base
 
-    from stream_learner.records import Decoder, Record
-    from stream_learner.runner import StreamProcessor
-    from stream_learner.sinks import MemorySink, Outputs
-    from stream_learner.sources import MemorySource
-    from stream_learner.worker import Worker
+    from stream_learner.core.processor import StreamProcessor
+    from stream_learner.core.records import Decoder, Record
+    from stream_learner.io.sinks import MemorySink, Outputs
+    from stream_learner.io.sources import MemorySource
+    from stream_learner.runtime.worker import Worker
 
     class SlowOnSomeTexts(base.Classifier):
         def learn_one(self, x, y):

@@ -10,13 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_worker import ENCODE, ExplodingClassifier, drain, make_worker, records
 
-from stream_learner.config import ConfigError, load_config
-from stream_learner.evaluate import evaluate
-from stream_learner.learners import make_learner
-from stream_learner.neural import NeuralClassifier
-from stream_learner.records import Record
-from stream_learner.runner import LearnerFailure, Outcome, StreamProcessor
-from stream_learner.sources import MemorySource
+from stream_learner.cli.evaluate import evaluate
+from stream_learner.core.processor import LearnerFailure, Outcome, StreamProcessor
+from stream_learner.core.records import Record
+from stream_learner.io.sources import MemorySource
+from stream_learner.learners.neural.model import NeuralClassifier
+from stream_learner.learners.registry import make_learner
+from stream_learner.runtime.config import ConfigError, load_config
 
 WORDS = {"pos": ["good", "great", "fine", "love", "nice"], "neg": ["bad", "awful", "hate", "poor", "sad"]}
 

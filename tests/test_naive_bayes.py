@@ -4,8 +4,8 @@ import pytest
 from river import naive_bayes as river_nb
 from synthetic import topic_stream
 
-from stream_learner import naive_bayes
-from stream_learner.features import TextFeaturizer
+from stream_learner.core.features import TextFeaturizer
+from stream_learner.learners import naive_bayes
 
 
 @pytest.mark.parametrize(

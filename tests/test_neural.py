@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from river import checks
 
-from stream_learner.features import BucketBatch, TextFeaturizer
-from stream_learner.learners import make_learner
-from stream_learner.neural import NeuralClassifier, fuse, neural_step
+from stream_learner.core.features import BucketBatch, TextFeaturizer
+from stream_learner.learners.neural.model import NeuralClassifier, fuse, neural_step
+from stream_learner.learners.registry import make_learner
 
 # --- River's generic estimator checks ----------------------------------------------------------
 
@@ -425,7 +425,7 @@ def test_batches_of_empty_records_are_learned():
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(1, 5), min_size=1, max_size=30), st.integers(0, 2**16))
 def test_grouped_sums_match_reduceat(group_sizes, seed):
-    from stream_learner.neural import _sum_groups
+    from stream_learner.learners.neural.model import _sum_groups
 
     values = np.random.default_rng(seed).normal(size=(sum(group_sizes), 3))
     starts = np.concatenate([[0], np.cumsum(group_sizes)[:-1]]).astype(np.intp)

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream_learner.features import TextFeaturizer
-from stream_learner.learners import make_learner
-from stream_learner.neural import NeuralClassifier, load, neural_step, save
-from stream_learner.neural_format import FORMAT_VERSION, NeuralFormatError, read_header
+from stream_learner.core.features import TextFeaturizer
+from stream_learner.learners.neural.format import FORMAT_VERSION, NeuralFormatError, read_header
+from stream_learner.learners.neural.model import NeuralClassifier, load, neural_step, save
+from stream_learner.learners.registry import make_learner
 
 TEXTS = [
     ("what a great match, the team played well", "pos"),
@@ -160,7 +160,7 @@ def test_a_damaged_byte_never_yields_a_different_model(saved, tmp_path, position
 
 
 def _rewrite(data: bytes, edit_header=None, edit_arrays=None, fix_checksum=False) -> bytes:
-    from stream_learner.neural_format import _digest
+    from stream_learner.learners.neural.format import _digest
 
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         arrays = {name: npz[name] for name in npz.files}
@@ -325,7 +325,7 @@ def test_with_a_key_a_tampered_file_is_refused_even_with_a_fixed_checksum(signed
 
 
 def test_another_key_or_another_purpose_is_refused(signed, tmp_path):
-    from stream_learner.keys import CHECKPOINT, MODEL_FILE, derive_key
+    from stream_learner.state.keys import CHECKPOINT, MODEL_FILE, derive_key
 
     for key in (b"another secret", derive_key(SECRET, MODEL_FILE), derive_key(SECRET, CHECKPOINT)):
         with pytest.raises(NeuralFormatError, match="MAC mismatch"):

@@ -10,10 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream_learner.features import TextFeaturizer
-from stream_learner.learners import make_learner
-from stream_learner.neural import NeuralClassifier, neural_step
-from stream_learner.pretrained_init import (
+from stream_learner.core.features import TextFeaturizer
+from stream_learner.learners.neural.model import NeuralClassifier, neural_step
+from stream_learner.learners.neural.pretrained_init import (
     PretrainedVectorsError,
     bucket_vectors,
     init_embeddings,
@@ -22,6 +21,7 @@ from stream_learner.pretrained_init import (
     read_safetensors,
     read_word_vectors,
 )
+from stream_learner.learners.registry import make_learner
 
 FEATURIZER = TextFeaturizer(n_buckets=2**10)
 

@@ -40,9 +40,9 @@ from kafka_helpers import (
     wait_for_log,
 )
 
-from stream_learner.broker import create_topics
-from stream_learner.records import Decoder
-from stream_learner.sinks import TRUNCATED_BYTES
+from stream_learner.core.records import Decoder
+from stream_learner.io.broker import create_topics
+from stream_learner.io.sinks import TRUNCATED_BYTES
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -50,7 +50,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 def _sink(client, bootstrap, max_bytes, truncate_topics):
     """A sink of ``client`` whose producer refuses messages over ``max_bytes``."""
     if client == "confluent":
-        from stream_learner.confluent import ConfluentSink
+        from stream_learner.io.confluent import ConfluentSink
 
         return ConfluentSink(
             bootstrap_servers=bootstrap,
@@ -58,7 +58,7 @@ def _sink(client, bootstrap, max_bytes, truncate_topics):
             batch_size=max_bytes,
             truncate_topics=truncate_topics,
         )
-    from stream_learner.sinks import KafkaSink
+    from stream_learner.io.sinks import KafkaSink
 
     return KafkaSink(
         bootstrap_servers=bootstrap,
@@ -76,7 +76,7 @@ def test_refused_outputs_are_truncated_or_dropped_counted_and_logged_a_bounded_n
     original = os.urandom(20_000)
     sink = _sink(kafka_client, bootstrap, 8000, (dlq,))
     try:
-        with caplog.at_level(logging.WARNING, logger="stream_learner.sinks"):
+        with caplog.at_level(logging.WARNING, logger="stream_learner.io.sinks"):
             for i in range(40):
                 sink.send(predictions, f"big{i}".encode(), b"p" * 10_000, partition_hint=0)
             sink.send(predictions, b"small", b"fits", partition_hint=0)
@@ -227,7 +227,7 @@ def test_a_sasl_mechanism_the_broker_does_not_offer_exits_2_with_one_line(
 ):
     env = dict(os.environ, STREAM_LEARNER_CHECKPOINT_KEY=KEY, STREAM_LEARNER_SASL_PLAIN_PASSWORD="not-a-real-secret")
     command = [
-        sys.executable, "-m", "stream_learner.cli", "run",
+        sys.executable, "-m", "stream_learner.cli.main", "run",
         "--topic", f"{kafka_names}-in",
         "--bootstrap-servers", kafka_broker.bootstrap_servers,
         "--group-id", f"{kafka_names}-group",
@@ -277,9 +277,9 @@ def test_a_consumer_refused_by_the_broker_is_fatal_not_retried(
 ):
     import threading
 
-    from stream_learner.config import load_config
-    from stream_learner.retry import FatalBrokerError
-    from stream_learner.worker import _with_retries, make_source
+    from stream_learner.io.retry import FatalBrokerError
+    from stream_learner.runtime.config import load_config
+    from stream_learner.runtime.worker import _with_retries, make_source
 
     if client == "confluent":
         pytest.importorskip("confluent_kafka")

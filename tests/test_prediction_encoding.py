@@ -8,9 +8,9 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stream_learner.runner import Prediction
-from stream_learner.sinks import MemorySink, Outputs
-from stream_learner.sources import Message
+from stream_learner.core.processor import Prediction
+from stream_learner.io.sinks import MemorySink, Outputs
+from stream_learner.io.sources import Message
 
 text = st.text(max_size=20)
 labels = st.one_of(text, st.integers(), st.booleans(), st.none(), st.floats())

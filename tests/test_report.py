@@ -7,10 +7,10 @@ from pathlib import Path
 
 from synthetic import topic_stream
 
-from stream_learner.config import load_config
-from stream_learner.report import plot_accuracy
-from stream_learner.runner import StreamProcessor
-from stream_learner.worker import build_processor
+from stream_learner.cli.report import plot_accuracy
+from stream_learner.core.processor import StreamProcessor
+from stream_learner.runtime.config import load_config
+from stream_learner.runtime.worker import build_processor
 
 
 def test_the_series_has_the_served_curve_beside_the_learners():

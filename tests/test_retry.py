@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kafka import errors as kafka_errors
 
-from stream_learner.retry import (
+from stream_learner.io.retry import (
     Backoff,
     FatalBrokerError,
     RateLimitedLog,
@@ -22,7 +22,7 @@ from stream_learner.retry import (
     retry,
     watch_kafka_python_auth,
 )
-from stream_learner.sinks import TRUNCATED_BYTES, output_refusal, truncated_copy
+from stream_learner.io.sinks import TRUNCATED_BYTES, output_refusal, truncated_copy
 
 # -- Backoff ---------------------------------------------------------------------------------
 
@@ -81,7 +81,7 @@ def test_retry_returns_once_the_call_works_and_logs_each_retry(caplog):
             raise kafka_errors.KafkaConnectionError()
         return "connected"
 
-    with caplog.at_level(logging.WARNING, logger="stream_learner.retry"):
+    with caplog.at_level(logging.WARNING, logger="stream_learner.io.retry"):
         result = retry("producer", connect, threading.Event(), backoff=Backoff(0.001, 0.002))
     assert result == "connected" and len(attempts) == 3
     lines = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
@@ -267,7 +267,7 @@ class _RefusingSink:
     """A MemorySink whose flushes report refused outputs, or raise once a producer is refused."""
 
     def __init__(self, errors=None, fatal=None):
-        from stream_learner.sinks import MemorySink
+        from stream_learner.io.sinks import MemorySink
 
         self.memory = MemorySink()
         self.send = self.memory.send
@@ -288,12 +288,12 @@ class _RefusingSink:
 
 
 def _worker_and_source(tmp_path, sink, metrics=None):
-    from stream_learner.checkpoint import CheckpointStore
-    from stream_learner.records import Decoder, Record
-    from stream_learner.runner import StreamProcessor
-    from stream_learner.sinks import Outputs
-    from stream_learner.sources import MemorySource
-    from stream_learner.worker import Worker
+    from stream_learner.core.processor import StreamProcessor
+    from stream_learner.core.records import Decoder, Record
+    from stream_learner.io.sinks import Outputs
+    from stream_learner.io.sources import MemorySource
+    from stream_learner.runtime.worker import Worker
+    from stream_learner.state.checkpoint import CheckpointStore
 
     outputs = Outputs(sink, predictions_topic="in.predictions", dead_letter_topic="in.dlq")
     store = CheckpointStore(tmp_path, b"retry-test-key-0123456789abcdefgh")
@@ -308,7 +308,7 @@ def _worker_and_source(tmp_path, sink, metrics=None):
 def test_the_worker_counts_refused_outputs_and_checkpoints_and_commits_anyway(tmp_path):
     from prometheus_client import CollectorRegistry
 
-    from stream_learner.metrics import StreamMetrics
+    from stream_learner.runtime.metrics import StreamMetrics
 
     registry = CollectorRegistry()
     metrics = StreamMetrics(registry, learners=["nb"], process_metrics=False)
@@ -343,7 +343,7 @@ def test_a_kafka_python_delivery_refused_for_lack_of_cluster_acls_is_fatal():
     from kafka.errors import ClusterAuthorizationFailedError, TopicAuthorizationFailedError
     from kafka.future import Future
 
-    from stream_learner.sinks import _raise_if_fatal
+    from stream_learner.io.sinks import _raise_if_fatal
 
     with pytest.raises(FatalBrokerError, match="IdempotentWrite"):
         _raise_if_fatal(Future().failure(ClusterAuthorizationFailedError()).exception)

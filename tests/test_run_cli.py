@@ -11,14 +11,14 @@ import sys
 import pytest
 from kafka_helpers import KEY
 
-from stream_learner.broker import existing_topics
+from stream_learner.io.broker import existing_topics
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 
 def run(broker, names, tmp_path, *extra, timeout=120):
     command = [
-        sys.executable, "-m", "stream_learner.cli", "run",
+        sys.executable, "-m", "stream_learner.cli.main", "run",
         "--bootstrap-servers", broker.bootstrap_servers,
         "--group-id", f"{names}-g",
         "--checkpoint-dir", str(tmp_path / "ckpt"),
@@ -66,7 +66,7 @@ def test_a_metrics_port_in_use_is_one_line_and_exit_2(kafka_broker, kafka_names,
 
 
 def test_an_unknown_learner_is_refused_before_anything_is_written(tmp_path):
-    command = [sys.executable, "-m", "stream_learner.cli", "run", "--topic", "t", "--learners", "no-such-learner",
+    command = [sys.executable, "-m", "stream_learner.cli.main", "run", "--topic", "t", "--learners", "no-such-learner",
                "--checkpoint-dir", str(tmp_path / "ckpt"), "--generate-key"]  # fmt: skip
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path), "XDG_CONFIG_HOME": str(tmp_path / "config")}
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)

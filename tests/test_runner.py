@@ -6,11 +6,11 @@ import pytest
 from river import base, compose, naive_bayes
 from synthetic import topic_stream
 
-from stream_learner.evaluate import delay_labels, evaluate
-from stream_learner.features import TextFeaturizer
-from stream_learner.learners import make_learner
-from stream_learner.records import Reason, Record
-from stream_learner.runner import LearnerFailure, Outcome, StreamProcessor
+from stream_learner.cli.evaluate import delay_labels, evaluate
+from stream_learner.core.features import TextFeaturizer
+from stream_learner.core.processor import LearnerFailure, Outcome, StreamProcessor
+from stream_learner.core.records import Reason, Record
+from stream_learner.learners.registry import make_learner
 
 
 def test_matches_rivers_own_prequential_loop():

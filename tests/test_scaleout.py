@@ -23,11 +23,11 @@ from kafka_helpers import (
     wait_for_log,
 )
 
-from stream_learner.broker import create_topics
-from stream_learner.config import load_config
-from stream_learner.produce import produce_records
-from stream_learner.runner import StreamProcessor
-from stream_learner.worker import run_worker
+from stream_learner.cli.produce import produce_records
+from stream_learner.core.processor import StreamProcessor
+from stream_learner.io.broker import create_topics
+from stream_learner.runtime.config import load_config
+from stream_learner.runtime.worker import run_worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -154,7 +154,7 @@ def test_run_processes_restarts_a_killed_worker_and_loses_nothing(kafka_broker, 
     log_path = tmp_path / "supervisor.log"
     env = dict(os.environ, STREAM_LEARNER_CHECKPOINT_KEY=KEY, PYTHONUNBUFFERED="1")
     command = [
-        sys.executable, "-m", "stream_learner.cli", "run",
+        sys.executable, "-m", "stream_learner.cli.main", "run",
         "--topic", topic,
         "--bootstrap-servers", kafka_broker.bootstrap_servers,
         "--group-id", f"{kafka_names}-group",
@@ -193,7 +193,7 @@ def test_sigterm_stops_every_worker_process_cleanly(kafka_broker, kafka_names, t
     log_path = tmp_path / "supervisor.log"
     env = dict(os.environ, STREAM_LEARNER_CHECKPOINT_KEY=KEY, PYTHONUNBUFFERED="1")
     command = [
-        sys.executable, "-m", "stream_learner.cli", "run", "--topic", topic,
+        sys.executable, "-m", "stream_learner.cli.main", "run", "--topic", topic,
         "--bootstrap-servers", kafka_broker.bootstrap_servers, "--group-id", f"{kafka_names}-group",
         "--checkpoint-dir", str(tmp_path / "ckpt"), "--session-timeout-ms", "3000", "--processes", "2",
         "--learners", "nb",

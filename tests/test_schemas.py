@@ -11,13 +11,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream_learner.cli import main
-from stream_learner.records import DecodeError, Decoder
-from stream_learner.runner import StreamProcessor
-from stream_learner.schemas import SCHEMAS, input_schema
-from stream_learner.sinks import MemorySink, Outputs
-from stream_learner.sources import MemorySource
-from stream_learner.worker import Worker
+from stream_learner.cli.main import main
+from stream_learner.core.processor import StreamProcessor
+from stream_learner.core.records import DecodeError, Decoder
+from stream_learner.io.schemas import SCHEMAS, input_schema
+from stream_learner.io.sinks import MemorySink, Outputs
+from stream_learner.io.sources import MemorySource
+from stream_learner.runtime.worker import Worker
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "docs" / "schemas"
 

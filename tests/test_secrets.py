@@ -16,9 +16,9 @@ import psutil
 import pytest
 from kafka_helpers import ASSIGNED, KEY, synthetic_records, wait_for_log
 
-from stream_learner.broker import create_topics
-from stream_learner.config import ConfigError, config_from_args, load_config, to_environment
-from stream_learner.produce import produce_records
+from stream_learner.cli.produce import produce_records
+from stream_learner.io.broker import create_topics
+from stream_learner.runtime.config import ConfigError, config_from_args, load_config, to_environment
 
 PASSWORD = "hunter2-sasl-password"
 
@@ -26,7 +26,7 @@ PASSWORD = "hunter2-sasl-password"
 @pytest.mark.parametrize("flag", ["--sasl-plain-password", "--ssl-password"])
 def test_a_password_given_as_a_flag_is_refused_naming_the_alternatives(flag):
     result = subprocess.run(
-        [sys.executable, "-m", "stream_learner.cli", "run", "--topic", "t", flag, PASSWORD],
+        [sys.executable, "-m", "stream_learner.cli.main", "run", "--topic", "t", flag, PASSWORD],
         capture_output=True, text=True, timeout=60,
         env=dict(os.environ, STREAM_LEARNER_CHECKPOINT_KEY=KEY),
     )
@@ -87,7 +87,7 @@ def test_processes_keep_secrets_off_the_workers_command_lines(kafka_broker, kafk
     log_path = tmp_path / "supervisor.log"
     env = dict(os.environ, STREAM_LEARNER_CHECKPOINT_KEY=KEY, PYTHONUNBUFFERED="1")
     command = [
-        sys.executable, "-m", "stream_learner.cli", "run", "--topic", topic,
+        sys.executable, "-m", "stream_learner.cli.main", "run", "--topic", topic,
         "--bootstrap-servers", kafka_broker.bootstrap_servers, "--group-id", f"{kafka_names}-group",
         "--checkpoint-dir", str(tmp_path / "ckpt"), "--session-timeout-ms", "3000", "--processes", "2",
         # PLAINTEXT ignores the SASL settings: they only have to reach the workers.
@@ -124,7 +124,7 @@ def test_without_a_key_the_worker_refuses_unless_it_may_generate_one_outside_the
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_LEARNER_")}
     env.update(XDG_CONFIG_HOME=str(tmp_path / "config"), PYTHONUNBUFFERED="1")
     command = [
-        sys.executable, "-m", "stream_learner.cli", "run", "--topic", "t",
+        sys.executable, "-m", "stream_learner.cli.main", "run", "--topic", "t",
         "--bootstrap-servers", "127.0.0.1:1", "--checkpoint-dir", str(tmp_path / "ckpt"),
     ]
     refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)

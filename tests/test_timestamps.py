@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stream_learner.records import Decoder, parse_timestamp
+from stream_learner.core.records import Decoder, parse_timestamp
 
 # From 1974: a millisecond count of an earlier moment is below 1e11 and reads as seconds.
 moments = st.datetimes(
@@ -89,7 +89,7 @@ def test_the_decoder_drops_a_timestamp_it_cannot_read_and_keeps_the_record(ts):
 
 
 def test_the_decoder_can_still_refuse_unreadable_timestamps():
-    from stream_learner.records import DecodeError, Reason
+    from stream_learner.core.records import DecodeError, Reason
 
     with pytest.raises(DecodeError) as caught:
         Decoder(invalid_timestamps="error").decode(

@@ -12,13 +12,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from river import base
 
-from stream_learner.checkpoint import CheckpointStore
-from stream_learner.config import ConfigError, WorkerConfig, add_config_arguments, load_config
-from stream_learner.records import Decoder, Record
-from stream_learner.runner import StreamProcessor
-from stream_learner.sinks import MemorySink, Outputs, SinkError
-from stream_learner.sources import MemorySource
-from stream_learner.worker import Worker, run_worker
+from stream_learner.core.processor import StreamProcessor
+from stream_learner.core.records import Decoder, Record
+from stream_learner.io.sinks import MemorySink, Outputs, SinkError
+from stream_learner.io.sources import MemorySource
+from stream_learner.runtime.config import (
+    ConfigError,
+    WorkerConfig,
+    add_config_arguments,
+    load_config,
+)
+from stream_learner.runtime.worker import Worker, run_worker
+from stream_learner.state.checkpoint import CheckpointStore
 
 KEY = b"worker-test-key-0123456789abcdef"
 ENCODE = Decoder().encode
