@@ -31,7 +31,7 @@ from pathlib import Path
 
 from stream_learner.core.features import TextFeaturizer
 from stream_learner.data.adversarial import worst_cases
-from stream_learner.data.datasets import load_records
+from stream_learner.data.readers import load_records
 from stream_learner.learners.registry import LearnerError, available_learners, make_learner
 
 RESULTS = Path(__file__).resolve().parent / "results"

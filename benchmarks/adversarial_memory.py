@@ -59,7 +59,7 @@ def _status(field: str) -> int:
 
 
 def _vader(limit: int | None = None):
-    from stream_learner.data.datasets import load_records
+    from stream_learner.data.readers import load_records
 
     return load_records("vader", limit=limit)
 

@@ -32,7 +32,8 @@ from river import compose, feature_extraction, linear_model, multiclass, naive_b
 from benchmarks.anchors import AnchorResult, characters, prequential, run_sklearn, run_vw
 from stream_learner.cli.evaluate import DEFAULT_LEARNERS, evaluate
 from stream_learner.core.processor import StreamProcessor
-from stream_learner.data.datasets import dataset_meta, load_records
+from stream_learner.data.datasets import dataset_meta
+from stream_learner.data.readers import load_records
 from stream_learner.learners.registry import LearnerError, available_learners, make_learner
 
 STREAMS = ("spamassassin", "vader", "healthtweets", "poetry")

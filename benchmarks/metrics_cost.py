@@ -38,7 +38,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from stream_learner.core.records import Decoder
-from stream_learner.data.datasets import load_records
+from stream_learner.data.readers import load_records
 from stream_learner.io.sinks import MemorySink, Outputs
 from stream_learner.io.sources import Message
 from stream_learner.runtime.config import WorkerConfig

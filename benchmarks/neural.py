@@ -28,7 +28,8 @@ from benchmarks.anchors import characters, prequential, run_river, run_sklearn, 
 from stream_learner.cli.evaluate import evaluate
 from stream_learner.core.features import TextFeaturizer
 from stream_learner.core.processor import StreamProcessor
-from stream_learner.data.datasets import dataset_meta, load_records
+from stream_learner.data.datasets import dataset_meta
+from stream_learner.data.readers import load_records
 from stream_learner.learners.neural.model import load, neural_step, save
 from stream_learner.learners.registry import make_learner
 

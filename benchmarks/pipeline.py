@@ -39,7 +39,7 @@ from stream_learner.cli.evaluate import evaluate
 from stream_learner.cli.produce import produce_records
 from stream_learner.core.processor import StreamProcessor
 from stream_learner.core.records import Decoder
-from stream_learner.data import datasets
+from stream_learner.data import readers
 from stream_learner.io.broker import EmbeddedBroker, create_topics
 from stream_learner.runtime.config import WorkerConfig, load_config
 from stream_learner.runtime.worker import run_worker
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     os.environ.setdefault("STREAM_LEARNER_CHECKPOINT_KEY", secrets.token_hex(32))
 
-    records = datasets.load_records(args.dataset, limit=args.limit)
+    records = readers.load_records(args.dataset, limit=args.limit)
     n = len(records)
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     jsonl = work / "records.jsonl"
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
             for repeat in range(args.repeats):
                 loads.append(os.getloadavg()[0])
                 started = time.perf_counter()
-                result = evaluate(datasets.iter_records(str(jsonl)), StreamProcessor([learner]))
+                result = evaluate(readers.iter_records(str(jsonl)), StreamProcessor([learner]))
                 evaluate_rates.append(n / (time.perf_counter() - started))
                 # The other place for the consumer (--consumer-process), for comparison.
                 other_topic = f"{topic}.{learner}.{repeat}.other.predictions"

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from stream_learner.cli.produce import produce_records
-from stream_learner.data import datasets
+from stream_learner.data import readers
 from stream_learner.io.broker import EmbeddedBroker, create_topics
 
 RESULTS = Path(__file__).parent / "results"
@@ -150,7 +150,7 @@ def main(argv=None):
     parser.add_argument("--output", default="scaling", help="results file stem in benchmarks/results/")
     args = parser.parse_args(argv)
 
-    records = [r for r in datasets.load_records(args.dataset, limit=args.limit) if r.label is not None]
+    records = [r for r in readers.load_records(args.dataset, limit=args.limit) if r.label is not None]
     clients = [c.strip() for c in args.clients.split(",") if c.strip()]
     runs = []
     load_before = os.getloadavg()[0]

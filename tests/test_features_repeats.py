@@ -103,7 +103,7 @@ def test_long_texts_give_the_features_of_the_plain_path_in_its_order(config, run
 
 
 def test_ordinary_long_texts_keep_their_features():
-    from stream_learner.data.datasets import load_records
+    from stream_learner.data.readers import load_records
 
     text = "\n".join(r.text for r in load_records("vader")[:600])
     assert len(text) > 10 * _COUNT_FROM

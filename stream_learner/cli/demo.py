@@ -96,7 +96,7 @@ def run_demo(
 ) -> int:
     from stream_learner.cli.produce import produce_records
     from stream_learner.cli.report import format_table, leaderboard, plot_accuracy
-    from stream_learner.data import datasets
+    from stream_learner.data import datasets, readers
     from stream_learner.io.broker import EmbeddedBroker, create_topics
     from stream_learner.runtime.config import load_config
     from stream_learner.runtime.worker import run_worker
@@ -105,7 +105,7 @@ def run_demo(
     output.mkdir(parents=True, exist_ok=True)
     print(f"[1/5] dataset {dataset}: ", end="", flush=True)
     path = datasets.fetch(dataset)
-    records = datasets.load_records(dataset, limit=limit)
+    records = readers.load_records(dataset, limit=limit)
     print(f"{len(records):,} records ({path})")
 
     chosen = _learners(list(learners))

