@@ -6,6 +6,7 @@ import gzip
 import math
 import re
 import shutil
+import socket
 import subprocess
 import time
 import urllib.error
@@ -373,6 +374,71 @@ def test_health_server_serves_metrics_and_probes(registry, metrics):
         server.stop()
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(server.url + "/healthz", timeout=2)
+
+
+def test_metrics_negotiates_the_format_and_compresses_only_when_asked(registry, metrics):
+    metrics.record_outcomes({"learned": 2})
+    with HealthServer(registry, port=0) as server:
+        status, headers, body = get(server.url + "/metrics", {"Accept-Encoding": "identity"})
+        assert status == 200 and "Content-Encoding" not in headers
+        assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        assert not body.rstrip().endswith(b"# EOF")
+
+        status, headers, body = get(
+            server.url + "/metrics",
+            {"Accept": "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"},
+        )
+        assert headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+        assert "Content-Encoding" not in headers and body.rstrip().endswith(b"# EOF")
+
+        status, headers, body = get(server.url + "/metrics", {"Accept-Encoding": "br, GZIP;q=0.9"})
+        assert headers["Content-Encoding"] == "gzip"
+        assert b"stream_learner_records_total" in gzip.decompress(body)
+
+        head = urllib.request.Request(server.url + "/metrics", method="HEAD")
+        with urllib.request.urlopen(head, timeout=5) as response:
+            assert response.status == 200 and response.read() == b""
+            assert int(response.headers["Content-Length"]) > 0
+
+
+def test_metrics_name_filter_returns_only_the_named_families(registry, metrics):
+    metrics.record_outcomes({"learned": 4})
+    with HealthServer(registry, port=0) as server:
+        query = "name[]=stream_learner_records_total&name[]=stream_learner_predictions_total"
+        status, _, body = get(server.url + "/metrics?" + query)
+        names = {f.name for f in text_string_to_metric_families(body.decode())}
+        assert status == 200
+        assert names == {"stream_learner_records", "stream_learner_predictions"}
+
+        status, _, body = get(server.url + "/metrics?name[]=no_such_metric")
+        assert status == 200 and body == b""
+
+
+def test_a_client_that_sends_nothing_neither_blocks_scrapes_nor_holds_its_socket(registry, metrics):
+    with HealthServer(registry, port=0, request_timeout=0.5) as server:
+        silent = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
+        try:
+            for _ in range(3):
+                status, _, body = get(server.url + "/metrics")
+                assert status == 200 and b"stream_learner_records_total" in body
+            for connection in silent:
+                connection.settimeout(10)  # a guard: the server closes it after 0.5 s
+                assert connection.recv(1024) == b""
+        finally:
+            for connection in silent:
+                connection.close()
+
+
+def test_a_broken_collector_answers_500_and_the_server_goes_on(registry, metrics):
+    class Broken:
+        def collect(self):
+            raise RuntimeError("collector down")
+
+    registry.register(Broken())
+    with HealthServer(registry, port=0) as server:
+        status, _, body = get(server.url + "/metrics")
+        assert status == 500 and b"collector down" in body
+        assert get(server.url + "/healthz")[0] == 200
 
 
 def test_a_failing_or_raising_check_answers_503_with_the_reason(registry):

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import gzip
 import http.server
 import logging
 import math
@@ -52,7 +51,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import make_wsgi_app
 
 from stream_learner.core.records import Reason
 
@@ -779,18 +778,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = urllib.parse.urlsplit(self.path).path.rstrip("/") or "/"
         health = self.server.health  # type: ignore[attr-defined]
         if path == "/metrics":
-            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
             try:
-                body = encoder(health.registry)
+                status, headers, body = self._exposition(health.metrics_app)
             except Exception as error:  # a broken custom collector must not kill the server
                 log.exception("collecting metrics failed")
                 self._send(500, f"collecting metrics failed: {error}\n".encode(), send_body)
                 return
-            headers = [("Content-Type", content_type)]
-            if "gzip" in self.headers.get("Accept-Encoding", ""):
-                body = gzip.compress(body)
-                headers.append(("Content-Encoding", "gzip"))
-            self._send(200, body, send_body, headers)
+            self._send(status, body, send_body, headers)
         elif path in ("/healthz", "/readyz"):
             check = health.liveness if path == "/healthz" else health.readiness
             try:
@@ -803,6 +797,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(200, body, send_body)
         else:
             self._send(404, b"not found: try /metrics, /healthz or /readyz\n", send_body)
+
+    def setup(self) -> None:
+        # A socket timeout ends a connection whose client sends nothing or reads nothing, so
+        # a stalled scraper cannot keep a thread and its socket forever.
+        self.timeout = self.server.health.request_timeout  # type: ignore[attr-defined]
+        super().setup()
+
+    def _exposition(self, app) -> tuple[int, list[tuple[str, str]], bytes]:
+        """Run prometheus_client's WSGI app on this request: it negotiates the format
+        (OpenMetrics or text, from Accept), filters by ``name[]`` and gzips when accepted.
+        HEAD is asked as GET; the caller leaves the body out."""
+        environ = {
+            "REQUEST_METHOD": "GET",
+            "PATH_INFO": "/metrics",
+            "QUERY_STRING": urllib.parse.urlsplit(self.path).query,
+            "HTTP_ACCEPT": self.headers.get("Accept", ""),
+            "HTTP_ACCEPT_ENCODING": self.headers.get("Accept-Encoding", ""),
+        }
+        answer: list = []
+        body = b"".join(app(environ, lambda status, headers: answer.extend((status, headers))))
+        status, headers = answer
+        return int(status.split()[0]), headers, body
 
     def _send(self, status: int, body: bytes, send_body: bool, headers=None) -> None:
         self.send_response(status)
@@ -832,6 +848,10 @@ class HealthServer:
 
     ``liveness`` and ``readiness`` return ``(ok, message)``; the endpoint answers 200 or 503
     with the message. ``port=0`` picks a free port (see ``.port`` after :meth:`start`).
+    ``/metrics`` is prometheus_client's own exposition: the text format, or OpenMetrics when
+    the scraper asks for it, gzip when accepted, only the families named by ``name[]``
+    query parameters when given. Each connection is served by its own thread and closed
+    after ``request_timeout`` seconds without progress.
 
     >>> import urllib.request
     >>> server = HealthServer(CollectorRegistry(), port=0)
@@ -849,8 +869,11 @@ class HealthServer:
         *,
         liveness: Callable[[], tuple[bool, str]] = _always_ok,
         readiness: Callable[[], tuple[bool, str]] = _always_ok,
+        request_timeout: float = 10.0,
     ):
         self.registry = registry
+        self.metrics_app = make_wsgi_app(registry)
+        self.request_timeout = request_timeout
         self.host = host
         self.requested_port = port
         self.liveness = liveness
