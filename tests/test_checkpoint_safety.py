@@ -4,6 +4,7 @@ that lets a fallback re-read what lost checkpoints had learned."""
 
 from __future__ import annotations
 
+import ast
 import builtins
 import hashlib
 import hmac
@@ -21,6 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import stream_learner
 from stream_learner.core.processor import StreamProcessor
 from stream_learner.core.records import Record
 from stream_learner.learners.registry import LearnerError, available_learners, make_learner
@@ -249,6 +251,41 @@ def test_atomic_write_leaves_no_temporary_file_on_failure(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         atomic_write(tmp_path / "file", chunks())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write_without_replace_lets_the_first_writer_win(tmp_path):
+    path = tmp_path / "keys" / "group.key"
+    atomic_write(path, [b"first"], replace=False)
+    with pytest.raises(FileExistsError):
+        atomic_write(path, [b"second"], replace=False)
+    assert path.read_bytes() == b"first"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["group.key"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_every_durable_write_of_the_package_goes_through_state_files():
+    """Renames and exclusive creates live in state/files.py, which fsyncs the file and its
+    directory; the exceptions are named here with the reason."""
+    allowed = {
+        "state/files.py": "the helper itself",
+        "state/checkpoint.py": "moving a corrupt checkpoint aside (then fsyncs the directory)",
+        "data/cache.py": "installing a fetched directory (its files fsynced first)",
+    }
+    package = Path(stream_learner.__file__).parent
+    offenders = []
+    for source in sorted(package.rglob("*.py")):
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            name = None
+            if isinstance(node, ast.Attribute) and node.attr in ("replace", "rename", "link"):
+                if isinstance(node.value, ast.Name) and node.value.id == "os":
+                    name = f"os.{node.attr}"
+            elif isinstance(node, ast.Attribute) and node.attr in ("O_EXCL", "O_CREAT"):
+                name = f"os.{node.attr}"
+            relative = source.relative_to(package).as_posix()
+            if name and relative not in allowed:
+                offenders.append(f"{relative}:{node.lineno}: {name}")
+    assert offenders == []
 
 
 # -- fallback: corrupt files moved aside, the manifest says what to re-read ----------------

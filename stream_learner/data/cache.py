@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from stream_learner.state.files import fsync_directory
+
 try:  # POSIX only; without it concurrent fetches of one target are not serialized.
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -156,6 +158,7 @@ def staged_install(final: Path) -> Iterator[Path]:
     stage.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
     try:
         yield stage
+        _fsync_tree(stage)
         if final.exists():
             retired = final.parent / f".{final.name}.old-{os.getpid()}-{time.time_ns()}"
             os.replace(final, retired)
@@ -166,6 +169,17 @@ def staged_install(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    fsync_directory(final.parent)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory below ``root`` to disk, so that after a power cut the
+    renamed directory is complete or absent, never holding empty files."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(directory, name), "rb") as file:
+                os.fsync(file.fileno())
+        fsync_directory(directory)
 
 
 @contextlib.contextmanager

@@ -186,16 +186,10 @@ def resolve_key(
 
 
 def _generate(path: Path) -> bytes:
-    private_directory(path.parent)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        atomic_write(path, [secrets.token_hex(32).encode("ascii")], replace=False)
     except FileExistsError:  # another worker generated it meanwhile
         return _checked(path.read_bytes().strip(), f"generated key file {path}")
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(secrets.token_hex(32).encode("ascii"))
-        handle.flush()
-        os.fsync(handle.fileno())
-    fsync_directory(path.parent)
     log.warning(
         "generated a checkpoint key in %s (mode 0600). Every worker of the group needs the same "
         "key: copy it to their --checkpoint-key-file, or set $%s.",

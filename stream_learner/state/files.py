@@ -30,10 +30,14 @@ def private_directory(path: str | os.PathLike) -> Path:
     return path
 
 
-def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes], *, mode: int = 0o600) -> Path:
+def atomic_write(
+    path: str | os.PathLike, chunks: Iterable[bytes], *, mode: int = 0o600, replace: bool = True
+) -> Path:
     """Write ``chunks`` to ``path`` through a temporary file: fsync, rename, fsync the directory.
 
     The parent directory is created 0700 if missing. A failure leaves no temporary file.
+    ``replace=False`` publishes the file only if ``path`` does not exist yet (a hard link, which
+    is atomic too), else raises :class:`FileExistsError`: the first of several writers wins.
     """
     path = Path(path)
     private_directory(path.parent)
@@ -45,7 +49,11 @@ def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes], *, mode: int 
                 handle.write(chunk)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temp, path)
+        if replace:
+            os.replace(temp, path)
+        else:
+            os.link(temp, path)
+            temp.unlink()
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
