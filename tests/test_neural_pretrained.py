@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -111,6 +112,16 @@ def test_damaged_safetensors_are_refused(tmp_path):
         read_safetensors(path, "word_embeddings.weight")
     path.write_bytes(b"\xff" * 16)
     with pytest.raises(PretrainedVectorsError):
+        read_safetensors(path, "word_embeddings.weight")
+    with pytest.raises(PretrainedVectorsError, match="No such file"):
+        read_safetensors(tmp_path / "absent.safetensors", "word_embeddings.weight")
+
+
+def test_without_the_safetensors_package_the_error_names_the_extra(tmp_path, monkeypatch):
+    path = tmp_path / "model.safetensors"
+    _write_safetensors(path, {"word_embeddings.weight": np.ones((3, 2))})
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    with pytest.raises(PretrainedVectorsError, match=r"stream-learner\[pretrained\]"):
         read_safetensors(path, "word_embeddings.weight")
 
 

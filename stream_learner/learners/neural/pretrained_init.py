@@ -2,7 +2,8 @@
 
 Two sources: a word-vector text file (word2vec or GloVe text format) and the token embedding
 matrix of all-MiniLM-L6-v2 (``model.safetensors`` + ``vocab.txt``, as fetched by
-``stream-learner models fetch minilm``; read with numpy alone, no torch). Vectors are
+``stream-learner models fetch minilm``; read with the ``safetensors`` package into numpy, no
+torch). Vectors are
 projected to the learner's ``dim`` (PCA through an SVD, or a seeded random projection),
 rescaled, and written to the rows of the buckets their words hash to (the rows of words
 sharing a bucket are averaged). Only single-token whole words are used: WordPiece
@@ -25,8 +26,6 @@ continuations (``##ing``) and special tokens (``[CLS]``) have no bucket of their
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -83,37 +82,43 @@ def read_word_vectors(path, *, limit: int | None = None) -> tuple[list[str], np.
     return words, np.vstack(rows)
 
 
-_SAFETENSORS_DTYPES = {"F32": np.float32, "F64": np.float64, "F16": np.float16}
-
-
 def read_safetensors(path, name_suffix: str) -> np.ndarray:
-    """The tensor whose name ends with ``name_suffix`` from a ``.safetensors`` file (numpy)."""
-    with open(path, "rb") as fh:
-        try:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            if size > 100_000_000:
-                raise PretrainedVectorsError(f"{path}: implausible header size {size}")
-            header = json.loads(fh.read(size))
-        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise PretrainedVectorsError(f"{path} is not a safetensors file: {error}") from None
-        names = [k for k in header if k != "__metadata__" and k.endswith(name_suffix)]
-        if len(names) != 1:
-            raise PretrainedVectorsError(f"{path}: no single tensor named *{name_suffix}")
-        info = header[names[0]]
-        start, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        fh.seek(8 + size + start)
-        data = fh.read(end - start)
-    if info["dtype"] == "BF16":
-        raw = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
-        array = raw.view(np.float32)
-    elif info["dtype"] in _SAFETENSORS_DTYPES:
-        array = np.frombuffer(data, dtype=np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<"))
-    else:
-        raise PretrainedVectorsError(f"{path}: unsupported dtype {info['dtype']}")
-    if array.size != int(np.prod(shape)):
-        raise PretrainedVectorsError(f"{path}: tensor {names[0]} is truncated")
-    return array.reshape(shape).astype(np.float32)
+    """The tensor whose name ends with ``name_suffix`` from a ``.safetensors`` file, as float32.
+
+    Read with the ``safetensors`` package (the ``pretrained`` extra), which checks the header
+    and the data offsets and maps only the tensor asked for. BF16, which numpy has no type
+    for, is widened here to float32.
+    """
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError:
+        raise PretrainedVectorsError(
+            f"reading {path} needs the safetensors package: pip install 'stream-learner[pretrained]'"
+        ) from None
+    try:
+        with safe_open(str(path), framework="numpy") as model:
+            names = [k for k in model.keys() if k.endswith(name_suffix)]  # noqa: SIM118 (not iterable)
+            if len(names) != 1:
+                raise PretrainedVectorsError(f"{path}: no single tensor named *{name_suffix}")
+            if model.get_slice(names[0]).get_dtype() == "BF16":
+                return _bf16_tensor(path, names[0])
+            array = model.get_tensor(names[0])
+    except (SafetensorError, OSError, TypeError) as error:
+        raise PretrainedVectorsError(
+            f"{path} is not a readable safetensors file (truncated or damaged?): {error}"
+        ) from None
+    if array.dtype.kind != "f":
+        raise PretrainedVectorsError(f"{path}: tensor {names[0]} is {array.dtype}, not floats")
+    return array.astype(np.float32)
+
+
+def _bf16_tensor(path, name: str) -> np.ndarray:
+    from safetensors import deserialize
+
+    # deserialize hands the raw bytes of every tensor; BF16 is the top half of a float32.
+    tensors = dict(deserialize(Path(path).read_bytes()))
+    raw = np.frombuffer(tensors[name]["data"], dtype="<u2").astype(np.uint32) << 16
+    return raw.view(np.float32).reshape(tensors[name]["shape"])
 
 
 def read_minilm(model_dir=None) -> tuple[list[str], np.ndarray]:
