@@ -177,9 +177,10 @@ def test_compact_features_give_back_the_featurizer_dict_key_for_key(text, learne
     assert [type(v) for v in back.values()] == [type(v) for v in x.values()]
     if not featurizer.dense:
         batch = featurizer.buckets_many([text, "other words"])
-        kept = SparseFeatures.from_batch(batch, 0)
-        compact = kept.to_dict() if isinstance(kept, SparseFeatures) else kept
-        assert list(compact.items()) == list(batch.record(0).items())
+        record = batch.record(0)
+        kept = SparseFeatures.from_dict(record)
+        compact = kept.to_dict() if kept is not None else record
+        assert list(compact.items()) == list(record.items())
 
 
 # -- classes past the cap ---------------------------------------------------------------------

@@ -8,8 +8,6 @@ import random
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from river import checks
 
 from stream_learner.core.features import BucketBatch, TextFeaturizer
@@ -420,16 +418,6 @@ def test_batches_of_empty_records_are_learned():
     assert model.predict_many([{}, {1: 1.0}]) in (["a", "a"], ["b", "b"])
     model.learn_many([{1: 1.0}, {}], ["a", "b"])
     assert model.n_seen == 4 and model.classes == ["a", "b"]
-
-
-@settings(max_examples=100, deadline=None)
-@given(st.lists(st.integers(1, 5), min_size=1, max_size=30), st.integers(0, 2**16))
-def test_grouped_sums_match_reduceat(group_sizes, seed):
-    from stream_learner.learners.neural.model import _sum_groups
-
-    values = np.random.default_rng(seed).normal(size=(sum(group_sizes), 3))
-    starts = np.concatenate([[0], np.cumsum(group_sizes)[:-1]]).astype(np.intp)
-    np.testing.assert_allclose(_sum_groups(values, starts), np.add.reduceat(values, starts, axis=0))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

@@ -268,9 +268,11 @@ def _replace_emails(text: str) -> str:
 
 
 _KINDS = frozenset({"urls", "emails", "mentions", "numbers"})
-# Knuth's multiplicative constant. Bucket ids are the product's low bits, which depend only on
-# the hash's low bits: with a power-of-two n_buckets the mix permutes buckets and does not
-# reduce collisions (CRC-32's low bits are uniform already). Kept: saved models use its ids.
+# Knuth's multiplicative constant. Multiplying by an odd number mod 2**32 is a bijection: it
+# neither adds nor removes collisions between 32-bit hashes. With a power-of-two n_buckets a
+# bucket id is the product's low bits, which depend only on the hash's low bits, so the mix
+# only permutes the buckets; it spreads nothing that CRC-32 (uniform in every bit) does not
+# spread already. Kept because bucket ids, and so every saved model, depend on it.
 _MIX = 0x9E3779B1
 _MASK32 = 0xFFFFFFFF
 

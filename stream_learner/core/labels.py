@@ -80,13 +80,6 @@ class SparseFeatures:
             return None
         return cls(ids, weights)
 
-    @classmethod
-    def from_batch(cls, batch, i: int) -> SparseFeatures | dict:
-        """Record ``i`` of a :class:`~stream_learner.core.features.BucketBatch`, compact (its
-        dict when it has no features)."""
-        x = batch.record(i)
-        return cls.from_dict(x) or x
-
     def to_dict(self) -> dict:
         return dict(zip(self.ids, self.weights, strict=True))
 

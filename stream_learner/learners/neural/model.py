@@ -927,27 +927,6 @@ def _row_l2_scale(matrix) -> np.ndarray:
     return scale
 
 
-def _sum_groups(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Sums of the row groups of ``values`` beginning at ``starts`` (sorted, first is 0):
-    ``np.add.reduceat(values, starts, axis=0)``, faster when most groups have one row (most
-    buckets occur once in a batch): only the longer groups go through reduceat."""
-    ends = np.empty_like(starts)
-    ends[:-1] = starts[1:]
-    ends[-1] = values.shape[0]
-    sums = values[starts]
-    longer = np.flatnonzero(ends - starts > 1)
-    if longer.size:
-        # reduceat over (start, end) pairs sums each group (and, between them, what we drop);
-        # a group that runs to the end needs no end index.
-        bounds = np.empty(2 * longer.size, dtype=np.intp)
-        bounds[0::2] = starts[longer]
-        bounds[1::2] = ends[longer]
-        if bounds[-1] == values.shape[0]:
-            bounds = bounds[:-1]
-        sums[longer] = np.add.reduceat(values, bounds, axis=0)[0::2]
-    return sums
-
-
 def _put_rows(table: np.ndarray, keys: np.ndarray, values: np.ndarray) -> None:
     """``table[keys] = values`` for distinct row ids, through a rows-as-bytes view: ``put``
     on it is about twice as fast as fancy-index assignment."""
