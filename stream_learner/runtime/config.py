@@ -37,6 +37,9 @@ __all__ = [
 
 ENV_PREFIX = "STREAM_LEARNER_"
 CLIENTS = ("kafka-python", "confluent")
+# An output topic named after its input topic or group: <input>.predictions, <input>.dlq,
+# <group>.models. "none" (or "off") turns an output off.
+AUTO = "auto"
 
 
 class ConfigError(ValueError):
@@ -131,8 +134,8 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("checkpoint_key_file", _optional_text, "file holding the group secret that checkpoint (and fusion) keys derive from (else $STREAM_LEARNER_CHECKPOINT_KEY, else $XDG_CONFIG_HOME/stream-learner/checkpoint.key)"),
     _Option("generate_key", _bool, "create a random secret if none is configured: in --checkpoint-key-file if given, else in $XDG_CONFIG_HOME/stream-learner/checkpoint.key (mode 0600)"),
     _Option("allow_fresh_start", _bool, "start with empty learners when the checkpoint directory held checkpoints but none is valid (without it the worker refuses to start)"),
-    _Option("predictions_topic", _optional_text, "predictions topic (default <input>.predictions; none: off)"),
-    _Option("dead_letter_topic", _optional_text, "dead-letter topic (default <input>.dlq; none: off)"),
+    _Option("predictions_topic", _optional_text, "predictions topic (default auto: <input>.predictions; none: off)"),
+    _Option("dead_letter_topic", _optional_text, "dead-letter topic (default auto: <input>.dlq; none: off)"),
     _Option("drift_topic", _optional_text, "drift-events topic (default: off)"),
     _Option("producer_process", _bool, "run the output producer in a child process (a second core for Kafka I/O)"),
     _Option("client", str, "Kafka client library: kafka-python | confluent (librdkafka, pip install 'stream-learner[confluent]')"),
@@ -140,7 +143,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("worker_id", _optional_text, "stable name of this worker in its group (default: host name; --processes adds -0, -1, ...)"),
     _Option("processes", int, "worker processes to start on this machine, each with its own checkpoint sub-directory"),
     _Option("fusion", _optional_text, "share learners with the group's other workers through the models topic: off | on | LEARNER=average|counts|ensemble|none,..."),
-    _Option("models_topic", _optional_text, "compacted topic of learner snapshots (default <group>.models)"),
+    _Option("models_topic", _optional_text, "compacted topic of learner snapshots (default auto: <group>.models)"),
     _Option("fusion_every_seconds", float, "publish what was learned since and fold in the peers' this often"),
     _Option("fusion_every_records", _optional_int, "also publish and fold after this many records (none: by time only)"),
     _Option("fusion_full_every_seconds", float, "publish full snapshots (whole models, all counts) this often"),
@@ -204,8 +207,8 @@ class WorkerConfig:
     checkpoint_key_file: str | None = None
     generate_key: bool = False
     allow_fresh_start: bool = False
-    predictions_topic: str | None = ""  # "" means the default, <input>.predictions
-    dead_letter_topic: str | None = ""
+    predictions_topic: str | None = AUTO  # None: no predictions are written
+    dead_letter_topic: str | None = AUTO
     drift_topic: str | None = None
     producer_process: bool = True
     client: str = "kafka-python"
@@ -213,7 +216,7 @@ class WorkerConfig:
     worker_id: str | None = None
     processes: int = 1
     fusion: str | None = None
-    models_topic: str | None = ""  # "" means the default, <group>.models
+    models_topic: str | None = AUTO
     fusion_every_seconds: float = 5.0
     fusion_every_records: int | None = None
     fusion_full_every_seconds: float = 60.0
@@ -251,11 +254,11 @@ class WorkerConfig:
             raise ConfigError("no learner: give --learners")
         first = self.topics[0]
         # Resolve the output defaults here so every reader sees the same names.
-        if self.predictions_topic == "":
+        if self.predictions_topic == AUTO:
             object.__setattr__(self, "predictions_topic", f"{first}.predictions")
-        if self.dead_letter_topic == "":
+        if self.dead_letter_topic == AUTO:
             object.__setattr__(self, "dead_letter_topic", f"{first}.dlq")
-        if self.models_topic == "":
+        if self.models_topic == AUTO:
             object.__setattr__(self, "models_topic", f"{self.group_id}.models")
         if self.client not in CLIENTS:
             raise ConfigError(f"client must be one of {', '.join(CLIENTS)}, not {self.client!r}")
@@ -392,15 +395,17 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def _show(value) -> str:
     if isinstance(value, tuple):
         return ",".join(value)
-    if value == "":
-        return "derived from the input topic"
     if value is None:
         return "not set"
     return str(value)
 
 
 def read_toml(path: str | os.PathLike) -> dict[str, Any]:
-    """Settings from a TOML file; tables are flattened, so ``[kafka] group_id = "g"`` works."""
+    """Settings from a TOML file; tables are flattened, so ``[kafka] group_id = "g"`` works.
+
+    A setting given twice (in two tables, at the top level and in a table, or as ``topic``
+    and ``topics``) is an error naming both places: one would silently win.
+    """
     try:
         with open(path, "rb") as handle:
             data = tomllib.load(handle)
@@ -409,21 +414,26 @@ def read_toml(path: str | os.PathLike) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
     flat: dict[str, Any] = {}
+    places: dict[str, str] = {}  # setting -> the dotted key that gave it
 
-    def walk(table: Mapping[str, Any]) -> None:
+    def walk(table: Mapping[str, Any], prefix: str) -> None:
         for key, value in table.items():
             if isinstance(value, dict):
-                walk(value)
-            else:
-                flat[key.replace("-", "_")] = value
+                walk(value, f"{prefix}{key}.")
+                continue
+            name = key.replace("-", "_")
+            name = "topics" if name == "topic" else name
+            if name in places:
+                raise ConfigError(
+                    f"{path}: {name} is set twice, as {places[name]} and as {prefix}{key}; keep one"
+                )
+            flat[name], places[name] = value, prefix + key
 
-    walk(data)
-    known = {option.name for option in _OPTIONS} | {"topic"}
-    unknown = sorted(set(flat) - known)
+    walk(data, "")
+    known = {option.name for option in _OPTIONS}
+    unknown = sorted(places[name] for name in set(flat) - known)
     if unknown:
         raise ConfigError(f"unknown setting(s) in {path}: {', '.join(unknown)}")
-    if "topic" in flat:
-        flat.setdefault("topics", flat.pop("topic"))
     return flat
 
 
