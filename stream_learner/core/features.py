@@ -583,13 +583,7 @@ class TextFeaturizer(base.Transformer):
                 ]
             out.extend(((c * _MIX) & _MASK32) % n for c in combined)
         if self.char_ngrams:
-            low, high = self.char_ngrams
-            grams = []
-            for token in tokens:
-                word = f"<{token}>"
-                for size in range(low, high + 1):
-                    grams.extend(word[i : i + size] for i in range(len(word) - size + 1))
-            out.extend(h % n for h in self._hashes(grams))
+            out.extend(h % n for h in self._hashes(self._char_grams(tokens)))
         return out
 
     def _long_text_counts(self, text: str) -> collections.Counter:
