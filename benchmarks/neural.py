@@ -30,7 +30,8 @@ from stream_learner.core.features import TextFeaturizer
 from stream_learner.core.processor import StreamProcessor
 from stream_learner.data.datasets import dataset_meta
 from stream_learner.data.readers import load_records
-from stream_learner.learners.neural.model import load, neural_step, save
+from stream_learner.learners.neural.format import load, save
+from stream_learner.learners.neural.model import neural_step
 from stream_learner.learners.registry import make_learner
 
 STREAMS = ("spamassassin", "vader", "healthtweets", "poetry")

@@ -234,7 +234,7 @@ def test_checkpoints_manifest_and_models_are_private(tmp_path):
     _ = store.identity
     assert stat.S_IMODE((tmp_path / "ckpt" / "store-id").stat().st_mode) == 0o600
 
-    from stream_learner.learners.neural.model import save
+    from stream_learner.learners.neural.format import save
 
     model = make_learner("neural", n_buckets=2**8)
     model.learn_one("cheap pills", "spam")

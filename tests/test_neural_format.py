@@ -12,8 +12,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stream_learner.core.features import TextFeaturizer
-from stream_learner.learners.neural.format import FORMAT_VERSION, NeuralFormatError, read_header
-from stream_learner.learners.neural.model import NeuralClassifier, load, neural_step, save
+from stream_learner.learners.neural.format import (
+    FORMAT_VERSION,
+    NeuralFormatError,
+    load,
+    read_header,
+    save,
+)
+from stream_learner.learners.neural.model import NeuralClassifier, neural_step
 from stream_learner.learners.registry import make_learner
 
 TEXTS = [

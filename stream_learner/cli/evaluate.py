@@ -586,7 +586,8 @@ def _nothing_scored(args, result: EvaluationResult, problems: InputProblems) -> 
 
 
 def _save_models(processor: StreamProcessor, directory: str) -> list[str]:
-    from stream_learner.learners.neural.model import NeuralClassifier, neural_step, save
+    from stream_learner.learners.neural.format import save
+    from stream_learner.learners.neural.model import NeuralClassifier, neural_step
     from stream_learner.state.files import private_directory
 
     private_directory(directory)  # models may be trained on users' texts: 0700, files 0600

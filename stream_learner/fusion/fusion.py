@@ -63,6 +63,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from stream_learner.fusion.rules import RULES, FusionError, parse_rules
 from stream_learner.learners.neural.format import _decode_label, _encode_label
 
 __all__ = [
@@ -84,16 +85,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-RULES = ("average", "counts", "ensemble")
 WIRE_FORMAT = b"2"  # 2: every part carries a ``mac`` header
 # Why a snapshot was dropped: the ``reason`` of stream_learner_fusion_rejected_total.
 REJECT_REASONS = ("unsigned", "bad_signature", "replayed", "malformed", "unsafe")
 PART_BYTES = 512 * 1024  # under the 1 MB default message.max.bytes of Kafka, with room for headers
 _COUNT_TABLES = ("class_counts", "class_totals", "feature_totals")
-
-
-class FusionError(ValueError):
-    """A snapshot that cannot be used (damaged, unsigned, another configuration)."""
 
 
 class SnapshotRejected(FusionError):
@@ -102,35 +98,6 @@ class SnapshotRejected(FusionError):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
-
-
-def parse_rules(text: str | None) -> dict[str, str] | None:
-    """``--fusion`` → None (off) or ``{learner: rule}`` overrides (``{}``: every learner, by
-    its default rule). ``none`` as a rule leaves that learner out.
-
-    >>> parse_rules("on"), parse_rules("off"), parse_rules("neural=average, softmax=none")
-    ({}, None, {'neural': 'average', 'softmax': 'none'})
-    >>> parse_rules("nb=mean")
-    Traceback (most recent call last):
-    ...
-    stream_learner.fusion.fusion.FusionError: unknown fusion rule 'mean' for nb; rules: average, counts, ensemble, none
-    """
-    if text is None or text.strip().lower() in ("", "off", "none", "false", "0"):
-        return None
-    if text.strip().lower() in ("on", "auto", "true", "1"):
-        return {}
-    rules = {}
-    for item in text.split(","):
-        if not item.strip():
-            continue
-        name, sep, rule = item.partition("=")
-        name, rule = name.strip(), rule.strip().lower()
-        if not sep or not name:
-            raise FusionError(f"fusion setting {item.strip()!r} is not LEARNER=RULE (or on / off)")
-        if rule not in (*RULES, "none"):
-            raise FusionError(f"unknown fusion rule {rule!r} for {name}; rules: {', '.join(RULES)}, none")
-        rules[name] = rule
-    return rules
 
 
 def rule_for(head) -> str:

@@ -57,13 +57,12 @@ def register(name: str, description: str):
 
 
 def available_learners() -> dict[str, LearnerSpec]:
-    _load_plugins()
     return dict(sorted(_REGISTRY.items()))
 
 
 def make_learner(spec: str, *, seed: int = 0, n_buckets: int = 2**18) -> base.Classifier:
     """Build a learner from a registry name, ``module:factory``, or the path of a model saved
-    with :func:`stream_learner.learners.neural.model.save` (``*.npz``: warm start from it)."""
+    with :func:`stream_learner.learners.neural.format.save` (``*.npz``: warm start from it)."""
     return _builder(spec)(seed, n_buckets)
 
 
@@ -81,7 +80,6 @@ def check_learner(spec: str) -> None:
 
 
 def _builder(spec: str) -> Callable[[int, int], base.Classifier]:
-    _load_plugins()
     if spec in _REGISTRY:
         factory = _REGISTRY[spec].factory
         return lambda seed, n_buckets: factory(seed=seed, n_buckets=n_buckets)
@@ -103,8 +101,7 @@ def _builder(spec: str) -> Callable[[int, int], base.Classifier]:
 
 
 def _load_saved(spec: str) -> base.Classifier:
-    from stream_learner.learners.neural.format import NeuralFormatError
-    from stream_learner.learners.neural.model import load
+    from stream_learner.learners.neural.format import NeuralFormatError, load
 
     try:
         model = load(spec)
@@ -119,23 +116,6 @@ def _checked_model(spec: str, model) -> base.Classifier:
     if not isinstance(model, base.Classifier):
         raise LearnerError(f"{spec!r} returned {type(model).__name__}, not a River classifier")
     return model
-
-
-_PLUGINS_LOADED = False
-
-
-def _load_plugins():
-    # The numpy learner registers itself from its own module; import it lazily so that
-    # `import stream_learner.learners.registry` stays cheap and free of cycles.
-    global _PLUGINS_LOADED
-    if _PLUGINS_LOADED:
-        return
-    _PLUGINS_LOADED = True
-    try:
-        importlib.import_module("stream_learner.learners.neural.model")
-    except ModuleNotFoundError as error:
-        if error.name != "stream_learner.learners.neural.model":
-            raise
 
 
 def _counts(n_buckets: int) -> TextFeaturizer:
@@ -203,3 +183,49 @@ def _adwin_bagging(seed: int = 0, n_buckets: int = 2**18):
             naive_bayes.MultinomialNB(alpha=1.0), n_models=5, seed=seed
         ),
     )
+
+
+# The numpy learners: imported when built, so that importing the registry does not load them.
+
+
+@register(
+    "neural",
+    "stream-learner's numpy wide-and-deep classifier: embedding bag (fastText-like) + linear term, AdaGrad",
+)
+def _neural(seed: int = 0, n_buckets: int = 2**18):
+    from stream_learner.learners.neural.model import NeuralClassifier
+
+    return compose.Pipeline(
+        TextFeaturizer(n_buckets=n_buckets),
+        # lr 0.4: the best of 0.2-0.6 on every dev stream once the wide term is there.
+        NeuralClassifier(n_buckets=n_buckets, wide=True, lr=0.4, seed=seed),
+    )
+
+
+@register("neural-mlp", "numpy embedding bag + 64-unit ReLU hidden layer with dropout, Adam")
+def _neural_mlp(seed: int = 0, n_buckets: int = 2**18):
+    from stream_learner.learners.neural.model import NeuralClassifier
+
+    return compose.Pipeline(
+        TextFeaturizer(n_buckets=n_buckets),
+        NeuralClassifier(
+            n_buckets=n_buckets, hidden=64, dropout=0.1, optimizer="adam", lr=0.003, seed=seed
+        ),
+    )
+
+
+@register(
+    "neural-minilm",
+    "`neural` with embeddings initialized from all-MiniLM-L6-v2 (needs `models fetch minilm`)",
+)
+def _neural_minilm(seed: int = 0, n_buckets: int = 2**18):
+    from stream_learner.learners.neural.pretrained_init import init_embeddings, read_minilm
+    from stream_learner.learners.pretrained import PretrainedError
+
+    pipeline = _neural(seed=seed, n_buckets=n_buckets)
+    try:
+        words, vectors = read_minilm()
+    except PretrainedError as error:
+        raise LearnerError(str(error)) from error
+    init_embeddings(pipeline, words, vectors, seed=seed)
+    return pipeline

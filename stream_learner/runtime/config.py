@@ -33,6 +33,7 @@ __all__ = [
     "load_config",
     "to_environment",
     "ENV_PREFIX",
+    "worker_id",
 ]
 
 ENV_PREFIX = "STREAM_LEARNER_"
@@ -262,7 +263,7 @@ class WorkerConfig:
             object.__setattr__(self, "models_topic", f"{self.group_id}.models")
         if self.client not in CLIENTS:
             raise ConfigError(f"client must be one of {', '.join(CLIENTS)}, not {self.client!r}")
-        from stream_learner.fusion.fusion import FusionError, parse_rules
+        from stream_learner.fusion.rules import FusionError, parse_rules
 
         try:
             parse_rules(self.fusion)
@@ -297,7 +298,7 @@ class WorkerConfig:
     @property
     def fusion_rules(self) -> dict[str, str] | None:
         """None when fusion is off, else ``{learner: rule}`` overrides."""
-        from stream_learner.fusion.fusion import parse_rules
+        from stream_learner.fusion.rules import parse_rules
 
         return parse_rules(self.fusion)
 
@@ -517,3 +518,11 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) -
     parser = argparse.ArgumentParser(add_help=False)
     add_config_arguments(parser)
     return config_from_args(parser.parse_args(list(argv)), environ)
+
+
+def worker_id(config: WorkerConfig) -> str:
+    """This worker's name in its group: ``--worker-id``, else the host name (stable in a
+    Kubernetes StatefulSet)."""
+    import socket
+
+    return config.worker_id or socket.gethostname()

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stream_learner.io.retry import Backoff
-from stream_learner.runtime.config import ENV_PREFIX, WorkerConfig, to_environment
+from stream_learner.runtime.config import ENV_PREFIX, WorkerConfig, to_environment, worker_id
 from stream_learner.state.checkpoint import KEY_ENV, resolve_key
 
 __all__ = ["Supervisor", "child_arguments"]
@@ -44,8 +44,6 @@ def child_arguments(config: WorkerConfig, index: int) -> list[str]:
     >>> child_arguments(config, 1)
     ['--processes', '1', '--worker-id', 'node7-1', '--checkpoint-dir', 'checkpoints/worker-1', '--metrics-port', '9401']
     """
-    from stream_learner.runtime.worker import worker_id
-
     arguments = [
         "--processes", "1",
         "--worker-id", f"{worker_id(config)}-{index}",

@@ -56,6 +56,7 @@ from stream_learner.runtime.config import (
     WorkerConfig,
     add_config_arguments,
     config_from_args,
+    worker_id,
 )
 from stream_learner.state.checkpoint import (
     CheckpointError,
@@ -1084,14 +1085,6 @@ def _ensure_input_topics(config: WorkerConfig) -> bool:
     create_topics(config.bootstrap_servers, dict.fromkeys(missing, 1), client_options=config.client_options())
     log.info("created input topic %s (one partition)", ", ".join(missing))
     return True
-
-
-def worker_id(config: WorkerConfig) -> str:
-    """This worker's name in its group: ``--worker-id``, else the host name (stable in a
-    Kubernetes StatefulSet)."""
-    import socket
-
-    return config.worker_id or socket.gethostname()
 
 
 def _start_fusion(

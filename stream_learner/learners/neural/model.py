@@ -72,9 +72,8 @@ import numpy as np
 from river import base, compose
 
 from stream_learner.core.features import BucketBatch, TextFeaturizer, stable_hash
-from stream_learner.learners.registry import register
 
-__all__ = ["NeuralClassifier", "fuse", "save", "load", "neural_step"]
+__all__ = ["NeuralClassifier", "fuse", "neural_step"]
 
 _OPTIMIZERS = ("sgd", "adagrad", "adam")
 _ACTIVATIONS = ("relu", "tanh")
@@ -1115,62 +1114,3 @@ def neural_step(model) -> NeuralClassifier:
     if isinstance(model, NeuralClassifier):
         return model
     raise TypeError(f"expected a NeuralClassifier or a pipeline ending in one, not {type(model).__name__}")
-
-
-def save(model, path, *, hashing: dict | None = None, key: bytes | None = None) -> None:
-    """Write ``model`` (a NeuralClassifier or a featurizer pipeline) to a versioned file, with a
-    MAC if given the group's ``key``; see :func:`stream_learner.learners.neural.format.save`."""
-    from stream_learner.learners.neural.format import save as _save
-
-    _save(model, path, hashing=hashing, key=key)
-
-
-def load(path, expected_hashing: dict | None = None, *, key: bytes | None = None):
-    """Read a file written by :func:`save` (with ``key``: only one with a valid MAC); see
-    :func:`stream_learner.learners.neural.format.load`."""
-    from stream_learner.learners.neural.format import load as _load
-
-    return _load(path, expected_hashing=expected_hashing, key=key)
-
-
-# --- registry ---------------------------------------------------------------------------------------
-
-
-@register(
-    "neural",
-    "stream-learner's numpy wide-and-deep classifier: embedding bag (fastText-like) + linear term, AdaGrad",
-)
-def _neural(seed: int = 0, n_buckets: int = 2**18):
-    return compose.Pipeline(
-        TextFeaturizer(n_buckets=n_buckets),
-        # lr 0.4: the best of 0.2-0.6 on every dev stream once the wide term is there.
-        NeuralClassifier(n_buckets=n_buckets, wide=True, lr=0.4, seed=seed),
-    )
-
-
-@register("neural-mlp", "numpy embedding bag + 64-unit ReLU hidden layer with dropout, Adam")
-def _neural_mlp(seed: int = 0, n_buckets: int = 2**18):
-    return compose.Pipeline(
-        TextFeaturizer(n_buckets=n_buckets),
-        NeuralClassifier(
-            n_buckets=n_buckets, hidden=64, dropout=0.1, optimizer="adam", lr=0.003, seed=seed
-        ),
-    )
-
-
-@register(
-    "neural-minilm",
-    "`neural` with embeddings initialized from all-MiniLM-L6-v2 (needs `models fetch minilm`)",
-)
-def _neural_minilm(seed: int = 0, n_buckets: int = 2**18):
-    from stream_learner.learners.neural.pretrained_init import init_embeddings, read_minilm
-    from stream_learner.learners.pretrained import PretrainedError
-    from stream_learner.learners.registry import LearnerError
-
-    pipeline = _neural(seed=seed, n_buckets=n_buckets)
-    try:
-        words, vectors = read_minilm()
-    except PretrainedError as error:
-        raise LearnerError(str(error)) from error
-    init_embeddings(pipeline, words, vectors, seed=seed)
-    return pipeline
