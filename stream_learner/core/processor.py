@@ -366,14 +366,24 @@ class StreamProcessor:
     # -- the loop -----------------------------------------------------------------------
 
     def process(self, record: Record, now: float | None = None) -> ProcessResult:
+        """Predict ``record`` with every learner, serve, and score and learn it if labelled
+        (a label-only record joins its waiting prediction). :meth:`process_many` takes the
+        same steps for a mini-batch: :meth:`_settle` after predicting, :meth:`_learn_each`
+        (or a batch step) after that."""
         if now is None:
             now = time.time()
         self.records_seen += 1
         self._check_label(record)
         if record.is_label_only:
             return self._join(record, now)
+        features, probas = self._predict_one(record.text)
+        result = self._settle(record, now, probas, lambda: features)
+        if result.outcome is Outcome.LEARNED:
+            self._learn_each(features, record.label)
+        return result
 
-        text = record.text
+    def _predict_one(self, text: str) -> tuple[dict, dict]:
+        """(features per featurizer key, probabilities per learner) of one text."""
         features: dict = {}
         probas: dict = {}
         for slot in self._slots:
@@ -384,17 +394,22 @@ class StreamProcessor:
                 probas[slot.name] = slot.with_peers(features[slot.key], proba) if slot.peers else proba
             except Exception as error:
                 raise LearnerFailure(slot.name, error) from error
-        served = self._serve(probas)
+        return features, probas
 
+    def _settle(self, record: Record, now: float, probas: dict, features_of) -> ProcessResult:
+        """A predicted record with text: serve it; keep an unlabelled one for its label, or
+        score a labelled one (the caller then learns it). ``features_of()`` gives the record's
+        features per featurizer key, asked for only when needed."""
+        served = self._serve(probas)
         if record.label is None:
             # Without an id no label can find it later: it is predicted only.
             if record.id is not None:
                 self.labels.put(
-                    record.id, features=features, predictions=probas, served=served, now=now
+                    record.id, features=features_of(), predictions=probas, served=served, now=now
                 )
             return ProcessResult(Outcome.PREDICTED, served)
-
-        events = self._learn(features, probas, served, record.label, record.ts or now)
+        events = self._score_each(probas, features_of, record.label, record.ts or now)
+        self._scored(served, record.label)
         return ProcessResult(Outcome.LEARNED, served, events)
 
     def _check_label(self, record: Record) -> None:
@@ -485,33 +500,15 @@ class StreamProcessor:
             return
         learn: list[int] = []  # positions in the run of the labelled records
         for j, i in enumerate(run):
-            record = records[i]
             now = times[i] if times[i] is not None else time.time()
             self.records_seen += 1
             probas_j = {name: rows[j] for name, rows in probas.items()}
-            served = self._serve(probas_j)
-            if record.label is None:
-                if record.id is not None:
-                    self.labels.put(
-                        record.id,
-                        features=self._record_features(batches, features, j),
-                        predictions=probas_j,
-                        served=served,
-                        now=now,
-                    )
-                results[i] = ProcessResult(Outcome.PREDICTED, served)
-                continue
-            events = []
-            for slot in self._slots:
-                x = None
-                if slot.background_head is not None:  # scoring it needs this record's features
-                    x = self._record_features(batches, features, j).get(slot.key)
-                event = self._score(slot, probas_j.get(slot.name), x, record.label, record.ts or now)
-                if event is not None:
-                    events.append(event)
-            self._scored(served, record.label)
-            results[i] = ProcessResult(Outcome.LEARNED, served, events)
-            learn.append(j)
+            result = self._settle(
+                records[i], now, probas_j, lambda j=j: self._record_features(batches, features, j)
+            )
+            results[i] = result
+            if result.outcome is Outcome.LEARNED:
+                learn.append(j)
         if not learn:
             return
         labels = [records[run[j]].label for j in learn]
@@ -520,12 +517,7 @@ class StreamProcessor:
                 failed = self._learn_batch(slot, batches[slot.key], learn, labels)
             else:
                 xs = features[slot.key]
-                failed = {}
-                for j, y in zip(learn, labels, strict=True):
-                    try:
-                        self._learn_one(slot, xs[j], y)
-                    except Exception as error:
-                        failed[j] = LearnerFailure(slot.name, error)
+                failed = self._learn_records(slot, [xs[j] for j in learn], learn, labels)
             for j, failure in failed.items():
                 if not isinstance(results[run[j]], LearnerFailure):  # the first learner's, as process()
                     results[run[j]] = failure
@@ -568,13 +560,7 @@ class StreamProcessor:
         try:
             slot.head.learn_many(part, labels)  # checks the whole batch before changing anything
         except Exception:
-            failed = {}
-            for j, y in zip(learn, labels, strict=True):
-                try:
-                    self._learn_one(slot, batch.record(j), y)
-                except Exception as error:
-                    failed[j] = LearnerFailure(slot.name, error)
-            return failed
+            return self._learn_records(slot, [batch.record(j) for j in learn], learn, labels)
         slot.learned += len(learn)
         if slot.journal is not None:
             slot.journal.extend((batch.record(j), y) for j, y in zip(learn, labels, strict=True))
@@ -591,9 +577,11 @@ class StreamProcessor:
         if pending is None:
             return ProcessResult(Outcome.LABEL_UNMATCHED)
         self.classes[record.label] = None
-        events = self._learn(
-            pending.features, pending.predictions, pending.served, record.label, record.ts or now
+        events = self._score_each(
+            pending.predictions, lambda: pending.features, record.label, record.ts or now
         )
+        self._scored(pending.served, record.label)
+        self._learn_each(pending.features, record.label)
         return ProcessResult(Outcome.LABEL_JOINED, pending.served, events)
 
     def _serve(self, probas: dict) -> Prediction:
@@ -627,24 +615,45 @@ class StreamProcessor:
             combined = {label: p / total for label, p in combined.items()}
         return Prediction(_argmax(combined), combined, "ensemble")
 
-    def _learn(self, features, probas, served, y, when) -> list[DriftEvent]:
+    def _score_each(self, probas: dict, features_of, y, when) -> list[DriftEvent]:
+        """Score every learner's prediction of a record labelled ``y``; its drift events."""
         events: list[DriftEvent] = []
-        failure = None
+        features = None
         for slot in self._slots:
-            x = features.get(slot.key)
+            x = None
+            if slot.background_head is not None:  # scoring the challenger needs the features
+                if features is None:
+                    features = features_of()
+                x = features.get(slot.key)
             event = self._score(slot, probas.get(slot.name), x, y, when)
             if event is not None:
                 events.append(event)
+        return events
+
+    def _learn_each(self, features: dict, y) -> None:
+        """Every learner learns one record (those whose features it lacks skip it); raises
+        the first learner's :class:`LearnerFailure` once all have had their turn."""
+        failure = None
+        for slot in self._slots:
+            x = features.get(slot.key)
             if x is None:
                 continue
             try:
                 self._learn_one(slot, x, y)
             except Exception as error:
                 failure = failure or LearnerFailure(slot.name, error)
-        self._scored(served, y)
         if failure is not None:
             raise failure
-        return events
+
+    def _learn_records(self, slot: _Slot, xs: list, positions: list[int], labels: list) -> dict:
+        """``slot`` learns ``xs`` one at a time. → {position: LearnerFailure} of the failed."""
+        failed = {}
+        for x, j, y in zip(xs, positions, labels, strict=True):
+            try:
+                self._learn_one(slot, x, y)
+            except Exception as error:
+                failed[j] = LearnerFailure(slot.name, error)
+        return failed
 
     def _score(self, slot: _Slot, proba, x, y, when) -> DriftEvent | None:
         """Score one prediction of ``slot`` and watch its error stream (which may replace
