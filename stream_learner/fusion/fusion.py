@@ -770,56 +770,76 @@ class Fusion:
         now = self.clock()
         used: dict[str, list[str]] = {}
         records = {name: row["learned"] for name, row in processor.learner_stats().items()}
+        rules = {"counts": self._fold_counts, "average": self._fold_average, "ensemble": self._fold_ensemble}
         for name, (featurizer, head) in processor.heads().items():
             rule = self.rule_of(name, head)
             if rule is None:
                 continue
-            hashing = _hashing(featurizer)
-            histories = [
-                h for (learner, worker), h in sorted(peers.items())
-                if learner == name and worker != self.worker_id
-                and h.full.rule == rule and h.full.hashing == hashing
-                and (rule == "counts" or self.max_age is None or now - h.full.created <= self.max_age)
-            ]
-            if rule == "counts":
-                tables = {t for t in _COUNT_TABLES if hasattr(head, t)} | {"class_counts"}
-                histories = [h for h in histories if set(h.full.model.tables) <= tables]
-                delta = CountTable()
-                folded = self.folded.setdefault(name, {})
-                peer_counts = self.peer_counts.setdefault(name, {})
-                for history in histories:
-                    worker = history.full.worker
-                    have = folded.get(worker)
-                    if have is None or have < history.full.version:
-                        # A newer full snapshot: replace what we had from that peer.
-                        table = CountTable().add(history.full.model)
-                        for increment in history.increments:
-                            table.add(increment.model)
-                        delta.add(table).add(peer_counts.get(worker, CountTable()), -1.0)
-                        peer_counts[worker] = table
-                    else:
-                        table = peer_counts[worker]
-                        fresh = []
-                        for increment in reversed(history.increments):  # the new ones are last
-                            if increment.version <= have:
-                                break
-                            fresh.append(increment)
-                        for increment in reversed(fresh):
-                            increment.model.apply_to(head)
-                            table.add(increment.model)
-                    folded[worker] = history.version
-                delta.apply_to(head)
-            elif rule == "average":
-                seen = self.folded.setdefault(name, {})
-                if any(seen.get(h.full.worker) != h.full.version for h in histories):
-                    processor.replace_head(name, _average(head, records[name], [h.full for h in histories]))
-                    self._heads[name] = id(processor.heads()[name][1])
-                    for h in histories:
-                        seen[h.full.worker] = h.full.version
-            else:
-                processor.set_peers(name, [(h.full.records, h.full.model) for h in histories])
+            histories = self._histories(name, rule, _hashing(featurizer), peers, now)
+            histories = rules[rule](processor, name, head, records[name], histories)
             used[name] = [h.full.worker for h in histories]
         return used
+
+    def _histories(self, name: str, rule: str, hashing: str, peers, now: float) -> list[PeerHistory]:
+        """The peers' snapshot histories learner ``name`` can fold: same rule, same hashing,
+        not too old (counts never age)."""
+        return [
+            h for (learner, worker), h in sorted(peers.items())
+            if learner == name and worker != self.worker_id
+            and h.full.rule == rule and h.full.hashing == hashing
+            and (rule == "counts" or self.max_age is None or now - h.full.created <= self.max_age)
+        ]  # fmt: skip
+
+    def _fold_counts(self, processor, name, head, own_records, histories) -> list[PeerHistory]:
+        """``counts``: add what each peer counted since the last fold (a newer full snapshot
+        replaces all that peer counted before)."""
+        tables = {t for t in _COUNT_TABLES if hasattr(head, t)} | {"class_counts"}
+        histories = [h for h in histories if set(h.full.model.tables) <= tables]
+        delta = CountTable()
+        folded = self.folded.setdefault(name, {})
+        peer_counts = self.peer_counts.setdefault(name, {})
+        for history in histories:
+            worker = history.full.worker
+            have = folded.get(worker)
+            if have is None or have < history.full.version:
+                table = CountTable().add(history.full.model)
+                for increment in history.increments:
+                    table.add(increment.model)
+                delta.add(table).add(peer_counts.get(worker, CountTable()), -1.0)
+                peer_counts[worker] = table
+            else:
+                for increment in _increments_after(history, have):
+                    increment.model.apply_to(head)
+                    peer_counts[worker].add(increment.model)
+            folded[worker] = history.version
+        delta.apply_to(head)
+        return histories
+
+    def _fold_average(self, processor, name, head, own_records, histories) -> list[PeerHistory]:
+        """``average``: when any peer published a new model, the learner becomes the
+        records-weighted mean of its own model and the peers'."""
+        seen = self.folded.setdefault(name, {})
+        if any(seen.get(h.full.worker) != h.full.version for h in histories):
+            processor.replace_head(name, _average(head, own_records, [h.full for h in histories]))
+            self._heads[name] = id(processor.heads()[name][1])
+            for h in histories:
+                seen[h.full.worker] = h.full.version
+        return histories
+
+    def _fold_ensemble(self, processor, name, head, own_records, histories) -> list[PeerHistory]:
+        """``ensemble``: the learner predicts with the peers' newest models too."""
+        processor.set_peers(name, [(h.full.records, h.full.model) for h in histories])
+        return histories
+
+
+def _increments_after(history: PeerHistory, version: tuple[int, int]) -> list[PeerSnapshot]:
+    """``history``'s increments newer than ``version``, oldest first."""
+    fresh = []
+    for increment in reversed(history.increments):  # the new ones are last
+        if increment.version <= version:
+            break
+        fresh.append(increment)
+    return fresh[::-1]
 
 
 def _hashing(featurizer) -> str:
