@@ -13,6 +13,7 @@ from test_worker import make_worker
 from stream_learner.core.records import Decoder
 from stream_learner.io.broker import create_topics
 from stream_learner.io.sources import MemorySource
+from stream_learner.runtime.alignment import PartitionAlignment
 from stream_learner.runtime.config import ConfigError, load_config
 from stream_learner.runtime.worker import run_worker
 
@@ -58,7 +59,7 @@ def widest_gap(order, partitions=2):
 
 def test_a_partition_does_not_run_ahead_of_the_others():
     data = timed_records(2000)
-    aligned = make_worker(max_event_time_skew=20)
+    aligned = make_worker(alignment=PartitionAlignment(20))
     order = read_in_order(aligned, MemorySource(data, handler=aligned, max_poll_records=50), align=True)
     assert sorted(t for _, t in order) == [1.7e9 + i for i in range(2000)]  # nothing lost or doubled
     # A batch may overshoot the limit by its own length (50 records of one partition: 100 s).
@@ -81,7 +82,7 @@ class StaleLagSource(MemorySource):
 
 def test_a_partition_that_claims_records_it_never_gives_holds_nobody_back():
     data = timed_records(600)
-    worker = make_worker(max_event_time_skew=5)
+    worker = make_worker(alignment=PartitionAlignment(5))
     source = StaleLagSource(data, handler=worker, max_poll_records=50)
     worker.source = source
     worker.owned = source.assignment()

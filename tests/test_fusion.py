@@ -357,6 +357,7 @@ def test_a_restarted_peer_is_replaced_by_its_full_snapshot_not_counted_twice():
 def test_rounds_come_every_n_records_as_well_as_every_t_seconds():
     from test_worker import drain, make_worker, partitioned, records
 
+    from stream_learner.fusion.rounds import FusionRounds
     from stream_learner.io.sources import MemorySource
 
     clock = Clock()
@@ -368,11 +369,11 @@ def test_rounds_come_every_n_records_as_well_as_every_t_seconds():
     assert fusion.due(records=0)
 
     clock.now = fusion.last_published = 1e9  # a clock that stands still: rounds by records only
-    worker = make_worker(fusion=fusion)
+    worker = make_worker(fusion=FusionRounds(fusion, topic="models"))
     rounds = []
     worker.fusion_round = lambda: (
-        rounds.append(worker._since_fusion),
-        setattr(worker, "_since_fusion", 0),
+        rounds.append(worker.fusion.since_round),
+        setattr(worker.fusion, "since_round", 0),
     )
     source = MemorySource(partitioned(records(1000), 1), handler=worker, max_poll_records=500)
     worker.owned = source.assignment()

@@ -32,6 +32,7 @@ __all__ = [
     "FatalBrokerError",
     "RateLimitedLog",
     "auth_failure",
+    "describe",
     "is_fatal",
     "retry",
     "watch_kafka_python_auth",
@@ -40,6 +41,19 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+def describe(error: BaseException) -> str:
+    """An error in one line for the log: its class and message (a bare timeout says so).
+
+    >>> describe(TimeoutError()), describe(ValueError("bad"))
+    ('TimeoutError (the broker did not answer in time)', 'ValueError: bad')
+    """
+    text = str(error)
+    name = type(error).__name__
+    if not text or text == "None":
+        return f"{name} (the broker did not answer in time)"
+    return text if text.startswith(name) else f"{name}: {text}"
 
 
 class FatalBrokerError(RuntimeError):

@@ -43,14 +43,17 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from stream_learner.core.processor import LearnerFailure, Outcome, RecordRejected, StreamProcessor
 from stream_learner.core.records import DecodeError, Decoder, Reason, Record
 from stream_learner.io.logs import quiet_kafka_client_logs
 from stream_learner.io.retry import Backoff, FatalBrokerError, fatal_message, is_fatal, retry
+from stream_learner.io.retry import describe as _describe
 from stream_learner.io.sinks import Outputs, Sink, SinkError
 from stream_learner.io.sources import Message, Partition, Source, SourceError, SourceUnavailable
 from stream_learner.learners.registry import LearnerError, check_learner
+from stream_learner.runtime.alignment import PartitionAlignment
 from stream_learner.runtime.config import (
     ConfigError,
     WorkerConfig,
@@ -66,6 +69,9 @@ from stream_learner.state.checkpoint import (
     resolve_key,
 )
 from stream_learner.state.unpickle import module_of_factory
+
+if TYPE_CHECKING:
+    from stream_learner.fusion.rounds import FusionRounds
 
 __all__ = ["Worker", "build_processor", "run_worker", "add_run_parser"]
 
@@ -97,15 +103,15 @@ class Worker:
         Checkpoint store, or None for no checkpoints (tests of the loop alone).
     offsets, counts
         Restored from a checkpoint.
+    fusion
+        Fusion rounds with the group's other workers
+        (:class:`~stream_learner.fusion.rounds.FusionRounds`; None: off).
     mini_batch
         Above 1: records go through the processor this many at a time
         (:meth:`~stream_learner.core.processor.StreamProcessor.process_many`), for throughput.
-    max_event_time_skew
-        Pause partitions whose records run more than this many seconds of event time ahead
-        of the owned partition furthest behind that still has records to read (None: off).
-        A consumer reads a partition's fetch, thousands of records, before the next
-        partition's: on a backlog one partition can run far ahead of another, and a learner
-        would learn "the future" of the stream before predicting its past.
+    alignment
+        Event-time alignment of the partitions
+        (:class:`~stream_learner.runtime.alignment.PartitionAlignment`; None: off).
 
     """
 
@@ -124,12 +130,9 @@ class Worker:
         metrics=None,
         readiness=None,
         broker=None,
-        fusion=None,
-        model_feed=None,
-        models_topic: str | None = None,
-        fusion_start_wait: float = 15.0,
+        fusion: FusionRounds | None = None,
         mini_batch: int = 0,
-        max_event_time_skew: float | None = None,
+        alignment: PartitionAlignment | None = None,
         name: str = "",
         rewind: Mapping[Partition, int] | None = None,
         loaded_sequence: int = 0,
@@ -151,15 +154,8 @@ class Worker:
         self._stopping = False
         self._flush_abandoned = False  # the shutdown's checkpoint failed: do not wait again
         self.fusion = fusion
-        self.model_feed = model_feed
-        self.models_topic = models_topic
-        self.fusion_start_wait = fusion_start_wait
         self.mini_batch = mini_batch
-        self.max_event_time_skew = max_event_time_skew
-        self.event_times: dict[Partition, float] = {}  # newest event time read, per partition
-        self._paused: set[Partition] = set()  # paused by alignment (maybe no longer owned)
-        self._stalled: set[Partition] = set()  # behind, yet gave nothing while others waited
-        self._peers_logged: dict | None = None
+        self.alignment = alignment
         self.clock = clock
         self.source: Source | None = None
         self.metrics_url: str | None = None
@@ -168,7 +164,6 @@ class Worker:
         self.owned: set[Partition] = set()
         self._handed_over: set[Partition] = set()
         self._since_checkpoint = 0
-        self._since_fusion = 0
         self._folded = False
         self._last_checkpoint = clock()
         self._checkpointed_offsets: dict[Partition, int] = dict(self.offsets)
@@ -234,8 +229,8 @@ class Worker:
 
     def _event_time(self, record: Record, message: Message) -> float | None:
         when = _event_time(record, message)
-        if when is not None and when > self.event_times.get(message.tp, float("-inf")):
-            self.event_times[message.tp] = when
+        if self.alignment is not None:
+            self.alignment.saw(message.tp, when)
         return when
 
     def _emit(self, message: Message, record: Record, result, started: float) -> None:
@@ -269,10 +264,8 @@ class Worker:
 
     def _done(self, message: Message) -> None:
         self.counts["messages"] += 1
-        self._stalled.discard(message.tp)
         self.offsets[message.tp] = message.offset + 1  # the NEXT message to read
         self._since_checkpoint += 1
-        self._since_fusion += 1
 
     def _record(self, message: Message) -> Record:
         record = self.decoder.decode(message.value)
@@ -319,8 +312,12 @@ class Worker:
                         self.handle(message)
                 else:
                     self.handle_many(part)
-                if self.fusion is not None and self.fusion.due(records=self._since_fusion):
-                    self.fusion_round()
+                if self.fusion is not None:
+                    self.fusion.processed(len(part))
+                    if self.fusion.due():
+                        self.fusion_round()
+        if self.alignment is not None:
+            self.alignment.gave(message.tp for message in messages)
         self.outputs.sink.dispatch()
         seconds = time.perf_counter() - started
         try:
@@ -417,47 +414,14 @@ class Worker:
 
     def fusion_round(self) -> None:
         """Publish what we learned since the last round, fold in what the peers published."""
-        self._since_fusion = 0
-        self.publish_snapshots()
-        self.fold()
+        if self.fusion.round(self.processor, self.outputs.sink):
+            self._folded = True  # state changed: the next checkpoint saves it
 
     def publish_snapshots(self, full: bool | None = None) -> None:
-        try:
-            messages = self.fusion.snapshots(self.processor, full=full)
-        except Exception as error:  # a learner that cannot be snapshot must not stop learning
-            log.error("cannot publish learner snapshots: %s", _describe(error))
-            return
-        for key, value, headers in messages:
-            self.outputs.sink.send(self.models_topic, key, value, headers)
-        self.outputs.sink.dispatch()
+        self.fusion.publish_snapshots(self.processor, self.outputs.sink, full=full)
 
     def publish_tombstones(self) -> None:
-        """A clean exit: delete our keys from the models topic, so peers forget us at once."""
-        try:
-            earlier = self.model_feed.own_keys() if self.model_feed is not None else {}
-            messages = self.fusion.tombstones(earlier)
-        except Exception as error:
-            log.error("cannot publish tombstones for our snapshots: %s", _describe(error))
-            return
-        for key, value, headers in messages:
-            self.outputs.sink.send(self.models_topic, key, value, headers)
-        self.outputs.sink.dispatch()
-
-    def fold(self) -> None:
-        if self.model_feed is None:
-            return
-        peers = self.model_feed.latest()
-        try:
-            used = self.fusion.fold(self.processor, peers)
-        except Exception as error:
-            log.error("folding the peers' snapshots failed (learners unchanged where it failed): %s", _describe(error))
-            return
-        if any(used.values()):
-            self._folded = True  # state changed: the next checkpoint saves it
-            self.processor.model_version += 1
-        if used != self._peers_logged:
-            self._peers_logged = used
-            log.info("fused with peers: %s", "; ".join(f"{name} <- {','.join(w) or '-'}" for name, w in used.items()))
+        self.fusion.publish_tombstones(self.outputs.sink)
 
     def commit(self) -> None:
         """Commit the checkpointed offsets of the partitions we own (never more)."""
@@ -589,13 +553,8 @@ class Worker:
         last_progress = self.clock()
         from kafka.errors import KafkaError
 
-        if self.fusion is not None:
-            self.fusion.attach(self.processor)
-        if self.fusion is not None and self.model_feed is not None:
-            # A worker that joins late starts from what its peers learned, not from scratch.
-            if not self.model_feed.wait_caught_up(self.fusion_start_wait):
-                log.warning("models topic not read to its end within %.0f s; starting without it", self.fusion_start_wait)
-            self.fold()
+        if self.fusion is not None and self.fusion.start(self.processor):
+            self._folded = True
         backoff = Backoff(0.5, 15.0, jitter="decorrelated")  # never under 0.5 s: no spinning on a refusing broker
         while not stop.is_set():
             try:
@@ -621,7 +580,7 @@ class Worker:
                 heartbeat.beat()
             answered = self._broker_answered(broker_contact, messages)
             self.process_batch(messages)
-            if self.max_event_time_skew is not None:
+            if self.alignment is not None:
                 self.align(source, polled=bool(messages))
             now = self.clock()
             if messages or not self.owned:  # idle counts only once we have partitions
@@ -629,7 +588,7 @@ class Worker:
             # Once stopped, the shutdown's checkpoint comes next, within --shutdown-timeout.
             if self.checkpoint_due() and not stop.is_set() and self.checkpoint():
                 self.commit()
-            if self.fusion is not None and self.fusion.due(records=self._since_fusion):
+            if self.fusion is not None and self.fusion.due():
                 self.fusion_round()
             if now - last_progress >= progress_every:
                 last_progress = now
@@ -665,38 +624,7 @@ class Worker:
 
     def align(self, source: Source, *, polled: bool = True) -> None:
         """Pause the partitions that run ahead in event time, resume those that no longer do."""
-        owned = self.owned & source.assignment()
-        if not polled and self._paused & owned:
-            # Nothing came while some partitions waited: the ones behind have nothing to give
-            # after all (an old highwater, say). They hold nobody back until they give again.
-            self._stalled |= owned - self._paused
-        try:
-            lags = source.lag(self.offsets)
-        except Exception:  # lag is a hint: without it, read as if unaligned
-            lags = {}
-        # Partitions with records to read, or that may have (nothing read, no highwater yet);
-        # one that has given nothing yet counts as furthest behind: its records may be the
-        # oldest. If it has none after all, the next empty poll marks it stalled.
-        waiting = {
-            tp
-            for tp in owned - self._stalled
-            if lags.get(tp, 0) > 0 or (tp not in lags and tp not in self.event_times)
-        }
-        ahead = set()
-        if waiting:
-            times = {tp: self.event_times.get(tp, float("-inf")) for tp in waiting}
-            limit = min(times.values()) + self.max_event_time_skew
-            ahead = {tp for tp, when in times.items() if when > limit}
-        try:
-            if ahead - self._paused:
-                source.pause(ahead - self._paused)
-            # Partitions paused before a rebalance may come back still paused (librdkafka).
-            if (self._paused & owned) - ahead:
-                source.resume((self._paused & owned) - ahead)
-        except Exception as error:  # ordering is best effort; never stop reading for it
-            log.warning("could not pause or resume partitions for event-time alignment: %s", _describe(error))
-            return
-        self._paused = (self._paused - owned) | ahead
+        self.alignment.align(source, self.owned, self.offsets, polled=polled)
 
     def shutdown(self, source: Source, sink: Sink, deadline: float | None = None) -> bool:
         """Final checkpoint and commit, then close the source (its revoke commits again) and
@@ -768,14 +696,6 @@ def _committer(metadata: str | None) -> tuple[str, int] | None:
         return str(document["store"]), int(document["checkpoint"])
     except (ValueError, TypeError, KeyError):
         return None
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error)
-    name = type(error).__name__
-    if not text or text == "None":
-        return f"{name} (the broker did not answer in time)"
-    return text if text.startswith(name) else f"{name}: {text}"
 
 
 def _event_time(record: Record, message: Message) -> float | None:
@@ -980,12 +900,12 @@ def _start(config: WorkerConfig, stop: threading.Event, broker, opened: contextl
     if readiness is not None:
         readiness.checkpoint_loaded = True
 
-    fusion = feed = None
+    fusion = None
     if config.fusion_rules is not None:
-        fusion, feed = _start_fusion(config, key, fusion_state, stop, metrics, broker)
+        fusion = _start_fusion(config, key, fusion_state, stop, metrics, broker)
         if fusion is None:
             return None
-        opened.callback(feed.stop)
+        opened.callback(fusion.feed.stop)
     try:
         sink = _with_retries("producer", lambda: make_sink(config), stop, broker)
     except (ConfigError, ValueError) as error:  # a client that cannot be built as configured
@@ -1013,10 +933,8 @@ def _start(config: WorkerConfig, stop: threading.Event, broker, opened: contextl
         readiness=readiness,
         broker=broker,
         fusion=fusion,
-        model_feed=feed,
-        models_topic=config.models_topic,
         mini_batch=config.mini_batch,
-        max_event_time_skew=config.max_event_time_skew,
+        alignment=None if config.max_event_time_skew is None else PartitionAlignment(config.max_event_time_skew),
         name=worker_id(config),
         rewind=rewind,
         loaded_sequence=checkpoint.sequence if checkpoint is not None else 0,
@@ -1090,8 +1008,10 @@ def _ensure_input_topics(config: WorkerConfig) -> bool:
 def _start_fusion(
     config: WorkerConfig, secret: bytes, state, stop: threading.Event, metrics=None, broker=None
 ):
-    """The fusion rules and the thread reading the models topic (created, compacted, if new)."""
+    """The fusion rounds: the rules, and the thread reading the models topic (created,
+    compacted, if new). None if stopped while waiting for the broker."""
     from stream_learner.fusion.fusion import Fusion, ModelFeed
+    from stream_learner.fusion.rounds import FusionRounds
     from stream_learner.io.broker import create_topics
     from stream_learner.state.keys import FUSION, derive_key
 
@@ -1109,7 +1029,7 @@ def _start_fusion(
         broker,
     )
     if created is None:
-        return None, None
+        return None
     name = worker_id(config)
     fusion = Fusion(
         name,
@@ -1132,7 +1052,7 @@ def _start_fusion(
         metrics=metrics,
     ).start()
     log.info("fusion on as worker %s: snapshots every %.0f s on %s", name, config.fusion_every_seconds, config.models_topic)
-    return fusion, feed
+    return FusionRounds(fusion, feed, topic=config.models_topic)
 
 
 class _Watchdog:
