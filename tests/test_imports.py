@@ -125,6 +125,19 @@ def test_the_package_has_no_import_cycle():
     assert cycle is None, "import cycle: " + " → ".join(cycle)
 
 
+def test_the_layers_below_the_commands_and_the_worker_do_not_import_them():
+    # cli/ and runtime/ sit on top (README): the learners, I/O and state never reach up to them.
+    top = ("stream_learner.cli", "stream_learner.runtime", "stream_learner.__main__")
+    reaching_up = sorted(
+        f"{module} → {target}"
+        for module, targets in import_graph().items()
+        if not module.startswith(top)
+        for target in targets
+        if target.startswith(top)
+    )
+    assert not reaching_up
+
+
 def _runs_as_main(path: pathlib.Path) -> bool:
     for node in ast.parse(path.read_text(encoding="utf-8")).body:
         if (

@@ -366,10 +366,9 @@ class StreamProcessor:
     # -- the loop -----------------------------------------------------------------------
 
     def process(self, record: Record, now: float | None = None) -> ProcessResult:
-        """Predict ``record`` with every learner, serve, and score and learn it if labelled
-        (a label-only record joins its waiting prediction). :meth:`process_many` takes the
-        same steps for a mini-batch: :meth:`_settle` after predicting, :meth:`_learn_each`
-        (or a batch step) after that."""
+        """Predict ``record`` with every learner, serve it, and score and learn it if it is
+        labelled (a label-only record joins its waiting prediction). :meth:`process_many`
+        takes the same steps after predicting, and learns its labelled records in one step."""
         if now is None:
             now = time.time()
         self.records_seen += 1
