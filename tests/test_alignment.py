@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import pytest
 from kafka_helpers import KEY, synthetic_records
@@ -93,6 +94,25 @@ def test_a_partition_that_claims_records_it_never_gives_holds_nobody_back():
         if worker.summary().get("learned", 0) == 600:
             break
     assert worker.summary()["learned"] == 600
+
+
+class RefusingSource(MemorySource):
+    """A consumer that cannot pause partitions."""
+
+    def pause(self, partitions):
+        raise RuntimeError("pause refused")
+
+
+def test_a_source_that_cannot_pause_is_read_unaligned_and_said_so(caplog):
+    data = timed_records(400)
+    worker = make_worker(alignment=PartitionAlignment(5))
+    source = RefusingSource(data, handler=worker, max_poll_records=50)
+    with caplog.at_level(logging.WARNING, logger="stream_learner.runtime.alignment"):
+        order = read_in_order(worker, source, align=True)
+    assert sorted(t for _, t in order) == [1.7e9 + i for i in range(400)]
+    assert worker.summary()["learned"] == 400
+    assert "could not pause or resume partitions" in caplog.text and "pause refused" in caplog.text
+    assert worker.alignment.paused == set()
 
 
 def test_the_skew_setting_is_checked():
