@@ -678,11 +678,20 @@ class Fusion:
     # -- state that goes into the worker's checkpoint --
 
     def state(self) -> dict:
-        return {"peer_counts": self.peer_counts, "folded": self.folded, "epoch": self.epoch}
+        """Plain data: the peers' counts as ``{"tables": ..., "features": ...}`` dicts."""
+        peer_counts = {
+            name: {peer: dataclasses.asdict(table) for peer, table in peers.items()}
+            for name, peers in self.peer_counts.items()
+        }
+        return {"peer_counts": peer_counts, "folded": self.folded, "epoch": self.epoch}
 
     def restore(self, state: Mapping | None) -> None:
+        """Take :meth:`state`'s data (or a checkpoint of format 1's, which held CountTables)."""
         if state:
-            self.peer_counts = {k: dict(v) for k, v in state.get("peer_counts", {}).items()}
+            self.peer_counts = {
+                name: {peer: t if isinstance(t, CountTable) else CountTable(**t) for peer, t in peers.items()}
+                for name, peers in state.get("peer_counts", {}).items()
+            }
             self.folded = {k: dict(v) for k, v in state.get("folded", {}).items()}
             # Peers refuse versions not newer than the last they took: never go back, even if
             # the clock did.

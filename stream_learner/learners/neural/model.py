@@ -62,6 +62,7 @@ The registered learner is a River pipeline over raw text:
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import numbers
@@ -218,6 +219,14 @@ class NeuralClassifier(base.MiniBatchClassifier):
         state["_views"] = None
         state.pop("_buffers", None)
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        # Learners pickled before a parameter existed (wide, wide_lr) have its default: the
+        # behaviour they had then.
+        for name, param in inspect.signature(type(self).__init__).parameters.items():
+            if name != "self" and name not in state:
+                setattr(self, name, param.default)
 
     # --- read-only views of the learned state -----------------------------------------------
 
