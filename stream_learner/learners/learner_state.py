@@ -1,10 +1,12 @@
 """Any learner of a processor as a state dict: our own as data, River's pickled.
 
-The numpy learner (bare, or behind a :class:`~stream_learner.core.features.TextFeaturizer`)
-becomes its :meth:`~stream_learner.learners.neural.model.NeuralClassifier.state_dict` and the
-featurizer's parameters: plain data that no class path appears in. A River learner has no
-public state schema: it is pickled, and read back through the restricted unpickler
-(:mod:`stream_learner.state.unpickle`), which loads only estimator classes and maps moved ones.
+A learner behind a :class:`~stream_learner.core.features.TextFeaturizer` is kept as the
+featurizer's parameters (the featurizer learns nothing) and the classifier's state. The numpy
+classifier's state is its
+:meth:`~stream_learner.learners.neural.model.NeuralClassifier.state_dict`: plain data that no
+class path appears in. A River classifier has no public state schema: it is pickled, and read
+back through the restricted unpickler (:mod:`stream_learner.state.unpickle`), which loads only
+estimator classes and maps moved ones.
 
 >>> from stream_learner.learners.registry import make_learner
 >>> model = make_learner("neural", n_buckets=2**8)
@@ -33,14 +35,17 @@ VERSION = 1
 
 
 def learner_state(model) -> dict:
-    """``model`` as a state dict: ``kind`` ``"neural"`` (data) or ``"pickle"`` (River's)."""
+    """``model`` as a state dict: ``kind`` ``"neural"`` (data) or ``"pickle"`` (River's). A
+    ``TextFeaturizer | classifier`` pipeline is kept as the featurizer's parameters and the
+    classifier's state."""
     from stream_learner.learners.neural.model import NeuralClassifier
 
     featurizer, head = None, model
     if isinstance(model, compose.Pipeline):
         steps = list(model.steps.values())
-        if len(steps) == 2 and type(steps[0]) is TextFeaturizer:
-            featurizer, head = steps
+        if len(steps) > 1 and type(steps[0]) is TextFeaturizer:
+            featurizer = steps[0]
+            head = steps[1] if len(steps) == 2 else compose.Pipeline(*steps[1:])
     # River counts a pipeline as an instance of its last step's class: exclude pipelines.
     if type(head) is NeuralClassifier:
         return {
@@ -54,7 +59,8 @@ def learner_state(model) -> dict:
         "schema": SCHEMA,
         "version": VERSION,
         "kind": "pickle",
-        "data": pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL),
+        "featurizer": featurizer_params(featurizer) if featurizer is not None else None,
+        "data": pickle.dumps(head, protocol=pickle.HIGHEST_PROTOCOL),
     }
 
 
@@ -69,16 +75,19 @@ def learner_from_state(state: dict, *, trusted_modules: Iterable[str] = ()):
     check_schema(state, SCHEMA, (VERSION,))
     kind = state.get("kind")
     if kind == "pickle":
-        return restricted_loads(state["data"], trusted_modules=trusted_modules)
-    if kind != "neural":
+        learner = restricted_loads(state["data"], trusted_modules=trusted_modules)
+    elif kind == "neural":
+        learner = NeuralClassifier.from_state(state["learner"])
+    else:
         raise StateError(f"unknown learner kind {kind!r} in a learner state")
-    learner = NeuralClassifier.from_state(state["learner"])
     if state["featurizer"] is None:
         return learner
     try:
         featurizer = TextFeaturizer(**state["featurizer"])
     except (TypeError, ValueError) as error:
         raise StateError(f"featurizer parameters do not fit: {error}") from None
+    if isinstance(learner, compose.Pipeline):  # the steps after the featurizer
+        return compose.Pipeline(featurizer, *learner.steps.values())
     return compose.Pipeline(featurizer, learner)
 
 
