@@ -355,7 +355,8 @@ class StreamProcessor:
         series and drift events. No class path of ours appears in it, so moving or renaming
         a class never breaks a checkpoint; River's learners and detectors, which have no
         public state schema, are pickles inside it. :meth:`from_state` rebuilds a processor
-        that predicts and learns exactly as this one.
+        that predicts and learns exactly as this one. The numpy learners' arrays in it are
+        their own, not copies: serialize the state before the processor goes on.
 
         >>> from stream_learner.core.records import Record
         >>> processor = StreamProcessor(["nb", "neural"], seed=1)
