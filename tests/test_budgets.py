@@ -344,8 +344,8 @@ def test_the_compact_buffer_survives_a_checkpoint_and_joins_as_before(tmp_path):
     for record in stream[:20]:
         processor.process(Record(record.id, record.text), now=0.0)
     store = CheckpointStore(tmp_path, b"k" * 32)
-    store.save({"processor": processor}, {("t", 0): 20})
-    restored = store.load_latest().state["processor"]
+    store.save({"processor": processor.state_dict()}, {("t", 0): 20})
+    restored = StreamProcessor.from_state(store.load_latest().state["processor"])
     assert restored.label_buffer_stats() == processor.label_buffer_stats()
     for p in (processor, restored):
         for record in stream[:20]:

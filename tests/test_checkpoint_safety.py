@@ -25,8 +25,9 @@ from hypothesis import strategies as st
 import stream_learner
 from stream_learner.core.processor import StreamProcessor
 from stream_learner.core.records import Record
+from stream_learner.fusion.fusion import Fusion
 from stream_learner.learners.registry import LearnerError, available_learners, make_learner
-from stream_learner.runtime.worker import STATE_FORMAT
+from stream_learner.runtime.worker import STATE_FORMAT, read_state
 from stream_learner.state.checkpoint import MAGIC, CheckpointRefused, CheckpointStore
 from stream_learner.state.files import atomic_write
 from stream_learner.state.keys import CHECKPOINT, derive_key
@@ -180,10 +181,10 @@ def test_every_registered_learner_survives_a_checkpoint_round_trip(tmp_path, nam
     processor = _trained({name: make_learner(name, seed=2, n_buckets=2**8)})
     store = CheckpointStore(tmp_path, KEY)
     store.save(
-        {"format": STATE_FORMAT, "processor": processor, "counts": {"messages": 150}},
+        {"format": STATE_FORMAT, "processor": processor.state_dict(), "counts": {"messages": 150}},
         {("t", 0): 150},
     )
-    loaded = CheckpointStore(tmp_path, KEY).load_latest().state["processor"]
+    loaded = read_state(CheckpointStore(tmp_path, KEY).load_latest().state)["processor"]
     for text in ("cheap pills", "team agenda", "court vote storm"):
         assert loaded.learners[name].predict_proba_one(text) == pytest.approx(
             processor.learners[name].predict_proba_one(text)
@@ -199,22 +200,40 @@ def test_the_golden_checkpoint_of_format_1_loads_and_predicts_as_before(tmp_path
     expected = json.loads((FIXTURES / "golden-checkpoint-v1.json").read_text())
     shutil.copyfile(FIXTURES / "golden-checkpoint-v1.slck", tmp_path / "ckpt-000000000001.slck")
     checkpoint = CheckpointStore(tmp_path, GOLDEN_KEY).load_latest()
-    state = checkpoint.state
-    assert state["format"] == STATE_FORMAT and state["counts"]["messages"] == 200
+    state = read_state(checkpoint.state)  # payload format 1: the pickled processor
+    assert state["format"] == 1 and state["counts"]["messages"] == 200
     assert checkpoint.offsets == {(t, p): o for t, p, o in expected["offsets"]}
-    processor = state["processor"]
-    assert sorted(processor.learners) == expected["learners"]
-    stats = processor.label_buffer_stats()
-    assert 0 < stats.pop("bytes") <= processor.labels.max_bytes  # counted on load (format 1 had no budget)
-    assert stats == expected["label_buffer"]
-    assert processor.records_seen == expected["records_seen"]
-    for name, probas in expected["predictions"].items():
-        for text, proba in zip(expected["probes"], probas, strict=True):
-            assert processor.learners[name].predict_proba_one(text) == pytest.approx(proba)
-    # Signed with the secret itself (format 1): the next save uses format 2 and the derived key.
+
+    def assert_as_recorded(processor):
+        assert sorted(processor.learners) == expected["learners"]
+        stats = processor.label_buffer_stats()
+        assert 0 < stats.pop("bytes") <= processor.labels.max_bytes  # counted on load (format 1 had no budget)
+        assert stats == expected["label_buffer"]
+        assert processor.records_seen == expected["records_seen"]
+        for name, probas in expected["predictions"].items():
+            for text, proba in zip(expected["probes"], probas, strict=True):
+                assert processor.learners[name].predict_proba_one(text) == pytest.approx(proba)
+
+    assert_as_recorded(state["processor"])
+    # Signed with the secret itself (format 1): the next save uses format 2 and the derived key,
+    # and a payload of plain data (format 2), fusion state included.
+    fusion = Fusion("golden")
+    fusion.restore(state["fusion"])
+    resaved = {
+        "format": STATE_FORMAT,
+        "processor": state["processor"].state_dict(),
+        "counts": state["counts"],
+        "fusion": fusion.state(),
+    }
     store = CheckpointStore(tmp_path, GOLDEN_KEY)
-    path = store.save(state, checkpoint.offsets)
+    path = store.save(resaved, checkpoint.offsets)
     assert path.read_bytes().startswith(MAGIC) and store.read(path).sequence == 2
+    again = read_state(store.read(path).state)
+    assert again["format"] == STATE_FORMAT == 2
+    assert_as_recorded(again["processor"])
+    restored = Fusion("golden")
+    restored.restore(again["fusion"])
+    assert restored.peer_counts == fusion.peer_counts and restored.folded == {"nb": {"peer-1": (7, 3)}}
 
 
 def test_a_format_2_checkpoint_is_not_valid_under_the_raw_secret(tmp_path):

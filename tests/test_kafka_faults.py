@@ -19,6 +19,7 @@ from kafka_helpers import (
 
 from stream_learner.cli.produce import produce_records
 from stream_learner.io.broker import EmbeddedBroker, create_topics
+from stream_learner.runtime.worker import read_state
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -80,7 +81,7 @@ def test_a_broker_that_stops_answering_mid_run_loses_nothing(kafka_names, tmp_pa
         assert 0 < before < n
         assert final.state["counts"]["messages"] == n
         assert final.state["counts"]["learned"] == n
-        assert final.state["processor"].learner_stats()["nb"]["learned"] == n
+        assert read_state(final.state)["processor"].learner_stats()["nb"]["learned"] == n
         predictions = read_topic(broker.bootstrap_servers, f"{topic}.predictions", expected=n)
         assert {m.key.decode() for m in predictions} == {r.id for r in records}
 

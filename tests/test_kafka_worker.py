@@ -29,7 +29,7 @@ from stream_learner.core.processor import StreamProcessor
 from stream_learner.core.records import Record
 from stream_learner.io.broker import EmbeddedBroker, create_topics, free_port
 from stream_learner.runtime.config import load_config
-from stream_learner.runtime.worker import run_worker
+from stream_learner.runtime.worker import read_state, run_worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -266,7 +266,7 @@ def test_kill_9_five_times_every_record_learned_exactly_once(kafka_broker, kafka
     assert len(set(sizes_at_kill)) >= 3 and max(sizes_at_kill) < n
 
     final = load_final_state(checkpoint_dir)
-    processor = final.state["processor"]
+    processor = read_state(final.state)["processor"]
     assert final.state["counts"]["messages"] == n
     assert final.state["counts"]["learned"] == n
     assert processor.learner_stats()["nb"]["learned"] == n
@@ -326,7 +326,7 @@ def test_sigterm_finishes_the_batch_checkpoints_commits_and_exits_0(kafka_broker
     assert process.wait(timeout=60) == 0, log_path.read_text()[-3000:]
     final = load_final_state(checkpoint_dir)
     assert final.state["counts"]["learned"] == n
-    assert final.state["processor"].learner_stats()["nb"]["learned"] == n
+    assert read_state(final.state)["processor"].learner_stats()["nb"]["learned"] == n
 
 
 def test_two_workers_split_partitions_and_skip_nothing(kafka_broker, kafka_names, tmp_path, kafka_client):

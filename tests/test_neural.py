@@ -352,6 +352,30 @@ def test_fusion_averages_the_wide_term_per_class():
         fuse([a, small(seed=2)])
 
 
+def test_fusion_weights_are_given_not_written_into_the_learners():
+    a, b = small(seed=2), small(seed=2)
+    prequential_accuracy(a, featurized(make_stream(300, topics=["sport", "tech"])))
+    prequential_accuracy(b, featurized(make_stream(100, seed=4, topics=["tech", "food"])))
+    before = [(m.n_seen, {k: v.copy() for k, v in m.parameters().items()}) for m in (a, b)]
+    # Weighted 1:3 instead of by records seen (300:100); the result counts 42 records.
+    fused = fuse([a, b], [1, 3], n_seen=42)
+    assert fused.n_seen == 42
+    index = {c: i for i, c in enumerate(fused.classes)}
+    out_a, out_b = a.parameters()["out"], b.parameters()["out"]
+    expected = (out_a[a.classes.index("tech")] + 3 * out_b[b.classes.index("tech")]) / 4
+    np.testing.assert_allclose(fused.parameters()["out"][index["tech"]], expected, rtol=1e-5, atol=1e-7)
+    emb = (a.parameters()["emb"] + 3 * b.parameters()["emb"]) / 4
+    np.testing.assert_allclose(fused.parameters()["emb"], emb, rtol=1e-5, atol=1e-7)
+    for model, (n_seen, params) in zip((a, b), before, strict=True):
+        assert model.n_seen == n_seen
+        for name, array in params.items():
+            np.testing.assert_array_equal(model.parameters()[name], array)
+    # A weight of 0 leaves a learner out; weights must match the learners.
+    np.testing.assert_array_equal(fuse([a, b], [1, 0]).parameters()["emb"], a.parameters()["emb"])
+    with pytest.raises(ValueError, match="2 weights for 3 learners"):
+        fuse([a, b, a], [1, 2])
+
+
 def test_wide_term_grows_with_classes_and_keeps_the_old_columns():
     model = small(wide=True)
     prequential_accuracy(model, featurized(make_stream(200, topics=["sport", "tech"])))

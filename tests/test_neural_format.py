@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -370,3 +371,27 @@ def test_a_pipeline_saved_before_unspaced_segmentation_loads_as_it_was(tmp_path)
     assert featurizer.tokens("東京タワー") == ["東京タワー"]
     text = "東京 great match"
     assert loaded.predict_proba_one(text) == model.predict_proba_one(text)
+
+
+# -- golden files: written by an earlier release, they must load and predict as recorded ----------
+
+GOLDEN = Path(__file__).parent / "fixtures"
+GOLDEN_KEY = b"golden-neural-key-0123456789abcdef"
+
+
+@pytest.mark.parametrize("file_name", ["golden-neural-v2.npz", "golden-neural-mlp-v2.npz"])
+def test_golden_model_files_load_and_predict_as_recorded(file_name):
+    expected = json.loads((GOLDEN / "golden-neural-v2.json").read_text())
+    recorded = expected["files"][file_name]
+    path = GOLDEN / file_name
+    model = load(path, key=GOLDEN_KEY if recorded["signed"] else None)
+    learner = neural_step(model)
+    assert (learner.n_seen, learner.n_updates) == (recorded["n_seen"], recorded["t"])
+    assert sorted(learner.classes) == ["ham", "news", "spam"]
+    for text, proba in zip(expected["probes"], recorded["predictions"], strict=True):
+        assert model.predict_proba_one(text) == pytest.approx(proba, rel=1e-12, abs=1e-15)
+    if recorded["signed"]:
+        with pytest.raises(NeuralFormatError, match="MAC mismatch"):
+            load(path, key=b"another-key-0123456789abcdef")
+    # It goes on learning, exactly as a copy of itself does.
+    assert_same_future(model, load(path), [("cheap pills now", "spam"), ("court vote", "news")] * 3)

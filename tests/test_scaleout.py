@@ -27,7 +27,7 @@ from stream_learner.cli.produce import produce_records
 from stream_learner.core.processor import StreamProcessor
 from stream_learner.io.broker import create_topics
 from stream_learner.runtime.config import load_config
-from stream_learner.runtime.worker import run_worker
+from stream_learner.runtime.worker import read_state, run_worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -80,7 +80,7 @@ def test_a_late_joiner_continues_from_the_fused_model(kafka_broker, kafka_names,
     # Its own checkpoint counts only its own records; its model holds both workers'.
     state = load_final_state(tmp_path / "b").state
     assert state["counts"]["learned"] == 500
-    nb = state["processor"].learners["nb"].steps["MultinomialNB"]
+    nb = read_state(state)["processor"].learners["nb"].steps["MultinomialNB"]
     assert sum(nb.class_counts.values()) == 2000
 
 
@@ -139,7 +139,7 @@ def test_three_workers_one_killed_nothing_lost_and_they_fuse(kafka_broker, kafka
     learned = sum(s["counts"]["learned"] for s in survivors)
     assert learned > n / 2  # the survivors took over the killed worker's partitions
     for state in survivors:
-        nb = state["processor"].learners["nb"].steps["MultinomialNB"]
+        nb = read_state(state)["processor"].learners["nb"].steps["MultinomialNB"]
         # Each survivor's model holds the records of every worker's last snapshot.
         assert sum(nb.class_counts.values()) >= state["counts"]["learned"]
         assert sum(nb.class_counts.values()) >= n * 0.9

@@ -22,7 +22,7 @@ from stream_learner.runtime.config import (
     add_config_arguments,
     load_config,
 )
-from stream_learner.runtime.worker import Worker, run_worker
+from stream_learner.runtime.worker import Worker, read_state, run_worker
 from stream_learner.state.checkpoint import CheckpointStore
 
 KEY = b"worker-test-key-0123456789abcdef"
@@ -142,7 +142,7 @@ def test_a_crash_between_checkpoints_replays_exactly_the_unsaved_records(tmp_pat
     checkpoint = store.load_latest()
     second = make_worker(
         store,
-        processor=checkpoint.state["processor"],
+        processor=read_state(checkpoint.state)["processor"],
         offsets=checkpoint.offsets,
         counts=checkpoint.state["counts"],
     )

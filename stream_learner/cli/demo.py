@@ -173,7 +173,9 @@ def run_demo(
 
         key = resolve_key(work_dir / "checkpoints")
         final = CheckpointStore(work_dir / "checkpoints", key).load_latest()
-        processor = final.state["processor"]
+        from stream_learner.runtime.worker import read_state
+
+        processor = read_state(final.state)["processor"]
         counts = final.state["counts"]
         print(f"[5/5] done in {seconds:.0f} s: {counts.get('messages', 0):,} records, "
               f"{counts.get('dead_lettered', 0):,} dead letters, {len(processor.drift_events)} drift events")

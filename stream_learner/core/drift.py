@@ -139,3 +139,58 @@ class DriftMonitor:
     def clear_warning(self) -> None:
         """Forget a warning that never turned into drift (the twin has no way back)."""
         self.in_warning = False
+
+    # -- state: plain data with a schema version (checkpoints) --
+
+    STATE_SCHEMA = "stream-learner/drift-monitor"
+    STATE_VERSION = 1
+
+    def state_dict(self) -> dict:
+        """The monitor as data: its settings, recent errors and warning flag; River's
+        detectors, which have no public state schema, as pickles (read back through the
+        restricted unpickler)."""
+        import pickle
+
+        twin = self._warning_twin
+        return {
+            "schema": self.STATE_SCHEMA,
+            "version": self.STATE_VERSION,
+            "detector": self.detector,
+            "recent": self.recent,
+            "seed": self.seed,
+            "errors": bytes(self._errors),
+            "in_warning": self.in_warning,
+            "main": pickle.dumps(self._main, protocol=pickle.HIGHEST_PROTOCOL),
+            "warning_twin": None
+            if twin is None
+            else pickle.dumps(twin, protocol=pickle.HIGHEST_PROTOCOL),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> DriftMonitor:
+        from stream_learner.state.schema import StateError, check_schema
+        from stream_learner.state.unpickle import restricted_loads
+
+        check_schema(state, cls.STATE_SCHEMA, (cls.STATE_VERSION,))
+        try:
+            monitor = cls(state["detector"], recent=int(state["recent"]), seed=int(state["seed"]))
+            main = restricted_loads(state["main"])
+            twin = (
+                None if state["warning_twin"] is None else restricted_loads(state["warning_twin"])
+            )
+            errors = bytes(state["errors"])
+            in_warning = bool(state["in_warning"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise StateError(
+                f"drift monitor state does not fit: {type(error).__name__}: {error}"
+            ) from None
+        for detector, fresh in ((main, monitor._main), (twin, monitor._warning_twin)):
+            if type(detector) is not type(fresh):
+                raise StateError(
+                    f"drift monitor state holds a {type(detector).__name__} where {state['detector']} "
+                    f"has a {type(fresh).__name__}"
+                )
+        monitor._main, monitor._warning_twin = main, twin
+        monitor._errors.extend(errors)
+        monitor.in_warning = in_warning
+        return monitor

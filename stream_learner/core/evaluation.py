@@ -133,3 +133,46 @@ class PrequentialScore:
 
     def per_class(self) -> dict:
         return {label: counts.as_dict() for label, counts in self.classes.items()}
+
+    # -- state: plain data with a schema version (checkpoints) --
+
+    STATE_SCHEMA = "stream-learner/score"
+    STATE_VERSION = 1
+
+    def state_dict(self) -> dict:
+        """The score as plain data; :meth:`from_state` rebuilds an identical one."""
+        return {
+            "schema": self.STATE_SCHEMA,
+            "version": self.STATE_VERSION,
+            "window": self.window,
+            "n": self.n,
+            "correct": self.correct,
+            "log_loss_sum": self.log_loss_sum,
+            # [label, tp, fp, fn, support], in order of first appearance
+            "classes": [[label, c.tp, c.fp, c.fn, c.support] for label, c in self.classes.items()],
+            "recent": [bool(hit) for hit in self._recent],
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> PrequentialScore:
+        from stream_learner.state.schema import StateError, check_schema
+
+        check_schema(state, cls.STATE_SCHEMA, (cls.STATE_VERSION,))
+        try:
+            score = cls(window=int(state["window"]))
+            score.n = int(state["n"])
+            score.correct = int(state["correct"])
+            score.log_loss_sum = float(state["log_loss_sum"])
+            for label, tp, fp, fn, support in state["classes"]:
+                counts = score.classes[label] = ClassCounts()
+                counts.tp, counts.fp, counts.fn, counts.support = (
+                    int(tp),
+                    int(fp),
+                    int(fn),
+                    int(support),
+                )
+            score._recent.extend(bool(hit) for hit in state["recent"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise StateError(f"score state does not fit: {type(error).__name__}: {error}") from None
+        score._recent_correct = sum(score._recent)
+        return score

@@ -157,6 +157,26 @@ def _compact_proba(proba):
     return proba
 
 
+def _feature_state(x):
+    if type(x) is SparseFeatures:
+        return ["sparse", *x.__getstate__()]
+    return x
+
+
+def _feature_from_state(x):
+    if isinstance(x, list) and x[:1] == ["sparse"]:
+        features = SparseFeatures.__new__(SparseFeatures)
+        features.__setstate__(tuple(x[1:]))
+        return features
+    return _checked_input(x)
+
+
+def _checked_input(x):
+    if isinstance(x, dict | str):
+        return x
+    raise ValueError(f"a learner input of type {type(x).__name__} in a label buffer state")
+
+
 def _expand(value):
     return value.to_dict() if isinstance(value, (SparseFeatures, CompactProba)) else value
 
@@ -388,6 +408,129 @@ class LabelBuffer:
             dropped += 1
         self.expired += dropped
         return dropped
+
+    # -- state: plain data with a schema version (checkpoints) --
+
+    STATE_SCHEMA = "stream-learner/label-buffer"
+    STATE_VERSION = 1
+
+    def state_dict(self) -> dict:
+        """The buffer as plain data: its bounds, counters and waiting records, oldest first.
+
+        A record is ``[id, inserted, features, predictions, served, raw, nbytes]``: ``features`` maps a
+        featurizer key to the learner input (bucket ids as ``["sparse", ids typecode, ids
+        bytes, weights typecode, weights bytes]``, else as given), ``predictions`` a learner
+        to its probability dict, ``served`` is ``[label, learner, proba or None]`` (None: the
+        proba is that learner's) or None; ``raw``: kept as given (the newest records), else
+        compact; ``nbytes``: the bytes it is counted for (kept as counted: the sizes of dicts
+        and arrays depend on how they were built).
+        """
+        entries = []
+        position = {}
+        for record_id, entry in self._pending.items():
+            position[id(entry)] = len(entries)
+            served = None
+            if entry.served is not None:
+                label, learner = (
+                    (entry.served.label, entry.served.learner) if entry.raw else entry.served[1:]
+                )
+                proba = None if entry.served_proba is None else _expand(entry.served_proba)
+                served = [label, learner, proba]
+            features = (
+                entry.features
+                if entry.raw
+                else {k: _feature_state(x) for k, x in entry.features.items()}
+            )
+            entries.append(
+                [
+                    record_id,
+                    entry.inserted,
+                    features,
+                    {name: _expand(p) for name, p in entry.predictions.items()},
+                    served,
+                    entry.raw,
+                    entry.nbytes,
+                ]
+            )
+        return {
+            "schema": self.STATE_SCHEMA,
+            "version": self.STATE_VERSION,
+            "max_entries": self.max_entries,
+            "ttl": self.ttl,
+            "max_bytes": self.max_bytes,
+            "counters": {
+                name: getattr(self, name) for name in ("evicted", "expired", "unmatched", "joined")
+            },
+            "entries": entries,
+            # The queue of records still kept as given: positions in entries, -1 for a record
+            # that has left the buffer (it still counts towards RECENT).
+            "recent": [position.get(id(entry), -1) for _, entry in self._recent],
+        }
+
+    @classmethod
+    def from_state(cls, state: dict, prediction) -> LabelBuffer:
+        """The buffer :meth:`state_dict` described; ``prediction`` builds a served prediction
+        from ``label=, proba=, learner=`` (the processor's ``Prediction``). The bounds
+        apply from the next record on."""
+        from stream_learner.state.schema import StateError, check_schema
+
+        check_schema(state, cls.STATE_SCHEMA, (cls.STATE_VERSION,))
+        try:
+            buffer = cls(int(state["max_entries"]), state["ttl"], max_bytes=int(state["max_bytes"]))
+            for name in ("evicted", "expired", "unmatched", "joined"):
+                setattr(buffer, name, int(state["counters"][name]))
+            entries = [
+                buffer._entry_from_state(
+                    record_id, inserted, features, predictions, served, raw, prediction
+                )
+                for record_id, inserted, features, predictions, served, raw, _ in state["entries"]
+            ]
+            for (*_, nbytes), entry in zip(state["entries"], entries, strict=True):
+                entry.nbytes = int(nbytes)
+            for (record_id, *_), entry in zip(state["entries"], entries, strict=True):
+                buffer._pending[record_id] = entry
+                buffer.nbytes += entry.nbytes
+            for i in state["recent"]:
+                if i >= 0:
+                    buffer._recent.append((state["entries"][i][0], entries[i]))
+                else:
+                    gone = _Entry.__new__(_Entry)
+                    gone.features = gone.predictions = gone.served_proba = None
+                    gone.raw = True
+                    buffer._recent.append(("", gone))
+        except (KeyError, TypeError, ValueError) as error:
+            raise StateError(
+                f"label buffer state does not fit: {type(error).__name__}: {error}"
+            ) from None
+        return buffer
+
+    @staticmethod
+    def _entry_from_state(
+        record_id, inserted, features, predictions, served, raw, prediction
+    ) -> _Entry:
+        predictions = {name: dict(p) for name, p in predictions.items()}
+        if raw:
+            if served is not None:
+                label, learner, proba = served
+                served = prediction(
+                    label=label,
+                    proba=predictions[learner] if proba is None else dict(proba),
+                    learner=learner,
+                )
+            features = {key: _checked_input(x) for key, x in features.items()}
+            return _Entry(record_id, features, predictions, served, float(inserted))
+        entry = _Entry.__new__(_Entry)
+        entry.features = {key: _feature_from_state(x) for key, x in features.items()}
+        entry.predictions = {name: _compact_proba(p) for name, p in predictions.items()}
+        entry.served = entry.served_proba = None
+        if served is not None:
+            label, learner, proba = served
+            entry.served = (prediction, label, learner)
+            entry.served_proba = None if proba is None else _compact_proba(dict(proba))
+        entry.inserted = float(inserted)
+        entry.raw = False
+        entry.nbytes = entry._size(record_id)
+        return entry
 
     def stats(self) -> dict[str, int]:
         return {

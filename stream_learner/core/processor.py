@@ -116,6 +116,9 @@ def _argmax(proba: dict):
     return max(proba, key=proba.get) if proba else None
 
 
+_SLOT_COUNTERS = ("drifts", "learned", "background_learned", "background_hits", "main_hits", "warning_at")
+
+
 class _Slot:
     """One learner on the stream, with its scores, drift monitor and background learner."""
 
@@ -168,6 +171,42 @@ class _Slot:
     def drop_background(self):
         self.background = self.background_head = None
         self.background_learned = self.background_hits = self.main_hits = 0
+
+    # -- state: plain data with a schema version (checkpoints) --
+
+    def state_dict(self) -> dict:
+        """The slot as data: its learners (see :func:`~stream_learner.learners.learner_state.learner_state`),
+        score, drift monitor, counters and fused peers. The fusion journal is not kept: fusion
+        starts a new one when it attaches."""
+        from stream_learner.learners.learner_state import learner_state
+
+        return {
+            "name": self.name,
+            "model": learner_state(self.model),
+            "score": self.score.state_dict(),
+            "monitor": None if self.monitor is None else self.monitor.state_dict(),
+            "background": None if self.background is None else learner_state(self.background),
+            "counters": {name: getattr(self, name) for name in _SLOT_COUNTERS},
+            "peers": [[weight, learner_state(head)] for weight, head in self.peers],
+        }
+
+    def restore(self, state: dict, trusted_modules) -> None:
+        """Take the score, monitor, background learner, counters and peers of
+        :meth:`state_dict` (the slot was made with its model)."""
+        from stream_learner.learners.learner_state import learner_from_state
+
+        self.score = PrequentialScore.from_state(state["score"])
+        self.monitor = None if state["monitor"] is None else DriftMonitor.from_state(state["monitor"])
+        self.drop_background()
+        if state["background"] is not None:
+            self.background = learner_from_state(state["background"], trusted_modules=trusted_modules)
+            self.background_head = _split_featurizer(self.background)[1]
+        for name in _SLOT_COUNTERS:
+            setattr(self, name, int(state["counters"][name]))
+        self.peers = [
+            (float(weight), learner_from_state(head, trusted_modules=trusted_modules))
+            for weight, head in state["peers"]
+        ]
 
     @property
     def background_wins(self) -> bool:
@@ -303,6 +342,119 @@ class StreamProcessor:
             if max_classes < 1:
                 raise ValueError("max_classes must be at least 1")
             self.max_classes = max_classes
+
+    # -- state: plain data with a schema version (checkpoints) ---------------------------
+
+    STATE_SCHEMA = "stream-learner/processor"
+    STATE_VERSION = 1
+
+    def state_dict(self) -> dict:
+        """Everything the processor holds, as plain data (dicts, lists, numbers, strings,
+        bytes, numpy arrays) with a schema version: its configuration, each learner's slot
+        (models, score, drift monitor), the served score, the label buffer, the classes,
+        series and drift events. No class path of ours appears in it, so moving or renaming
+        a class never breaks a checkpoint; River's learners and detectors, which have no
+        public state schema, are pickles inside it. :meth:`from_state` rebuilds a processor
+        that predicts and learns exactly as this one. The numpy learners' arrays in it are
+        their own, not copies: serialize the state before the processor goes on.
+
+        >>> from stream_learner.core.records import Record
+        >>> processor = StreamProcessor(["nb", "neural"], seed=1)
+        >>> for i in range(30):
+        ...     _ = processor.process(Record(str(i), ["free pills", "lunch at noon"][i % 2], ["spam", "ham"][i % 2]))
+        >>> copy = StreamProcessor.from_state(processor.state_dict())
+        >>> copy.learner_stats() == processor.learner_stats()
+        True
+        >>> copy.process(Record("x", "pills")).prediction == processor.process(Record("x", "pills")).prediction
+        True
+        """
+        events = list(self.drift_events)
+        index = {id(event): i for i, event in enumerate(events)}
+        slots = {id(slot): i for i, slot in enumerate(self._slots)}
+        return {
+            "schema": self.STATE_SCHEMA,
+            "version": self.STATE_VERSION,
+            "config": {
+                "serving": self.serving,
+                "drift_detector": self.drift_detector,
+                "drift_reaction": self.drift_reaction,
+                "window": self.window,
+                "max_classes": self.max_classes,
+                "drift_events_kept": self.drift_events.maxlen,
+                "series_every": self.series_every,
+                "series_max_rows": self.series.maxlen,
+                "ensemble_temperature": self.ensemble_temperature,
+                "background_patience": self.background_patience,
+            },
+            "slots": [slot.state_dict() for slot in self._slots],
+            "served": self._served.state_dict(),
+            "labels": self.labels.state_dict(),
+            "classes": list(self.classes),
+            "series": [dict(row) for row in self.series],
+            "drift_events": [event.as_dict() for event in events],
+            # Events whose accuracy_after is still to come: [event, slot, due]; the event is its
+            # index in drift_events, or the event itself when it has left them.
+            "awaiting_after": [
+                [index.get(id(event), event.as_dict()), slots[id(slot)], due]
+                for event, slot, due in self._awaiting_after
+            ],
+            "records_seen": self.records_seen,
+            "model_version": self.model_version,
+            "labelled": self.labelled,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict, *, trusted_modules=()) -> StreamProcessor:
+        """The processor :meth:`state_dict` described. ``trusted_modules``: modules of
+        ``module:factory`` learners whose classes the pickled learners may hold. Raises
+        :class:`~stream_learner.state.schema.StateError` (a ValueError) on a state of another
+        schema or a newer version, :class:`~stream_learner.state.unpickle.UnpicklingRefused`
+        on a pickled learner holding what a checkpoint may not."""
+        from stream_learner.learners.learner_state import learner_from_state
+        from stream_learner.state.schema import StateError, check_schema
+
+        check_schema(state, cls.STATE_SCHEMA, (cls.STATE_VERSION,))
+        try:
+            config = dict(state["config"])
+            labels = LabelBuffer.from_state(state["labels"], Prediction)
+            slot_states = state["slots"]
+            learners = {
+                slot["name"]: learner_from_state(slot["model"], trusted_modules=trusted_modules)
+                for slot in slot_states
+            }
+            if len(learners) != len(slot_states):
+                raise ValueError("two learners have one name")
+            processor = cls(
+                learners,
+                label_buffer_size=labels.max_entries,
+                label_ttl=labels.ttl,
+                label_buffer_bytes=labels.max_bytes,
+                **config,
+            )
+            for slot, slot_state in zip(processor._slots, slot_states, strict=True):
+                slot.restore(slot_state, trusted_modules)
+            processor._served = PrequentialScore.from_state(state["served"])
+            processor.labels = labels
+            processor.classes = dict.fromkeys(state["classes"])
+            processor.series.extend(dict(row) for row in state["series"])
+            processor.drift_events.extend(DriftEvent(**event) for event in state["drift_events"])
+            events = list(processor.drift_events)
+            processor._awaiting_after = [
+                (
+                    events[event] if isinstance(event, int) else DriftEvent(**event),
+                    processor._slots[slot],
+                    int(due),
+                )
+                for event, slot, due in state["awaiting_after"]
+            ]
+            processor.records_seen = int(state["records_seen"])
+            processor.model_version = int(state["model_version"])
+            processor.labelled = int(state["labelled"])
+        except StateError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            raise StateError(f"processor state does not fit: {type(error).__name__}: {error}") from None
+        return processor
 
     # -- public views -------------------------------------------------------------------
 

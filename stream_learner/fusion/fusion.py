@@ -64,7 +64,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from stream_learner.fusion.rules import RULES, FusionError, parse_rules
-from stream_learner.learners.neural.format import _decode_label, _encode_label
+from stream_learner.learners.neural.format import decode_label, encode_label
 
 __all__ = [
     "REJECT_REASONS",
@@ -285,11 +285,11 @@ def _add_into(target: dict, source: Mapping, sign: float) -> None:
 
 def _encode_key(key):
     # Labels and features may be str, int, bool or float: keep the type through JSON.
-    return _encode_label(key)
+    return encode_label(key)
 
 
 def _decode_key(item):
-    return _decode_label(item)
+    return decode_label(item)
 
 
 # --- snapshots on the wire ----------------------------------------------------------------------
@@ -645,11 +645,20 @@ class Fusion:
     # -- state that goes into the worker's checkpoint --
 
     def state(self) -> dict:
-        return {"peer_counts": self.peer_counts, "folded": self.folded, "epoch": self.epoch}
+        """Plain data: the peers' counts as ``{"tables": ..., "features": ...}`` dicts."""
+        peer_counts = {
+            name: {peer: dataclasses.asdict(table) for peer, table in peers.items()}
+            for name, peers in self.peer_counts.items()
+        }
+        return {"peer_counts": peer_counts, "folded": self.folded, "epoch": self.epoch}
 
     def restore(self, state: Mapping | None) -> None:
+        """Take :meth:`state`'s data (or a checkpoint of format 1's, which held CountTables)."""
         if state:
-            self.peer_counts = {k: dict(v) for k, v in state.get("peer_counts", {}).items()}
+            self.peer_counts = {
+                name: {peer: t if isinstance(t, CountTable) else CountTable(**t) for peer, t in peers.items()}
+                for name, peers in state.get("peer_counts", {}).items()
+            }
             self.folded = {k: dict(v) for k, v in state.get("folded", {}).items()}
             # Peers refuse versions not newer than the last they took: never go back, even if
             # the clock did.
@@ -849,21 +858,10 @@ def _hashing(featurizer) -> str:
 def _average(head, own_records: int, peers: list[PeerSnapshot]):
     from stream_learner.learners.neural.model import fuse
 
-    # fuse() weights by n_seen: weigh each model by the records its worker learned itself.
+    # Each model weighs the records its worker learned itself; the result keeps our own count.
     models = [head, *(s.model for s in peers)]
     weights = [own_records, *(s.records for s in peers)]
-    saved = [m._n_seen if hasattr(m, "_n_seen") else None for m in models]
-    try:
-        for model, weight in zip(models, weights, strict=True):
-            if hasattr(model, "_n_seen"):
-                model._n_seen = int(weight)
-        fused = fuse(models)
-    finally:
-        for model, n in zip(models, saved, strict=True):
-            if n is not None:
-                model._n_seen = n
-    fused._n_seen = head.n_seen
-    return fused
+    return fuse(models, weights, n_seen=head.n_seen)
 
 
 @dataclasses.dataclass

@@ -68,16 +68,21 @@ from stream_learner.state.checkpoint import (
     DirectoryLock,
     resolve_key,
 )
-from stream_learner.state.unpickle import module_of_factory
+from stream_learner.state.schema import StateError
+from stream_learner.state.unpickle import UnpicklingRefused, module_of_factory
 
 if TYPE_CHECKING:
     from stream_learner.fusion.rounds import FusionRounds
 
-__all__ = ["Worker", "build_processor", "run_worker", "add_run_parser"]
+__all__ = ["Worker", "build_processor", "read_state", "run_worker", "add_run_parser"]
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = 1
+# What a checkpoint's payload is. 2: plain data from the objects' state_dict() (the
+# processor's, the fusion's), no pickled class of ours; 1: the pickled StreamProcessor (read
+# through the restricted unpickler, which maps moved modules). See docs/checkpoints.md.
+STATE_FORMAT = 2
+READABLE_STATE_FORMATS = (1, 2)
 _FUSION_STRIDE = 50  # records between two looks at the fusion clock inside a batch
 
 
@@ -450,7 +455,7 @@ class Worker:
         )
 
     def state(self) -> dict:
-        state = {"format": STATE_FORMAT, "processor": self.processor, "counts": dict(self.counts)}
+        state = {"format": STATE_FORMAT, "processor": self.processor.state_dict(), "counts": dict(self.counts)}
         if self.fusion is not None:
             state["fusion"] = self.fusion.state()
         return state
@@ -965,12 +970,13 @@ def _restore(config: WorkerConfig, checkpoint):
             return build_processor(config), {}, {}, None
         except (ValueError, ImportError) as error:
             raise _Refused(f"cannot build the learners: {error}") from None
-    state = checkpoint.state
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+    try:
+        state = read_state(checkpoint.state, trusted_modules=[m for m in map(module_of_factory, config.learners) if m])
+    except (StateError, UnpicklingRefused) as error:
         raise _Refused(
-            f"checkpoint {checkpoint.path} has an unknown format; move it away or use another "
+            f"checkpoint {checkpoint.path} cannot be read: {error}; move it away or use another "
             "--checkpoint-dir"
-        )
+        ) from None
     processor: StreamProcessor = state["processor"]
     if list(processor.learners) != list(config.learners):
         raise _Refused(
@@ -985,6 +991,31 @@ def _restore(config: WorkerConfig, checkpoint):
     counts = state.get("counts", {})
     log.info("resuming after %d messages", counts.get("messages", 0))
     return processor, checkpoint.offsets, counts, state.get("fusion")
+
+
+def read_state(state, *, trusted_modules=()) -> dict:
+    """A checkpoint's payload with its processor rebuilt: ``{"format", "processor" (a
+    StreamProcessor), "counts", "fusion" (Fusion.restore's input, or absent)}``.
+
+    Reads format 2 (plain data: :meth:`StreamProcessor.from_state`) and format 1 (the pickled
+    processor, already loaded by the checkpoint's restricted unpickler). Raises
+    :class:`~stream_learner.state.schema.StateError` on any other payload, or
+    :class:`~stream_learner.state.unpickle.UnpicklingRefused` on a learner holding what a
+    checkpoint may not.
+    """
+    version = state.get("format") if isinstance(state, dict) else None
+    if version not in READABLE_STATE_FORMATS:
+        newer = isinstance(version, int) and version > STATE_FORMAT
+        raise StateError(
+            f"checkpoint payload format {version!r} is not one this stream-learner reads "
+            f"({', '.join(map(str, READABLE_STATE_FORMATS))})" + ("; written by a newer release?" if newer else "")
+        )
+    decoded = dict(state)
+    if version == 2:
+        decoded["processor"] = StreamProcessor.from_state(state["processor"], trusted_modules=trusted_modules)
+    elif not isinstance(state.get("processor"), StreamProcessor):
+        raise StateError("checkpoint payload of format 1 holds no processor")
+    return decoded
 
 
 def _ensure_input_topics(config: WorkerConfig) -> bool:

@@ -1,7 +1,7 @@
 """Signed, atomic checkpoints: the learner state and the offsets it is consistent with.
 
-A checkpoint file holds a pickled payload (the whole :class:`~stream_learner.core.processor.StreamProcessor`
-and whatever else the worker needs) and the offsets of the *next* record to read on every
+A checkpoint file holds a pickled payload (the worker's state: plain data from the processor's
+``state_dict()``, see ``docs/checkpoints.md``; older releases pickled the processor itself) and the offsets of the *next* record to read on every
 partition. A file is unpickled only after its HMAC-SHA256 has been checked, and then only
 through a restricted unpickler (:mod:`stream_learner.state.unpickle`) that loads learner state and
 refuses anything else, so even a signed file cannot run code:

@@ -40,8 +40,18 @@ import numpy as np
 from river import compose
 
 from stream_learner.core.features import TextFeaturizer
+from stream_learner.state.schema import StateError
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "NeuralFormatError", "save", "load", "read_header"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "NeuralFormatError",
+    "decode_label",
+    "encode_label",
+    "save",
+    "load",
+    "read_header",
+]
 
 FORMAT_NAME = "stream-learner-neural"
 FORMAT_VERSION = 2
@@ -58,7 +68,12 @@ class NeuralFormatError(ValueError):
 # --- labels in JSON ----------------------------------------------------------------------------
 
 
-def _encode_label(label):
+def encode_label(label) -> list:
+    """A class label as JSON that keeps its type: ``["int", 3]``, ``["str", "spam"]``, ...
+
+    >>> encode_label(3), encode_label(True), decode_label(encode_label(0.5))
+    (['int', 3], ['bool', True], 0.5)
+    """
     if isinstance(label, np.generic):
         label = label.item()
     if isinstance(label, bool):
@@ -72,7 +87,8 @@ def _encode_label(label):
     raise NeuralFormatError(f"cannot save class label {label!r} of type {type(label).__name__}")
 
 
-def _decode_label(item):
+def decode_label(item):
+    """The label :func:`encode_label` wrote (raises :class:`NeuralFormatError` on others)."""
     kind, value = item
     decoders = {"bool": bool, "int": int, "float": float, "str": str}
     if kind not in decoders:
@@ -155,25 +171,26 @@ def dumps(model, *, hashing: dict | None = None, key: bytes | None = None) -> by
     featurizer, learner = _parts(model)
     if featurizer is not None:
         hashing = featurizer.hashing_config()
+    state = learner.state_dict()
     header = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
-        "params": learner._get_params(),
+        "params": state["params"],
         "hashing": hashing,
         "featurizer": _featurizer_params(featurizer) if featurizer is not None else None,
     }
     arrays: dict[str, np.ndarray] = {}
-    if hasattr(learner, "_params"):
+    if "arrays" in state:
         header["state"] = {
-            "classes": [_encode_label(c) for c in learner._classes],
-            "n_seen": learner._n_seen,
-            "t": learner._t,
-            "rng": learner._rng.bit_generator.state,
-            "slots": {name: len(slots) for name, slots in learner._slots.items()},
+            "classes": [encode_label(c) for c in state["classes"]],
+            "n_seen": state["n_seen"],
+            "t": state["t"],
+            "rng": state["rng"],
+            "slots": {name: len(slots) for name, slots in state["slots"].items()},
         }
-        for name, array in learner._params.items():
+        for name, array in state["arrays"].items():
             arrays[f"param.{name}"] = array
-            for i, slot in enumerate(learner._slots[name]):
+            for i, slot in enumerate(state["slots"][name]):
                 arrays[f"slot.{name}.{i}"] = slot
     else:
         header["state"] = None
@@ -283,11 +300,7 @@ def _build(header: dict, arrays: dict[str, np.ndarray], path, expected_hashing: 
                 f"{path} was made under another hashing configuration (differs in: {', '.join(diff)})"
             )
     try:
-        learner = NeuralClassifier(**header["params"])
-        learner._check_config()
-        state = header["state"]
-        if state is not None:
-            _restore(learner, state, arrays)
+        learner = NeuralClassifier.from_state(_state_of(header, arrays))
         if header.get("featurizer") is None:
             return learner
         params = dict(header["featurizer"])
@@ -302,38 +315,29 @@ def _build(header: dict, arrays: dict[str, np.ndarray], path, expected_hashing: 
         return compose.Pipeline(featurizer, learner)
     except NeuralFormatError:
         raise
+    except StateError as error:
+        raise NeuralFormatError(f"{path}: {error}") from None
     except (KeyError, TypeError, ValueError) as error:
         raise NeuralFormatError(f"{path}: inconsistent header: {error}") from error
 
 
-def _restore(learner, state: dict, arrays: dict[str, np.ndarray]) -> None:
-    dtype = np.dtype(learner.dtype)
-    params, slots = {}, {}
-    for name, n_slots in state["slots"].items():
-        params[name] = np.array(arrays[f"param.{name}"], dtype=dtype)
-        slots[name] = [np.array(arrays[f"slot.{name}.{i}"], dtype=dtype) for i in range(n_slots)]
-    classes = [_decode_label(item) for item in state["classes"]]
-    width = learner.hidden or learner.dim
-    shapes = {"emb": (learner.n_buckets, learner.dim), "out": (len(classes), width + 1)}
-    if learner.hidden:
-        shapes["w1"] = (learner.hidden, learner.dim + 1)
-    if learner.wide:
-        shapes["wide"] = (learner.n_buckets, len(classes))
-    if set(params) != set(shapes):
-        raise NeuralFormatError(f"parameters {sorted(params)} do not fit the learner")
-    for name, shape in shapes.items():
-        if params[name].shape != shape or any(s.shape != shape for s in slots[name]):
-            raise NeuralFormatError(f"parameter {name} has shape {params[name].shape}, not {shape}")
-        if len(slots[name]) != len(learner._new_slots(params[name][:0])):
-            raise NeuralFormatError(f"optimizer state of {name} does not fit {learner.optimizer}")
-    rng = np.random.default_rng()
-    rng.bit_generator.state = state["rng"]
-    learner._params = params
-    learner._slots = slots
-    learner._classes = classes
-    learner._class_index = {c: i for i, c in enumerate(classes)}
-    learner._n_seen = int(state["n_seen"])
-    learner._t = int(state["t"])
-    learner._rng = rng
-    learner._last = None
-    learner._views = None
+def _state_of(header: dict, arrays: dict[str, np.ndarray]) -> dict:
+    """The learner's state dict from a file's header and arrays."""
+    from stream_learner.learners.neural.model import NeuralClassifier
+
+    state = {"schema": NeuralClassifier.STATE_SCHEMA, "version": 1, "params": header["params"]}
+    saved = header["state"]
+    if saved is None:
+        return state
+    slots = saved["slots"]
+    if not isinstance(slots, dict) or not all(isinstance(n, int) and 0 <= n <= 2 for n in slots.values()):
+        raise NeuralFormatError("malformed optimizer state in header")
+    state.update(
+        classes=[decode_label(item) for item in saved["classes"]],
+        n_seen=saved["n_seen"],
+        t=saved["t"],
+        rng=saved["rng"],
+        arrays={name: arrays[f"param.{name}"] for name in slots},
+        slots={name: [arrays[f"slot.{name}.{i}"] for i in range(n)] for name, n in slots.items()},
+    )
+    return state

@@ -62,6 +62,7 @@ The registered learner is a River pipeline over raw text:
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import numbers
@@ -218,6 +219,14 @@ class NeuralClassifier(base.MiniBatchClassifier):
         state.pop("_buffers", None)
         return state
 
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        # Learners pickled before a parameter existed (wide, wide_lr) have its default: the
+        # behaviour they had then.
+        for name, param in inspect.signature(type(self).__init__).parameters.items():
+            if name != "self" and name not in state:
+                setattr(self, name, param.default)
+
     # --- read-only views of the learned state -----------------------------------------------
 
     @property
@@ -249,6 +258,95 @@ class NeuralClassifier(base.MiniBatchClassifier):
         ``wide`` the linear term (``n_buckets`` × classes) of a wide-and-deep learner.
         """
         return {name: _readonly(a) for name, a in getattr(self, "_params", {}).items()}
+
+    # --- state: plain data with a schema version (the file format and checkpoints use it) -----
+
+    STATE_SCHEMA = "stream-learner/neural"
+    STATE_VERSION = 1
+
+    def state_dict(self) -> dict:
+        """Everything this learner is, as plain data: its parameters (``params``), and once it
+        has learned, its classes, counters, random-generator state, parameter arrays
+        (``arrays``) and optimizer state (``slots``: per parameter, the optimizer's arrays).
+
+        The arrays are the learner's own (no copies): write them out, or copy them, before
+        the learner learns again. :meth:`from_state` rebuilds an identical learner.
+
+        >>> model = NeuralClassifier(n_buckets=16, dim=2)
+        >>> model.learn_one({1: 1}, "a")
+        >>> state = model.state_dict()
+        >>> state["schema"], state["version"], state["classes"], sorted(state["arrays"])
+        ('stream-learner/neural', 1, ['a'], ['emb', 'out'])
+        >>> NeuralClassifier.from_state(state).predict_proba_one({1: 1}) == model.predict_proba_one({1: 1})
+        True
+        """
+        state = {"schema": self.STATE_SCHEMA, "version": self.STATE_VERSION, "params": self._get_params()}
+        if not hasattr(self, "_params"):
+            return state
+        state.update(
+            classes=list(self._classes),
+            n_seen=int(self._n_seen),
+            t=int(self._t),
+            rng=self._rng.bit_generator.state,
+            arrays=dict(self._params),
+            slots={name: list(slots) for name, slots in self._slots.items()},
+        )
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict) -> NeuralClassifier:
+        """The learner :meth:`state_dict` described; raises
+        :class:`~stream_learner.state.schema.StateError` (a ValueError) on a state of another
+        schema, a newer version, or arrays that do not fit the parameters. The arrays are
+        copied (to the learner's dtype)."""
+        from stream_learner.state.schema import StateError, check_schema
+
+        check_schema(state, cls.STATE_SCHEMA, (cls.STATE_VERSION,))
+        try:
+            learner = cls(**state["params"])
+            learner._check_config()
+            if "arrays" in state:
+                learner._restore(state)
+        except StateError:
+            raise
+        except (KeyError, TypeError, ValueError) as error:
+            raise StateError(f"neural learner state does not fit: {type(error).__name__}: {error}") from None
+        return learner
+
+    def _restore(self, state: dict) -> None:
+        from stream_learner.state.schema import StateError
+
+        dtype = np.dtype(self.dtype)
+        classes = list(state["classes"])
+        if len(set(classes)) != len(classes):
+            raise StateError("neural learner state lists a class twice")
+        width = self.hidden or self.dim
+        shapes = {"emb": (self.n_buckets, self.dim), "out": (len(classes), width + 1)}
+        if self.hidden:
+            shapes["w1"] = (self.hidden, self.dim + 1)
+        if self.wide:
+            shapes["wide"] = (self.n_buckets, len(classes))
+        arrays, slots = state["arrays"], state["slots"]
+        if set(arrays) != set(shapes) or set(slots) != set(shapes):
+            raise StateError(f"parameters {sorted(arrays)} do not fit the learner (expected {sorted(shapes)})")
+        params = {name: np.array(arrays[name], dtype=dtype) for name in shapes}
+        restored = {name: [np.array(s, dtype=dtype) for s in slots[name]] for name in shapes}
+        for name, shape in shapes.items():
+            if params[name].shape != shape or any(s.shape != shape for s in restored[name]):
+                raise StateError(f"parameter {name} has shape {params[name].shape}, not {shape}")
+            if len(restored[name]) != len(self._new_slots(params[name][:0])):
+                raise StateError(f"optimizer state of {name} does not fit {self.optimizer}")
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state["rng"]
+        self._params = params
+        self._slots = restored
+        self._classes = classes
+        self._class_index = {c: i for i, c in enumerate(classes)}
+        self._n_seen = int(state["n_seen"])
+        self._t = int(state["t"])
+        self._rng = rng
+        self._last = self._last_many = None
+        self._views = None
 
     # --- set-up ------------------------------------------------------------------------------
 
@@ -1024,23 +1122,31 @@ def _rows_of(X) -> list[dict]:
 _ARCHITECTURE = ("n_buckets", "dim", "hidden", "activation", "bag", "optimizer", "dtype", "wide")
 
 
-def fuse(learners: Iterable):
+def fuse(learners: Iterable, weights: Iterable[float] | None = None, *, n_seen: int | None = None):
     """Federated averaging: one learner whose parameters are the records-seen weighted mean.
 
     ``learners`` are :class:`NeuralClassifier` or pipelines ending in one (with equal
     featurizers). They must share the architecture; their class sets may differ: a class's
     output row is averaged over the learners that know it, weighted by their records. Optimizer
     statistics are averaged the same way. Fusing copies of one learner gives that learner back.
+
+    ``weights``: what each learner weighs (default: the records it has seen, :attr:`n_seen`);
+    a learner of weight 0, or that has learned nothing, is left out. ``n_seen``: the records
+    the fused learner counts as seen (default: the sum of the weights). The learners given are
+    not changed.
     """
     learners = list(learners)
     if not learners:
         raise ValueError("fuse needs at least one learner")
+    weights = None if weights is None else [float(w) for w in weights]
+    if weights is not None and len(weights) != len(learners):
+        raise ValueError(f"fuse got {len(weights)} weights for {len(learners)} learners")
     if all(isinstance(m, compose.Pipeline) for m in learners):
         featurizers = [_split(m)[0] for m in learners]
         configs = [f.hashing_config() for f in featurizers]
         if any(c != configs[0] for c in configs):
             raise ValueError("cannot fuse learners with different hashing configurations")
-        fused = fuse([_split(m)[1] for m in learners])
+        fused = fuse([_split(m)[1] for m in learners], weights, n_seen=n_seen)
         return compose.Pipeline(featurizers[0].clone(), fused)
     if not all(isinstance(m, NeuralClassifier) and not isinstance(m, compose.Pipeline) for m in learners):
         raise TypeError("fuse takes NeuralClassifier learners, or pipelines that all end in one")
@@ -1052,12 +1158,15 @@ def fuse(learners: Iterable):
                     f"cannot fuse learners with different {name}: "
                     f"{getattr(first, name)!r} != {getattr(other, name)!r}"
                 )
-    trained = [m for m in learners if m.n_seen > 0]
+    if weights is None:
+        weights = [float(m.n_seen) for m in learners]
+    pairs = [(m, w) for m, w in zip(learners, weights, strict=True) if w > 0 and hasattr(m, "_params")]
+    trained = [m for m, _ in pairs]
     result = first.clone()
     if not trained:
         return result
     result._ensure_init()
-    counts = np.array([m.n_seen for m in trained], dtype=np.float64)
+    counts = np.array([w for _, w in pairs], dtype=np.float64)
     total = counts.sum()
     classes: list = []
     for m in trained:
@@ -1092,7 +1201,7 @@ def fuse(learners: Iterable):
                 for count, group in zip(counts, arrays, strict=True):
                     num += count * group[k]
                 target[...] = num / total
-    result._n_seen = int(total)
+    result._n_seen = int(total) if n_seen is None else int(n_seen)
     result._t = max(m._t for m in trained)
     return result
 
