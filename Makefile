@@ -42,6 +42,7 @@ bench: venv
 	$(BIN)/python -m benchmarks.adversarial
 	$(BIN)/python -m benchmarks.clients
 	$(BIN)/python -m benchmarks.scaling --fusion-every 0.05
+	$(BIN)/python -m benchmarks.revisions
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
