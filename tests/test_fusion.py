@@ -355,7 +355,7 @@ def test_a_restarted_peer_is_replaced_by_its_full_snapshot_not_counted_twice():
 
 
 def test_rounds_come_every_n_records_as_well_as_every_t_seconds():
-    from test_worker import drain, make_worker, partitioned, records
+    from worker_helpers import drain, make_worker, partitioned, records
 
     from stream_learner.io.sources import MemorySource
 
