@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import random
 import signal
 import threading
@@ -52,10 +51,15 @@ def worker_config(client, broker, names, tmp_path, *extra, idle="3"):
     )
 
 
+@pytest.fixture(autouse=True)
+def checkpoint_key(monkeypatch):
+    """run_worker in this process reads the group secret from the environment."""
+    monkeypatch.setenv("STREAM_LEARNER_CHECKPOINT_KEY", KEY)
+
+
 def run_in_process(config):
     """run_worker in this process; returns (exit code, worker)."""
     captured = {}
-    os.environ["STREAM_LEARNER_CHECKPOINT_KEY"] = KEY
     code = run_worker(config, on_ready=lambda worker: captured.setdefault("worker", worker))
     return code, captured.get("worker")
 
@@ -411,7 +415,6 @@ def test_the_metrics_endpoint_counts_what_the_worker_did(kafka_broker, kafka_nam
         with urllib.request.urlopen(worker.metrics_url + "/readyz") as response:
             ready.append(response.status)
 
-    os.environ["STREAM_LEARNER_CHECKPOINT_KEY"] = KEY
     assert run_worker(config, progress=scrape_at_the_end, progress_every=0.5) == 0
     assert ready == [200]
     assert scraped[("stream_learner_records_total", (("outcome", "learned"),))] == 600

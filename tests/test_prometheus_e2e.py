@@ -17,7 +17,6 @@ import math
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -41,10 +40,6 @@ pytestmark = [
     pytest.mark.prometheus,
     pytest.mark.slow,
     pytest.mark.timeout(240),
-    pytest.mark.skipif(
-        shutil.which("prometheus") is None or shutil.which("promtool") is None,
-        reason="Debian's prometheus (server and promtool) is not installed: make system-deps",
-    ),
 ]
 
 POSITIVE = ["good", "great", "excellent", "lovely", "superb", "fine", "happy", "nice", "wonderful", "amazing"]

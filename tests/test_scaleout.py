@@ -52,6 +52,12 @@ def _config(client, broker, names, checkpoint_dir, *extra):
     )
 
 
+@pytest.fixture(autouse=True)
+def checkpoint_key(monkeypatch):
+    """run_worker in this process reads the group secret from the environment."""
+    monkeypatch.setenv("STREAM_LEARNER_CHECKPOINT_KEY", KEY)
+
+
 def test_a_late_joiner_continues_from_the_fused_model(kafka_broker, kafka_names, tmp_path, kafka_client):
     """Naive Bayes merges exactly: a worker that joins after another has learned the first
     1,500 records predicts the next 500 exactly as one learner that saw all 2,000."""
@@ -59,7 +65,6 @@ def test_a_late_joiner_continues_from_the_fused_model(kafka_broker, kafka_names,
     topic = f"{kafka_names}-in"
     create_topics(kafka_broker.bootstrap_servers, {topic: 1, f"{topic}.predictions": 1})
     produce_records(records[:1500], bootstrap_servers=kafka_broker.bootstrap_servers, topic=topic)
-    os.environ["STREAM_LEARNER_CHECKPOINT_KEY"] = KEY
     first = _config(kafka_client, kafka_broker, kafka_names, tmp_path / "a", "--worker-id", "a")
     assert run_worker(first) == 0  # learns 1,500, publishes its snapshot on the way out
 

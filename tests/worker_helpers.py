@@ -12,7 +12,10 @@ from stream_learner.io.sinks import MemorySink, Outputs
 from stream_learner.runtime.worker import Worker
 
 ENCODE = Decoder().encode
-WORDS = {"pos": ["good", "great", "fine", "love", "nice"], "neg": ["bad", "awful", "hate", "poor", "sad"]}
+WORDS = {
+    "pos": ["good", "great", "fine", "love", "nice"],
+    "neg": ["bad", "awful", "hate", "poor", "sad"],
+}
 
 
 def records(n, seed=0):
