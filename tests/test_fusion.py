@@ -131,6 +131,7 @@ def test_counts_published_are_the_workers_own_records_only():
     assert result.records == 100
 
 
+@pytest.mark.slow
 def test_average_weights_by_the_records_each_worker_learned():
     clock = Clock()
     a, b = _worker("a", ["neural"], clock), _worker("b", ["neural"], clock)
@@ -486,6 +487,7 @@ def json_hashing(worker):
     return _hashing(worker[0].heads()["nb"][0])
 
 
+@pytest.mark.slow
 def test_forged_average_snapshot_and_altered_records_header_are_dropped():
     clock = Clock()
     a, b = _worker("a", ["neural"], clock), _worker("b", ["neural"], clock)
@@ -618,6 +620,7 @@ class _Reach:
         return (getattr, (self.owner, self.name))
 
 
+@pytest.mark.slow
 def test_every_learner_round_trips_through_the_allow_list():
     from stream_learner.fusion.fusion import restricted_loads
     from stream_learner.learners.registry import available_learners

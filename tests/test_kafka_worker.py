@@ -11,12 +11,14 @@ import threading
 import time
 
 import pytest
+from helpers import wait_for
 from kafka_helpers import (
     ASSIGNED,
     KEY,
     load_final_state,
     messages_checkpointed,
     read_topic,
+    records_handled,
     start_worker_process,
     synthetic_records,
     wait_for_log,
@@ -304,9 +306,11 @@ def test_sigterm_finishes_the_batch_checkpoints_commits_and_exits_0(kafka_broker
     checkpoint_dir, log_path = tmp_path / "ckpt", tmp_path / "worker.log"
     # A long checkpoint cadence: only the shutdown can have written the checkpoint.
     slow = ["--checkpoint-every-records", "1000000", "--checkpoint-every-seconds", "3600"]
-    process = start_worker_process(kafka_broker, kafka_names, checkpoint_dir, log_path, *slow, client=kafka_client)
+    process = start_worker_process(
+        kafka_broker, kafka_names, checkpoint_dir, log_path, *slow, "--metrics-port", "0", client=kafka_client
+    )
     wait_for_log(log_path, ASSIGNED, process=process)
-    time.sleep(2.0)
+    wait_for("records handled", lambda: records_handled(log_path), 60, log_path, process)
     assert process.poll() is None, log_path.read_text()[-3000:]
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0, log_path.read_text()[-3000:]
@@ -350,9 +354,11 @@ def test_two_workers_split_partitions_and_skip_nothing(kafka_broker, kafka_names
         kafka_broker, kafka_names, tmp_path / "a", tmp_path / "a.log", *cadence, "--stop-when-idle", "5", client=kafka_client
     )
     wait_for_log(tmp_path / "a.log", ASSIGNED, process=first)
-    second = start_worker_process(kafka_broker, kafka_names, tmp_path / "b", tmp_path / "b.log", *cadence, client=kafka_client)
+    second = start_worker_process(
+        kafka_broker, kafka_names, tmp_path / "b", tmp_path / "b.log", *cadence, "--metrics-port", "0", client=kafka_client
+    )
     wait_for_log(tmp_path / "b.log", ASSIGNED, process=second)
-    time.sleep(3.0)
+    wait_for("records handled by the second worker", lambda: records_handled(tmp_path / "b.log"), 60, tmp_path / "b.log", second)
     # The second worker leaves mid-stream: its partitions go back to the first.
     second.send_signal(signal.SIGTERM)
     assert second.wait(timeout=30) == 0, (tmp_path / "b.log").read_text()[-3000:]

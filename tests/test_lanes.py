@@ -54,6 +54,7 @@ def _docker_compose_not_beside_python():
         pytest.skip("docker-compose is installed beside this Python: PATH cannot hide it")
 
 
+@pytest.mark.slow
 def test_the_broker_fixture_marks_a_test_kafka(tmp_path):
     result = _pytest(tmp_path, "--co", "-q", "-m", "kafka", ci=False)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -62,6 +63,7 @@ def test_the_broker_fixture_marks_a_test_kafka(tmp_path):
     assert "test_plain" in result.stdout and "test_on_the_broker" not in result.stdout
 
 
+@pytest.mark.slow
 def test_a_missing_requirement_skips_outside_ci(tmp_path):
     result = _pytest(tmp_path, "-rs", "-m", "not kafka", "-k", "compose or plain", ci=False)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -69,6 +71,7 @@ def test_a_missing_requirement_skips_outside_ci(tmp_path):
     assert "'docker-compose' is not installed" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_missing_requirement_stops_the_run_in_ci(tmp_path):
     result = _pytest(tmp_path, "-m", "not kafka", ci=True)
     assert result.returncode == pytest.ExitCode.USAGE_ERROR, result.stdout + result.stderr
@@ -78,6 +81,7 @@ def test_a_missing_requirement_stops_the_run_in_ci(tmp_path):
     assert "passed" not in output  # stopped before the first test
 
 
+@pytest.mark.slow
 def test_an_unmarked_test_cannot_start_the_broker(tmp_path):
     result = _pytest(tmp_path, "-k", "unmarked", ci=False)
     assert result.returncode == pytest.ExitCode.TESTS_FAILED

@@ -9,14 +9,15 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import psutil
 import pytest
+from helpers import wait_for
 from kafka_helpers import (
     ASSIGNED,
     KEY,
     load_final_state,
+    messages_checkpointed,
     read_topic,
     start_worker_process,
     synthetic_records,
@@ -125,7 +126,8 @@ def test_three_workers_one_killed_nothing_lost_and_they_fuse(kafka_broker, kafka
         for name, process in workers.items():
             wait_for_log(tmp_path / f"{name}.log", ASSIGNED, process=process)
         producer = _produce_in_background(records, kafka_broker, topic, rate=1000)  # records flow for 6 s
-        time.sleep(2.0)
+        # b has a checkpoint (every second) when it dies: it had partitions and records.
+        wait_for("a checkpoint of b", lambda: messages_checkpointed(tmp_path / "b"), 30, tmp_path / "b.log", workers["b"])
         workers["b"].kill()  # SIGKILL mid-stream: no revoke, no final checkpoint
         workers["b"].wait(timeout=10)
         producer.join()
@@ -175,9 +177,13 @@ def test_run_processes_restarts_a_killed_worker_and_loses_nothing(kafka_broker, 
         supervisor = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for_log(log_path, ASSIGNED, count=2, process=supervisor)
-        time.sleep(1.5)
-        children = psutil.Process(supervisor.pid).children()
-        assert len(children) == 2
+        children = wait_for(
+            "two worker processes",
+            lambda: (found := psutil.Process(supervisor.pid).children()) and len(found) == 2 and found,
+            30,
+            log_path,
+            supervisor,
+        )
         children[0].send_signal(signal.SIGKILL)
         wait_for_log(log_path, "restarting it", process=supervisor)
         producer.join()
