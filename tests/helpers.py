@@ -36,6 +36,14 @@ def wait_for(
     value = poll(condition, timeout, every, process)
     if value:
         return value
-    ended = f" (process exited with {process.poll()})" if process is not None and process.poll() is not None else ""
-    tail = Path(log).read_text(errors="replace")[-3000:] if log is not None and Path(log).exists() else ""
+    ended = (
+        f" (process exited with {process.poll()})"
+        if process is not None and process.poll() is not None
+        else ""
+    )
+    tail = (
+        Path(log).read_text(errors="replace")[-3000:]
+        if log is not None and Path(log).exists()
+        else ""
+    )
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{ended}\n{tail}")
