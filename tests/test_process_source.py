@@ -287,7 +287,7 @@ def test_records_dropped_at_a_revoke_are_read_again_when_the_partition_stays(kaf
 
 
 def test_a_worker_whose_consumer_process_dies_stops_and_a_restart_learns_every_record_once(
-    kafka_broker, kafka_names, tmp_path, caplog
+    kafka_broker, kafka_names, tmp_path, caplog, monkeypatch
 ):
     import logging
 
@@ -310,6 +310,7 @@ def test_a_worker_whose_consumer_process_dies_stops_and_a_restart_learns_every_r
         ],
         environ={"STREAM_LEARNER_CHECKPOINT_KEY": KEY},
     )
+    monkeypatch.setenv("STREAM_LEARNER_CHECKPOINT_KEY", KEY)  # run_worker reads the secret from there
     workers = []
 
     def kill_the_consumer_process_mid_stream(worker):
