@@ -354,11 +354,10 @@ def test_two_workers_split_partitions_and_skip_nothing(kafka_broker, kafka_names
         kafka_broker, kafka_names, tmp_path / "a", tmp_path / "a.log", *cadence, "--stop-when-idle", "5", client=kafka_client
     )
     wait_for_log(tmp_path / "a.log", ASSIGNED, process=first)
-    second = start_worker_process(
-        kafka_broker, kafka_names, tmp_path / "b", tmp_path / "b.log", *cadence, "--metrics-port", "0", client=kafka_client
-    )
+    second = start_worker_process(kafka_broker, kafka_names, tmp_path / "b", tmp_path / "b.log", *cadence, client=kafka_client)
     wait_for_log(tmp_path / "b.log", ASSIGNED, process=second)
-    wait_for("records handled by the second worker", lambda: records_handled(tmp_path / "b.log"), 60, tmp_path / "b.log", second)
+    # Settled in the group: a periodic checkpoint of the second worker holds records.
+    wait_for("a checkpoint of the second worker", lambda: messages_checkpointed(tmp_path / "b"), 60, tmp_path / "b.log", second)
     # The second worker leaves mid-stream: its partitions go back to the first.
     second.send_signal(signal.SIGTERM)
     assert second.wait(timeout=30) == 0, (tmp_path / "b.log").read_text()[-3000:]

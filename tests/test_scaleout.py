@@ -177,13 +177,16 @@ def test_run_processes_restarts_a_killed_worker_and_loses_nothing(kafka_broker, 
         supervisor = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for_log(log_path, ASSIGNED, count=2, process=supervisor)
-        children = wait_for(
-            "two worker processes",
-            lambda: (found := psutil.Process(supervisor.pid).children()) and len(found) == 2 and found,
-            30,
+        # Both workers have checkpointed records (every second) before one is killed.
+        wait_for(
+            "a checkpoint of each worker",
+            lambda: all(messages_checkpointed(tmp_path / "ckpt" / f"worker-{i}") for i in (0, 1)),
+            60,
             log_path,
             supervisor,
         )
+        children = psutil.Process(supervisor.pid).children()
+        assert len(children) == 2
         children[0].send_signal(signal.SIGKILL)
         wait_for_log(log_path, "restarting it", process=supervisor)
         producer.join()
