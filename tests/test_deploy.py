@@ -368,8 +368,9 @@ def test_a_worker_without_a_topic_is_a_configuration_error():
 def test_kustomize_renders_the_manifests():
     result = _run(["kubectl", "kustomize", str(K8S)])
     assert result.returncode == 0, result.stderr
-    kinds = sorted(doc["kind"] for doc in yaml.safe_load_all(result.stdout) if doc)
-    assert kinds == ["ConfigMap", "Service", "StatefulSet"]
+    documents = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    assert sorted(doc["kind"] for doc in documents) == ["ConfigMap", "Service", "StatefulSet"]
+    assert all(doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "stream-learner" for doc in documents)
     # The Secret is created by hand (never a placeholder credential applied by accident).
     assert "REPLACE-WITH" not in result.stdout
 
