@@ -1,12 +1,12 @@
-# Two entry points: `make demo` and `make test`. Both create (or reuse) .venv and
-# install what they need from the package registries.
+# Entry points: `make demo`, `make test` (the full suite CI runs) and `make test-fast`. Each
+# creates (or reuses) .venv and installs what it needs from the package registries.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint bench clean system-deps
+.PHONY: venv demo test test-fast lint bench clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,11 +17,16 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Debian packages the tests drive for real (a Prometheus server and promtool).
+# Debian packages the tests drive for real: a Prometheus server and promtool, docker-compose
+# (`config` of the compose file) and kubectl (`kustomize` of deploy/k8s; any kubectl will do).
+SYSTEM_PROGRAMS := prometheus:prometheus promtool:prometheus docker-compose:docker-compose kubectl:kubernetes-client
 system-deps:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	@missing=; for pair in $(SYSTEM_PROGRAMS); do \
+	  command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus >/dev/null; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    --no-install-recommends $$(echo $$missing | tr ' ' '\n' | sort -u) >/dev/null; fi
 
 demo: venv
 	$(BIN)/stream-learner demo
@@ -31,6 +36,11 @@ lint: venv
 
 test: venv system-deps lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The edit-test loop: no broker, no Prometheus server, no network, nothing slow (under 2 minutes).
+FAST := not kafka and not prometheus and not network and not slow
+test-fast: venv
+	$(BIN)/python -m pytest -m "$(FAST)" $(PYTEST_ARGS)
 
 # Each writes benchmarks/results/<name>.md and a PNG; they need the fetched datasets.
 bench: venv

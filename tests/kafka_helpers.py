@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import sys
 import time
+import urllib.request
+
+from helpers import poll, wait_for
 
 from stream_learner.core.records import Record
 from stream_learner.state.checkpoint import CheckpointStore
@@ -46,11 +50,7 @@ def read_topic(bootstrap: str, topic: str, expected: int | None = None, timeout:
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     try:
         deadline = time.monotonic() + timeout
-        while True:
-            partitions = consumer.partitions_for_topic(topic) or set()
-            if partitions or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+        partitions = poll(lambda: consumer.partitions_for_topic(topic), timeout, every=0.2) or set()
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
@@ -92,16 +92,33 @@ def start_worker_process(broker, names, checkpoint_dir, log_path, *extra, group=
 def wait_for_log(path, text, count=1, timeout=60.0, process=None):
     """Wait until ``text`` (or any of a tuple of texts) appears ``count`` times in the log."""
     texts = (text,) if isinstance(text, str) else tuple(text)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            log = path.read_text(errors="replace")
-            if any(log.count(t) >= count for t in texts):
-                return
-        if process is not None and process.poll() is not None:
-            break
-        time.sleep(0.1)
-    raise AssertionError(f"{texts!r} x{count} not in the log: " + path.read_text(errors="replace")[-3000:])
+
+    def logged():
+        log = path.read_text(errors="replace") if path.exists() else ""
+        return any(log.count(t) >= count for t in texts)
+
+    wait_for(f"{texts!r} x{count} in the log", logged, timeout, log=path, process=process, every=0.1)
+
+
+def records_handled(log_path) -> float:
+    """Records a worker process started with ``--metrics-port 0`` has handled so far, from its
+    /metrics (0 until its metrics server is up)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    urls = re.findall(r"metrics on (http://\S+)/metrics", log_path.read_text(errors="replace")) if log_path.exists() else []
+    if not urls:
+        return 0
+    try:
+        with urllib.request.urlopen(urls[-1] + "/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return 0
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "stream_learner_records_total"
+    )
 
 
 def messages_checkpointed(checkpoint_dir) -> int:

@@ -9,7 +9,7 @@ import logging
 
 import pytest
 from kafka_helpers import KEY, synthetic_records
-from test_worker import make_worker
+from worker_helpers import make_worker
 
 from stream_learner.core.records import Decoder
 from stream_learner.io.broker import create_topics

@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from helpers import wait_for
 from kafka_helpers import (
     ASSIGNED,
     messages_checkpointed,
@@ -32,19 +33,6 @@ def _get(url: str) -> tuple[int, str]:
         return error.code, error.read().decode()
     except OSError as error:  # not listening yet
         return 0, str(error)
-
-
-def _wait_for(what, condition, timeout, log_path, process=None, every=0.2):
-    """Poll ``condition`` until it returns something truthy; fail with the worker's log."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if process is not None and process.poll() is not None:
-            break
-        time.sleep(every)
-    raise AssertionError(f"{what} not seen: " + log_path.read_text(errors="replace")[-3000:])
 
 
 def _status_is(url, status, contains=""):
@@ -101,10 +89,10 @@ def test_readiness_turns_503_while_the_broker_is_frozen_and_liveness_stays_200(
         )
         frozen = False
         try:
-            _wait_for("/readyz 200", _status_is(url + "/readyz", 200), 60, log_path, process)
+            wait_for("/readyz 200", _status_is(url + "/readyz", 200), 60, log_path, process)
             _frozen(broker)
             frozen = True
-            status, body = _wait_for(
+            status, body = wait_for(
                 "/readyz 503 for the lost broker",
                 _status_is(url + "/readyz", 503, "broker unreachable"),
                 40,
@@ -116,7 +104,7 @@ def test_readiness_turns_503_while_the_broker_is_frozen_and_liveness_stays_200(
             wait_for_log(log_path, "/readyz reports not ready", process=process)
             _thawed(broker)
             frozen = False
-            _wait_for("/readyz 200 again", _status_is(url + "/readyz", 200), 60, log_path, process)
+            wait_for("/readyz 200 again", _status_is(url + "/readyz", 200), 60, log_path, process)
             wait_for_log(log_path, "broker reachable again", process=process)
             assert _get(url + "/healthz")[0] == 200
             process.send_signal(signal.SIGTERM)
@@ -151,7 +139,7 @@ def test_liveness_stays_200_while_waiting_for_a_broker_that_never_answers(kafka_
         "12",
     )
     try:
-        status, body = _wait_for(
+        status, body = wait_for(
             "/readyz 503 naming the broker",
             _status_is(url + "/readyz", 503, "last error"),
             60,
@@ -163,7 +151,7 @@ def test_liveness_stays_200_while_waiting_for_a_broker_that_never_answers(kafka_
         assert _get(url + "/healthz")[0] == 200
         wait_for_log(log_path, "broker unreachable", process=process)
         # Past the configured limit the worker asks to be restarted.
-        status, body = _wait_for(
+        status, body = wait_for(
             "/healthz 503 after the liveness limit",
             _status_is(url + "/healthz", 503, "liveness limit"),
             60,
@@ -216,7 +204,7 @@ def test_an_outage_is_not_idleness(kafka_names, tmp_path):
         frozen = False
         try:
             wait_for_log(log_path, ASSIGNED, process=process)
-            _wait_for(
+            wait_for(
                 "records learned",
                 lambda: messages_checkpointed(checkpoint_dir) > 0,
                 60,
@@ -267,7 +255,7 @@ def test_shutdown_keeps_its_bound_while_the_broker_is_frozen(kafka_names, tmp_pa
         frozen = False
         try:
             wait_for_log(log_path, ASSIGNED, process=process)
-            _wait_for(
+            wait_for(
                 "records learned",
                 lambda: messages_checkpointed(checkpoint_dir) > 0,
                 60,

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from river import base
-from test_worker import ENCODE, drain, make_worker
+from worker_helpers import ENCODE, drain, make_worker
 
 from stream_learner.cli.evaluate import delay_labels, evaluate
 from stream_learner.core.labels import LabelBuffer, PendingRecord, SparseFeatures

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,9 +28,7 @@ COMPOSE = DEPLOY / "docker-compose.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "stream-learner.json"
 K8S = DEPLOY / "k8s"
 
-promtool = pytest.mark.skipif(
-    shutil.which("promtool") is None, reason="promtool not installed (Debian's prometheus: make system-deps)"
-)
+promtool = pytest.mark.requires("promtool")
 
 # Settings the worker reads from the environment besides its STREAM_LEARNER_<SETTING> options.
 EXTRA_ENV = {"STREAM_LEARNER_CHECKPOINT_KEY", "STREAM_LEARNER_CONFIG", "STREAM_LEARNER_CACHE", "STREAM_LEARNER_LOG_LEVEL"}
@@ -231,25 +230,24 @@ def test_compose_grafana_provisions_the_datasource_and_dashboard():
     assert any(p.name == "stream-learner.json" for p in (DEPLOY / "grafana" / "dashboards").iterdir())
 
 
-def _docker_compose() -> list[str] | None:
-    if shutil.which("docker") and _run(["docker", "compose", "version"]).returncode == 0:
-        return ["docker", "compose"]
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
-    return None
-
-
+@pytest.mark.requires("docker-compose")
 def test_docker_compose_config_accepts_the_file():
-    command = _docker_compose()
-    if command is None:
-        pytest.skip("neither the docker compose plugin nor docker-compose is installed")
+    # Debian's docker-compose (v1) is stricter than the compose plugin: it accepts what both do.
+    command = ["docker-compose", "-f", str(COMPOSE), "config", "--quiet"]
     environment = dict(os.environ, STREAM_LEARNER_CHECKPOINT_KEY="0" * 64)
-    result = _run([*command, "-f", str(COMPOSE), "config", "--quiet"], env=environment)
+    result = _run(command, env=environment)
     assert result.returncode == 0, result.stdout + result.stderr
     # Without the checkpoint key the stack refuses to start rather than run unsigned.
     environment.pop("STREAM_LEARNER_CHECKPOINT_KEY")
-    result = _run([*command, "-f", str(COMPOSE), "config", "--quiet"], env=environment)
+    result = _run(command, env=environment)
     assert result.returncode != 0 and "STREAM_LEARNER_CHECKPOINT_KEY" in result.stderr
+
+
+@pytest.mark.requires("hadolint")
+def test_hadolint_finds_nothing_in_the_dockerfile():
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    result = _run([hadolint, "--no-color", str(DEPLOY / "Dockerfile")])
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_dockerfile_runs_the_cli_as_an_unprivileged_user():
@@ -366,15 +364,35 @@ def test_a_worker_without_a_topic_is_a_configuration_error():
         _worker_config(["run"], {"STREAM_LEARNER_METRICS_PORT": "9108"})
 
 
+@pytest.mark.requires("kubectl")
 def test_kustomize_renders_the_manifests():
-    if shutil.which("kubectl") is None:
-        pytest.skip("kubectl not installed")
     result = _run(["kubectl", "kustomize", str(K8S)])
     assert result.returncode == 0, result.stderr
-    kinds = sorted(doc["kind"] for doc in yaml.safe_load_all(result.stdout) if doc)
-    assert kinds == ["ConfigMap", "Service", "StatefulSet"]
+    documents = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    assert sorted(doc["kind"] for doc in documents) == ["ConfigMap", "Service", "StatefulSet"]
+    assert all(doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "stream-learner" for doc in documents)
     # The Secret is created by hand (never a placeholder credential applied by accident).
     assert "REPLACE-WITH" not in result.stdout
+
+
+@pytest.mark.requires("kubernetes-validate")
+def test_manifests_match_the_kubernetes_schemas():
+    import kubernetes_validate
+
+    version = kubernetes_validate.latest_version()
+    checked = []
+    for path in sorted(K8S.rglob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            if not document or document["kind"] == "Kustomization":
+                continue
+            if document["apiVersion"].startswith("monitoring.coreos.com/"):
+                continue  # Prometheus Operator resources: no schema in Kubernetes itself
+            try:
+                kubernetes_validate.validate(document, version, strict=True)
+            except kubernetes_validate.ValidationError as error:
+                pytest.fail(f"{path.relative_to(ROOT)} ({document['kind']}): {error.message}")
+            checked.append(document["kind"])
+    assert sorted(checked) == ["ConfigMap", "Secret", "Service", "StatefulSet"]
 
 
 # -- Grafana dashboard -----------------------------------------------------------------------

@@ -74,8 +74,35 @@ def test_river_estimator_checks(estimator, check):
     check(estimator.clone())
 
 
-@pytest.mark.parametrize("name", list(available_learners()))
+# Learners built from a model that `stream-learner models fetch` downloads, and that model.
+DOWNLOADS = {"neural-minilm": "minilm"}
+
+
+def test_every_learner_that_needs_a_download_is_known_here():
+    # The tests run with an empty cache of their own (tests/conftest.py): nothing is fetched.
+    needs = set()
+    for name in available_learners():
+        try:
+            make_learner(name, n_buckets=2**12)
+        except LearnerError as error:
+            if "fetch" not in str(error):
+                raise
+            needs.add(name)
+    assert needs == set(DOWNLOADS)
+
+
+@pytest.mark.parametrize("name", sorted(set(available_learners()) - set(DOWNLOADS)))
 def test_every_registered_learner_learns_a_text_stream(name):
+    _learns_a_text_stream(name)
+
+
+@pytest.mark.parametrize("name", sorted(DOWNLOADS))
+def test_every_learner_from_a_downloaded_model_learns_a_text_stream(name, fetched_model):
+    fetched_model(DOWNLOADS[name])
+    _learns_a_text_stream(name)
+
+
+def _learns_a_text_stream(name):
     processor = StreamProcessor({name: _build(name)}, drift_detector="none")
     evaluate(topic_stream(1500, seed=2, noise=0.0), processor)
     stats = processor.learner_stats()[name]

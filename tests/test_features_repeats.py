@@ -102,10 +102,10 @@ def test_long_texts_give_the_features_of_the_plain_path_in_its_order(config, run
         assert batch.record(0) == batch.record(2) == dict(reference(featurizer, text))
 
 
-def test_ordinary_long_texts_keep_their_features():
+def test_ordinary_long_texts_keep_their_features(fetched_dataset):
     from stream_learner.data.readers import load_records
 
-    text = "\n".join(r.text for r in load_records("vader")[:600])
+    text = "\n".join(r.text for r in load_records(fetched_dataset("vader"))[:600])
     assert len(text) > 10 * _COUNT_FROM
     for config in CONFIGS:
         featurizer = TextFeaturizer(**config)
@@ -121,6 +121,7 @@ def _plain_nfkc_casefold(text: str) -> str:
     return unicodedata.normalize("NFKC", text).casefold()
 
 
+@pytest.mark.slow
 def test_the_table_holds_the_longest_expansions_and_only_those_nfkc_maps_alone():
     assert len(_NFKC_EXPANSIONS[0xFDFA]) == 18 and 0xFDFB in _NFKC_EXPANSIONS
     # Neighbours that compose with or are reordered against what an expansion starts or ends

@@ -131,6 +131,7 @@ def test_counts_published_are_the_workers_own_records_only():
     assert result.records == 100
 
 
+@pytest.mark.slow
 def test_average_weights_by_the_records_each_worker_learned():
     clock = Clock()
     a, b = _worker("a", ["neural"], clock), _worker("b", ["neural"], clock)
@@ -355,7 +356,7 @@ def test_a_restarted_peer_is_replaced_by_its_full_snapshot_not_counted_twice():
 
 
 def test_rounds_come_every_n_records_as_well_as_every_t_seconds():
-    from test_worker import drain, make_worker, partitioned, records
+    from worker_helpers import drain, make_worker, partitioned, records
 
     from stream_learner.fusion.rounds import FusionRounds
     from stream_learner.io.sources import MemorySource
@@ -487,6 +488,7 @@ def json_hashing(worker):
     return _hashing(worker[0].heads()["nb"][0])
 
 
+@pytest.mark.slow
 def test_forged_average_snapshot_and_altered_records_header_are_dropped():
     clock = Clock()
     a, b = _worker("a", ["neural"], clock), _worker("b", ["neural"], clock)
@@ -619,6 +621,7 @@ class _Reach:
         return (getattr, (self.owner, self.name))
 
 
+@pytest.mark.slow
 def test_every_learner_round_trips_through_the_allow_list():
     from stream_learner.fusion.fusion import restricted_loads
     from stream_learner.learners.registry import available_learners

@@ -4,9 +4,9 @@ models topic are dropped and counted; a worker's clean stop makes its peers forg
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
+from helpers import poll, wait_for
 from kafka import KafkaProducer
 from kafka_helpers import KEY, synthetic_records
 
@@ -22,14 +22,6 @@ from stream_learner.state.keys import CHECKPOINT, FUSION, derive_key
 pytestmark = [pytest.mark.kafka]
 
 FUSION_KEY = derive_key(KEY.encode(), FUSION)
-
-
-def _wait(condition, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _models_topic(broker, name):
@@ -94,10 +86,7 @@ def test_forged_altered_and_replayed_snapshots_on_the_topic_are_dropped_and_coun
         assert feed.wait_caught_up(60)
         n = len(second)  # messages per round: one per learner here
         expected = {"bad_signature": 2 * n, "unsigned": n, "replayed": len(first)}
-        _wait(
-            lambda: dict(feed.rejected) == expected,
-            what=f"rejections {expected}, got {dict(feed.rejected)}",
-        )
+        wait_for(f"rejections {expected}", lambda: dict(feed.rejected) == expected)
         latest = feed.latest()
         assert {name: h.version for name, h in latest.items()} == {
             ("nb", "b"): (fusion.epoch, fusion.seq),
@@ -150,18 +139,20 @@ def test_a_clean_stop_tombstones_its_keys_and_peers_forget_it(
         )  # fmt: skip
         seen = threading.Event()
 
-        def watch():  # the observer held the worker's snapshots while it ran
-            while not seen.is_set() and not observer._stop.is_set():
-                if observer.peers == {"b"}:
-                    seen.set()
-                time.sleep(0.05)
+        def held_the_snapshots():  # the observer held the worker's snapshots while it ran
+            if observer.peers == {"b"}:
+                seen.set()
+            return seen.is_set() or observer._stop.is_set()
+
+        def watch():
+            poll(held_the_snapshots, timeout=300)
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         assert run_worker(config) == 0
         watcher.join(5)
         assert seen.is_set()
-        _wait(lambda: observer.forgotten["tombstone"] == 2, what="the tombstones")
+        wait_for("the tombstones", lambda: observer.forgotten["tombstone"] == 2)
         assert observer.peers == set() and observer.rejected == {}
         last = observer.latest()  # b's counts, one last time, then nothing
         assert set(last) == {("nb", "b")}
@@ -175,7 +166,7 @@ def test_a_clean_stop_tombstones_its_keys_and_peers_forget_it(
         late = _feed(kafka_broker, models, "late")
         try:
             assert late.wait_caught_up(60)
-            _wait(lambda: late.forgotten["tombstone"] == 2, what="the late reader's tombstones")
+            wait_for("the late reader's tombstones", lambda: late.forgotten["tombstone"] == 2)
             assert set(late.latest()) == {("nb", "b")} and late.rejected == {}
         finally:
             late.stop()

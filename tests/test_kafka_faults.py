@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 
 import pytest
+from helpers import poll, wait_for
 from kafka_helpers import (
     ASSIGNED,
     load_final_state,
@@ -45,11 +45,13 @@ def test_a_broker_that_stops_answering_mid_run_loses_nothing(kafka_names, tmp_pa
             wait_for_log(log_path, ASSIGNED, process=process)
             # Freeze mid-stream: once the worker has checkpointed some records (its start-up
             # time varies; the 20-second stream outlasts it).
-            deadline = time.monotonic() + 30
-            while messages_checkpointed(checkpoint_dir) == 0 and time.monotonic() < deadline:
-                time.sleep(0.2)
-            time.sleep(1.0)
-            before = messages_checkpointed(checkpoint_dir)
+            first = wait_for("a checkpoint", lambda: messages_checkpointed(checkpoint_dir), 30, log_path, process)
+
+            def more_than_first():
+                saved = messages_checkpointed(checkpoint_dir)
+                return saved if saved > first else 0
+
+            before = wait_for("a later checkpoint", more_than_first, 30, log_path, process)
             broker._process.send_signal(signal.SIGSTOP)  # the broker hangs: no answers, no errors
             try:
                 # Nothing is lost or reset: the worker says what failed and keeps its state.
@@ -69,9 +71,8 @@ def test_a_broker_that_stops_answering_mid_run_loses_nothing(kafka_names, tmp_pa
             finally:
                 broker._process.send_signal(signal.SIGCONT)
             producer.join()
-            deadline = time.monotonic() + 90
-            while messages_checkpointed(checkpoint_dir) < n and time.monotonic() < deadline:
-                time.sleep(0.5)
+            # At most 90 s: the shutdown checkpoint below may still save what is missing.
+            poll(lambda: messages_checkpointed(checkpoint_dir) >= n, 90, every=0.5, process=process)
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=40) == 0, log_path.read_text()[-3000:]
         finally:

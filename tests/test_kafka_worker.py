@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import random
 import signal
 import threading
 import time
 
 import pytest
+from helpers import wait_for
 from kafka_helpers import (
     ASSIGNED,
     KEY,
     load_final_state,
     messages_checkpointed,
     read_topic,
+    records_handled,
     start_worker_process,
     synthetic_records,
     wait_for_log,
@@ -52,10 +53,15 @@ def worker_config(client, broker, names, tmp_path, *extra, idle="3"):
     )
 
 
+@pytest.fixture(autouse=True)
+def checkpoint_key(monkeypatch):
+    """run_worker in this process reads the group secret from the environment."""
+    monkeypatch.setenv("STREAM_LEARNER_CHECKPOINT_KEY", KEY)
+
+
 def run_in_process(config):
     """run_worker in this process; returns (exit code, worker)."""
     captured = {}
-    os.environ["STREAM_LEARNER_CHECKPOINT_KEY"] = KEY
     code = run_worker(config, on_ready=lambda worker: captured.setdefault("worker", worker))
     return code, captured.get("worker")
 
@@ -300,9 +306,11 @@ def test_sigterm_finishes_the_batch_checkpoints_commits_and_exits_0(kafka_broker
     checkpoint_dir, log_path = tmp_path / "ckpt", tmp_path / "worker.log"
     # A long checkpoint cadence: only the shutdown can have written the checkpoint.
     slow = ["--checkpoint-every-records", "1000000", "--checkpoint-every-seconds", "3600"]
-    process = start_worker_process(kafka_broker, kafka_names, checkpoint_dir, log_path, *slow, client=kafka_client)
+    process = start_worker_process(
+        kafka_broker, kafka_names, checkpoint_dir, log_path, *slow, "--metrics-port", "0", client=kafka_client
+    )
     wait_for_log(log_path, ASSIGNED, process=process)
-    time.sleep(2.0)
+    wait_for("records handled", lambda: records_handled(log_path), 60, log_path, process)
     assert process.poll() is None, log_path.read_text()[-3000:]
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0, log_path.read_text()[-3000:]
@@ -348,7 +356,8 @@ def test_two_workers_split_partitions_and_skip_nothing(kafka_broker, kafka_names
     wait_for_log(tmp_path / "a.log", ASSIGNED, process=first)
     second = start_worker_process(kafka_broker, kafka_names, tmp_path / "b", tmp_path / "b.log", *cadence, client=kafka_client)
     wait_for_log(tmp_path / "b.log", ASSIGNED, process=second)
-    time.sleep(3.0)
+    # Settled in the group: a periodic checkpoint of the second worker holds records.
+    wait_for("a checkpoint of the second worker", lambda: messages_checkpointed(tmp_path / "b"), 60, tmp_path / "b.log", second)
     # The second worker leaves mid-stream: its partitions go back to the first.
     second.send_signal(signal.SIGTERM)
     assert second.wait(timeout=30) == 0, (tmp_path / "b.log").read_text()[-3000:]
@@ -411,7 +420,6 @@ def test_the_metrics_endpoint_counts_what_the_worker_did(kafka_broker, kafka_nam
         with urllib.request.urlopen(worker.metrics_url + "/readyz") as response:
             ready.append(response.status)
 
-    os.environ["STREAM_LEARNER_CHECKPOINT_KEY"] = KEY
     assert run_worker(config, progress=scrape_at_the_end, progress_every=0.5) == 0
     assert ready == [200]
     assert scraped[("stream_learner_records_total", (("outcome", "learned"),))] == 600

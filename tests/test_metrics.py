@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import math
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -468,8 +467,7 @@ def test_heartbeat_fails_after_silence_and_after_stop():
     assert heartbeat.check() == (False, "consumer closed")
 
 
-@pytest.mark.prometheus
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (make system-deps)")
+@pytest.mark.requires("promtool")
 def test_promtool_finds_no_problem_in_the_exposition(registry, metrics):
     metrics.record_outcomes({"learned": 5, "predicted": 1})
     metrics.dead_lettered("invalid_json")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_worker import ENCODE, ExplodingClassifier, drain, make_worker, records
+from worker_helpers import ENCODE, ExplodingClassifier, drain, make_worker, records
 
 from stream_learner.cli.evaluate import evaluate
 from stream_learner.core.processor import LearnerFailure, Outcome, StreamProcessor

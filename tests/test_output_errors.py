@@ -30,6 +30,7 @@ import time
 import urllib.request
 
 import pytest
+from helpers import wait_for
 from kafka_helpers import (
     ASSIGNED,
     KEY,
@@ -179,13 +180,15 @@ def test_a_2_mib_message_is_dead_lettered_truncated_and_the_worker_goes_on(
     )  # fmt: skip
     try:
         wait_for_log(log_path, ASSIGNED, process=process)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and (
-            messages_checkpointed(checkpoint_dir) < len(values)
-            or _committed(bootstrap, f"{kafka_names}-group", topic) < len(values)
-        ):
-            assert process.poll() is None, log_path.read_text()[-3000:]
-            time.sleep(0.5)
+        wait_for(
+            "every message checkpointed and committed",
+            lambda: messages_checkpointed(checkpoint_dir) >= len(values)
+            and _committed(bootstrap, f"{kafka_names}-group", topic) >= len(values),
+            120,
+            log_path,
+            process,
+            every=0.5,
+        )
         assert messages_checkpointed(checkpoint_dir) == len(values), log_path.read_text()[-3000:]
         assert _committed(bootstrap, f"{kafka_names}-group", topic) == len(values)
         url = re.search(r"metrics on (http://\S+)/metrics", log_path.read_text()).group(1)

@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from helpers import wait_for
 
 from stream_learner.io.broker import create_topics
 from stream_learner.io.sources import ProcessSource, SourceError
@@ -92,6 +93,27 @@ def poll_until(consumers, done, timeout=60.0, pause=0.0):
         time.sleep(pause)
 
 
+def fetched_ahead(source: ProcessSource, partition: int | None = None) -> int:
+    """Records the child process has sent that the handler has not taken yet."""
+    source._read_available(0.1)
+    return sum(
+        len(records)
+        for item in source._inbox
+        if item[0] == "batch"
+        for _topic, p, records in item[1]
+        if partition is None or p == partition
+    )
+
+
+def stop_polling(stop: threading.Event, thread: threading.Thread | None) -> None:
+    """Stop the thread polling a second consumer before its source closes: a ProcessSource
+    belongs to one thread, and a poll racing the close fails on the closed pipe."""
+    stop.set()
+    if thread is not None:
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+
+
 def test_batches_callbacks_commits_lag_and_close_in_order(kafka_broker, kafka_names):
     topic, group = f"{kafka_names}-in", f"{kafka_names}-group"
     create_topics(kafka_broker.bootstrap_servers, {topic: 2})
@@ -134,7 +156,7 @@ def test_close_with_records_fetched_ahead_lets_the_next_owner_read_them(kafka_br
     source = open_source(kafka_broker, topic, group, first, prefetch=3)
     try:
         poll_until([first], lambda: first.processed())
-        time.sleep(1.0)  # the child fetches ahead meanwhile
+        wait_for("records fetched ahead", lambda: fetched_ahead(source), 30)
     finally:
         source.close()
     processed = first.processed()
@@ -143,8 +165,7 @@ def test_close_with_records_fetched_ahead_lets_the_next_owner_read_them(kafka_br
     source = open_source(kafka_broker, topic, group, second)
     try:
         poll_until([second], lambda: len(second.processed()) >= 200 - len(processed))
-        time.sleep(0.5)
-        second.poll(0.5)
+        second.poll(1.0)  # nothing more may come
     finally:
         source.close()
     seen = sorted((m.partition, m.offset) for m in processed + second.processed())
@@ -159,7 +180,7 @@ def test_a_rebalance_drops_records_of_revoked_partitions_fetched_ahead(kafka_bro
     a, b = Consumer(), Consumer()
     open_source(kafka_broker, topic, group, a, prefetch=2)
     sources = [a.source]
-    stop = threading.Event()
+    stop, thread = threading.Event(), None
     try:
         poll_until([a], lambda: a.processed())
         open_source(kafka_broker, topic, group, b)
@@ -175,10 +196,9 @@ def test_a_rebalance_drops_records_of_revoked_partitions_fetched_ahead(kafka_bro
         # revoke arrives behind them.
         poll_until([a], lambda: any(e[0] == "revoked" for e in a.events), pause=0.3)
         poll_until([a], lambda: len(a.processed()) + len(b.processed()) >= 2 * per_partition, timeout=90)
-        time.sleep(1.0)
-        a.poll(0.5)
+        a.poll(1.5)  # nothing more may come
     finally:
-        stop.set()
+        stop_polling(stop, thread)
         for source in sources:
             source.close()
     # Exactly once across both owners: what a fetched ahead and dropped, someone read again.
@@ -236,13 +256,13 @@ def test_records_dropped_at_a_revoke_are_read_again_when_the_partition_stays(kaf
     # pieces): a child with its prefetch full stops polling, and would never see the rebalance.
     open_source(kafka_broker, topic, group, a, prefetch=25, client_options={"client_id": "z-member"})
     sources = [a.source]
-    stop = threading.Event()
+    stop, thread = threading.Event(), None
     try:
         poll_until([a], lambda: len(a.processed()) >= 10)
         for i in range(20):  # two batches of partition 1, fetched ahead, not taken yet
             producer.send(topic, value=f"b{i}".encode(), partition=1)
         producer.flush()
-        time.sleep(1.5)
+        wait_for("partition 1 fetched ahead", lambda: fetched_ahead(a.source, partition=1) >= 20, 30)
         open_source(kafka_broker, topic, group, b, client_options={"client_id": "a-member"})
         sources.append(b.source)
         thread = threading.Thread(target=lambda: [b.poll(0.1) for _ in iter(stop.is_set, True)], daemon=True)
@@ -252,10 +272,9 @@ def test_records_dropped_at_a_revoke_are_read_again_when_the_partition_stays(kaf
             assert time.monotonic() < deadline, "no rebalance"
             a.source._read_available(0.2)
         poll_until([a], lambda: len(a.processed()) >= 30)
-        time.sleep(0.5)
-        a.poll(0.5)
+        a.poll(1.0)  # nothing more may come
     finally:
-        stop.set()
+        stop_polling(stop, thread)
         producer.close()
         for source in sources:
             source.close()
@@ -268,7 +287,7 @@ def test_records_dropped_at_a_revoke_are_read_again_when_the_partition_stays(kaf
 
 
 def test_a_worker_whose_consumer_process_dies_stops_and_a_restart_learns_every_record_once(
-    kafka_broker, kafka_names, tmp_path, caplog
+    kafka_broker, kafka_names, tmp_path, caplog, monkeypatch
 ):
     import logging
 
@@ -291,6 +310,7 @@ def test_a_worker_whose_consumer_process_dies_stops_and_a_restart_learns_every_r
         ],
         environ={"STREAM_LEARNER_CHECKPOINT_KEY": KEY},
     )
+    monkeypatch.setenv("STREAM_LEARNER_CHECKPOINT_KEY", KEY)  # run_worker reads the secret from there
     workers = []
 
     def kill_the_consumer_process_mid_stream(worker):

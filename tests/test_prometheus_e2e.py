@@ -17,7 +17,6 @@ import math
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import wait_for
 
 yaml = pytest.importorskip("yaml")
 
@@ -41,10 +41,6 @@ pytestmark = [
     pytest.mark.prometheus,
     pytest.mark.slow,
     pytest.mark.timeout(240),
-    pytest.mark.skipif(
-        shutil.which("prometheus") is None or shutil.which("promtool") is None,
-        reason="Debian's prometheus (server and promtool) is not installed: make system-deps",
-    ),
 ]
 
 POSITIVE = ["good", "great", "excellent", "lovely", "superb", "fine", "happy", "nice", "wonderful", "amazing"]
@@ -120,15 +116,11 @@ class PrometheusServer:
             stdout=subprocess.DEVNULL,
             stderr=self.log_path.open("wb"),
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError("prometheus exited:\n" + self.log_path.read_text()[-3000:])
+        def ready():
             with contextlib.suppress(OSError):
-                if _http(self.url + "/-/ready", timeout=1)[0] == 200:
-                    return
-            time.sleep(0.2)
-        raise RuntimeError("prometheus not ready after 30 s:\n" + self.log_path.read_text()[-3000:])
+                return _http(self.url + "/-/ready", timeout=1)[0] == 200
+
+        wait_for("prometheus /-/ready", ready, 30, log=self.log_path, process=self.process, every=0.2)
 
     def api(self, path: str, **params) -> dict:
         url = f"{self.url}/api/v1/{path}"
@@ -225,17 +217,6 @@ def _start_worker(tmp_path: Path, bootstrap: str, topic: str, metrics_port: int)
     )
 
 
-def _wait(what: str, condition, timeout: float, log: Path | None = None, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(every)
-    tail = log.read_text(errors="replace")[-4000:] if log and log.exists() else ""
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
-
-
 def test_prometheus_scrapes_a_worker_and_every_panel_and_alert_works(tmp_path, broker):
     from kafka import KafkaConsumer, TopicPartition
 
@@ -258,7 +239,7 @@ def test_prometheus_scrapes_a_worker_and_every_panel_and_alert_works(tmp_path, b
                 return _http(worker_url + "/readyz", timeout=1)
             return None
 
-        status, body = _wait("the worker's /readyz", first_readyz, 60, worker_log, every=0.05)
+        status, body = wait_for("the worker's /readyz", first_readyz, 60, worker_log, every=0.05)
         assert status == 503, body
         assert b"no partitions assigned" in body
         assert _http(worker_url + "/healthz")[0] == 200
@@ -267,7 +248,7 @@ def test_prometheus_scrapes_a_worker_and_every_panel_and_alert_works(tmp_path, b
         started = time.time()
 
         # ...and "ready" once the group has assigned them.
-        status, body = _wait(
+        status, body = wait_for(
             "/readyz to turn ready",
             lambda: (lambda r: r if r[0] == 200 else None)(_http(worker_url + "/readyz")),
             60,
@@ -289,7 +270,7 @@ def test_prometheus_scrapes_a_worker_and_every_panel_and_alert_works(tmp_path, b
             phase_one.insert(50 + 40 * j, (topic, f"bad{j}".encode(), raw))
         phase_one.extend(delayed_labels)
         produce_messages(phase_one, bootstrap_servers=broker.bootstrap_servers)
-        _wait(
+        wait_for(
             "phase one to be processed",
             lambda: (prometheus.value("sum(stream_learner_records_total)") or 0) >= len(phase_one),
             60,
@@ -304,7 +285,7 @@ def test_prometheus_scrapes_a_worker_and_every_panel_and_alert_works(tmp_path, b
             phase_two.append((topic, f"r{i}".encode(), json.dumps(record).encode()))
         produce_messages(phase_two, bootstrap_servers=broker.bootstrap_servers)
         total = len(phase_one) + len(phase_two)
-        _wait(
+        wait_for(
             "phase two to be processed",
             lambda: (prometheus.value("sum(stream_learner_records_total)") or 0) >= total,
             60,
@@ -312,7 +293,7 @@ def test_prometheus_scrapes_a_worker_and_every_panel_and_alert_works(tmp_path, b
         )
         # The worker publishes learner stats and lag every 10 s; wait for a report after the
         # drift, and for a checkpoint.
-        _wait(
+        wait_for(
             "learner stats after the drift",
             lambda: all(
                 (prometheus.value(f'stream_learner_learner_records{{learner="{name}"}}') or 0) >= 2 * PHASE
@@ -321,13 +302,19 @@ def test_prometheus_scrapes_a_worker_and_every_panel_and_alert_works(tmp_path, b
             40,
             worker_log,
         )
-        _wait(
+        wait_for(
             "a checkpoint",
             lambda: (prometheus.value("stream_learner_checkpoint_last_success_timestamp_seconds") or 0) > 0,
             30,
             worker_log,
         )
-        time.sleep(3)  # a few more scrapes with everything in place
+        settled = time.time()
+        wait_for(  # a few more scrapes (one a second) with everything in place
+            "three more scrapes",
+            lambda: (prometheus.value('timestamp(up{job="stream-learner"})') or 0) >= settled + 3,
+            30,
+            worker_log,
+        )
         run_seconds = int(time.time() - started) + 5
 
         # Every outcome of every message is accounted for.

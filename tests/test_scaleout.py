@@ -9,14 +9,15 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import psutil
 import pytest
+from helpers import wait_for
 from kafka_helpers import (
     ASSIGNED,
     KEY,
     load_final_state,
+    messages_checkpointed,
     read_topic,
     start_worker_process,
     synthetic_records,
@@ -52,6 +53,12 @@ def _config(client, broker, names, checkpoint_dir, *extra):
     )
 
 
+@pytest.fixture(autouse=True)
+def checkpoint_key(monkeypatch):
+    """run_worker in this process reads the group secret from the environment."""
+    monkeypatch.setenv("STREAM_LEARNER_CHECKPOINT_KEY", KEY)
+
+
 def test_a_late_joiner_continues_from_the_fused_model(kafka_broker, kafka_names, tmp_path, kafka_client):
     """Naive Bayes merges exactly: a worker that joins after another has learned the first
     1,500 records predicts the next 500 exactly as one learner that saw all 2,000."""
@@ -59,7 +66,6 @@ def test_a_late_joiner_continues_from_the_fused_model(kafka_broker, kafka_names,
     topic = f"{kafka_names}-in"
     create_topics(kafka_broker.bootstrap_servers, {topic: 1, f"{topic}.predictions": 1})
     produce_records(records[:1500], bootstrap_servers=kafka_broker.bootstrap_servers, topic=topic)
-    os.environ["STREAM_LEARNER_CHECKPOINT_KEY"] = KEY
     first = _config(kafka_client, kafka_broker, kafka_names, tmp_path / "a", "--worker-id", "a")
     assert run_worker(first) == 0  # learns 1,500, publishes its snapshot on the way out
 
@@ -120,7 +126,8 @@ def test_three_workers_one_killed_nothing_lost_and_they_fuse(kafka_broker, kafka
         for name, process in workers.items():
             wait_for_log(tmp_path / f"{name}.log", ASSIGNED, process=process)
         producer = _produce_in_background(records, kafka_broker, topic, rate=1000)  # records flow for 6 s
-        time.sleep(2.0)
+        # b has a checkpoint (every second) when it dies: it had partitions and records.
+        wait_for("a checkpoint of b", lambda: messages_checkpointed(tmp_path / "b"), 30, tmp_path / "b.log", workers["b"])
         workers["b"].kill()  # SIGKILL mid-stream: no revoke, no final checkpoint
         workers["b"].wait(timeout=10)
         producer.join()
@@ -170,7 +177,14 @@ def test_run_processes_restarts_a_killed_worker_and_loses_nothing(kafka_broker, 
         supervisor = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for_log(log_path, ASSIGNED, count=2, process=supervisor)
-        time.sleep(1.5)
+        # Both workers have checkpointed records (every second) before one is killed.
+        wait_for(
+            "a checkpoint of each worker",
+            lambda: all(messages_checkpointed(tmp_path / "ckpt" / f"worker-{i}") for i in (0, 1)),
+            60,
+            log_path,
+            supervisor,
+        )
         children = psutil.Process(supervisor.pid).children()
         assert len(children) == 2
         children[0].send_signal(signal.SIGKILL)

@@ -60,6 +60,7 @@ candidate_objects = st.fixed_dictionaries(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
 @given(candidate_objects)
 def test_what_the_decoder_accepts_validates_and_what_does_not_validate_is_refused(obj):
@@ -89,6 +90,7 @@ messages = st.one_of(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(messages, min_size=1, max_size=40))
 def test_every_message_the_worker_writes_validates(values):

@@ -23,6 +23,7 @@ from stream_learner.runtime.config import ConfigError, config_from_args, load_co
 PASSWORD = "hunter2-sasl-password"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", ["--sasl-plain-password", "--ssl-password"])
 def test_a_password_given_as_a_flag_is_refused_naming_the_alternatives(flag):
     result = subprocess.run(
@@ -120,6 +121,7 @@ def test_processes_keep_secrets_off_the_workers_command_lines(kafka_broker, kafk
     assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o700
 
 
+@pytest.mark.slow
 def test_without_a_key_the_worker_refuses_unless_it_may_generate_one_outside_the_checkpoints(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_LEARNER_")}
     env.update(XDG_CONFIG_HOME=str(tmp_path / "config"), PYTHONUNBUFFERED="1")

@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import json
 import pickle
-import random
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from river import base
+from worker_helpers import (
+    ENCODE,
+    ExplodingClassifier,
+    drain,
+    make_worker,
+    nb_parameters,
+    partitioned,
+    records,
+)
 
 from stream_learner.core.processor import StreamProcessor
-from stream_learner.core.records import Decoder, Record
-from stream_learner.io.sinks import MemorySink, Outputs, SinkError
+from stream_learner.io.sinks import MemorySink, SinkError
 from stream_learner.io.sources import MemorySource
 from stream_learner.runtime.config import (
     ConfigError,
@@ -22,63 +28,10 @@ from stream_learner.runtime.config import (
     add_config_arguments,
     load_config,
 )
-from stream_learner.runtime.worker import Worker, read_state, run_worker
+from stream_learner.runtime.worker import read_state, run_worker
 from stream_learner.state.checkpoint import CheckpointStore
 
 KEY = b"worker-test-key-0123456789abcdef"
-ENCODE = Decoder().encode
-WORDS = {"pos": ["good", "great", "fine", "love", "nice"], "neg": ["bad", "awful", "hate", "poor", "sad"]}
-
-
-def records(n, seed=0):
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        label = rng.choice(["pos", "neg"])
-        out.append(Record(f"id{i}", " ".join(rng.choice(WORDS[label]) for _ in range(5)), label))
-    return out
-
-
-def partitioned(recs, partitions=2):
-    by_partition = {("in", p): [] for p in range(partitions)}
-    for i, record in enumerate(recs):
-        by_partition[("in", i % partitions)].append(ENCODE(record))
-    return by_partition
-
-
-def make_worker(store=None, processor=None, sink=None, **kwargs):
-    sink = sink or MemorySink()
-    outputs = Outputs(sink, predictions_topic="in.predictions", dead_letter_topic="in.dlq")
-    return Worker(processor or StreamProcessor(["nb"]), outputs, store, **kwargs)
-
-
-def drain(worker, source, max_batches=10_000):
-    worker.source = source
-    for _ in range(max_batches):
-        batch = source.poll(0)
-        if not batch:
-            return
-        worker.process_batch(batch)
-        if worker.checkpoint_due() and worker.checkpoint():
-            worker.commit()
-
-
-def nb_parameters(processor):
-    nb = processor.learners["nb"].steps["MultinomialNB"]
-    return dict(nb.class_counts), {k: dict(v) for k, v in nb.feature_counts.items() if v}
-
-
-class ExplodingClassifier(base.Classifier):
-    """Raises on texts that contain 'boom'; otherwise predicts nothing."""
-
-    def learn_one(self, x, y):
-        if "boom" in x:
-            raise RuntimeError("cannot learn a boom")
-
-    def predict_proba_one(self, x):
-        if "boom" in x:
-            raise ValueError("boom in predict")
-        return {}
 
 
 def test_every_record_gets_a_prediction_and_offsets_point_to_the_next_record(tmp_path):
