@@ -792,6 +792,7 @@ def make_sink(config: WorkerConfig) -> Sink:
             bootstrap_servers=config.bootstrap_servers,
             client_options=config.client_options(),
             truncate_topics=truncate_topics,
+            **_transactional(config),
         )
     from stream_learner.io.sinks import KafkaSink, ProcessSink
 
@@ -800,7 +801,20 @@ def make_sink(config: WorkerConfig) -> Sink:
         bootstrap_servers=config.bootstrap_servers,
         client_options=config.client_options(),
         truncate_topics=truncate_topics,
+        **_transactional(config),
     )
+
+
+def transactional_id(config: WorkerConfig) -> str:
+    """The worker's transactional id: stable across its restarts, so that its producer fences
+    (and aborts the open transaction of) its previous incarnation."""
+    return f"{config.group_id}-{worker_id(config)}"
+
+
+def _transactional(config: WorkerConfig) -> dict:
+    if not config.exactly_once:
+        return {}
+    return {"transactional_id": transactional_id(config), "transaction_timeout": config.transaction_timeout}
 
 
 def make_source(config: WorkerConfig, handler) -> Source:
@@ -821,6 +835,7 @@ def make_source(config: WorkerConfig, handler) -> Source:
         session_timeout_ms=config.session_timeout_ms,
         auto_offset_reset=config.auto_offset_reset,
         client_options=config.client_options(),
+        **({"read_committed": True} if config.exactly_once else {}),
     )
 
 
