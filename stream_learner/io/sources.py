@@ -224,6 +224,7 @@ class KafkaSource:
         self._lock = threading.Lock()
         self._last_contact: float | None = None  # records fetched or offsets committed
         self._paused_any = False  # pause() was used: see _free_parked_records
+        self._in_listener = False  # a rebalance callback runs (on the client's IO thread)
         options = dict(client_options or {})
         # Range assignment gives the same partition numbers of co-partitioned topics (records
         # and their late labels, both keyed by id) to the same worker.
@@ -331,6 +332,10 @@ class KafkaSource:
         from kafka import TopicPartition
         from kafka.structs import OffsetAndMetadata
 
+        if self._in_listener:
+            # A blocking commit cannot run on the IO thread; the rebalance under way is the
+            # group telling us who we are (a member that expired gets on_partitions_lost).
+            return
         wanted = {
             TopicPartition(t, p): OffsetAndMetadata(o, commit_metadata(self.handler), -1)
             for (t, p), o in offsets.items()
@@ -409,7 +414,11 @@ class _Listener(AsyncConsumerRebalanceListener):
         partitions = {(tp.topic, tp.partition) for tp in revoked}
         if not partitions:
             return
-        offsets = self.source.handler.partitions_revoked(partitions)
+        self.source._in_listener = True
+        try:
+            offsets = self.source.handler.partitions_revoked(partitions)
+        finally:
+            self.source._in_listener = False
         by_tp = {tp: offsets[(tp.topic, tp.partition)] for tp in revoked if (tp.topic, tp.partition) in offsets}
         if not by_tp:
             return
@@ -449,7 +458,11 @@ class _Listener(AsyncConsumerRebalanceListener):
         log.info("assigned %s; starting at %s", sorted(by_name), describe_starts(by_name, seeks, reset))
 
     async def on_partitions_lost(self, lost):
-        self.source.handler.partitions_lost({(tp.topic, tp.partition) for tp in lost})
+        self.source._in_listener = True
+        try:
+            self.source.handler.partitions_lost({(tp.topic, tp.partition) for tp in lost})
+        finally:
+            self.source._in_listener = False
 
 
 def commit_metadata(handler) -> str:
