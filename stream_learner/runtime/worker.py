@@ -511,17 +511,17 @@ class Worker:
 
     def _probe_membership(self) -> None:
         """The embedded broker does not fence a stale group member's transactional offsets
-        (no KIP-447): ask the group, with a plain commit of the offsets it already holds,
-        whether we are still a member before committing. Raises TransactionAbortable if not."""
+        (no KIP-447): ask the group whether we are still a member before committing (a source
+        that can: ``probe_membership``). Raises TransactionAbortable if not."""
         probe = getattr(self.source, "probe_membership", None)
         if probe is None:
             return
         from stream_learner.io.retry import transaction_error_kind
 
         try:
-            probe({tp: o for tp, o in self._group_offsets.items() if tp in self.owned})
+            probe()
         except Exception as error:
-            if type(error).__name__ == "CommitFailedError" or transaction_error_kind(error) == "abortable":
+            if transaction_error_kind(error) == "abortable":
                 raise TransactionAbortable(f"the group no longer counts us as a member: {_describe(error)}") from error
             raise SinkError(f"cannot reach the group coordinator: {_describe(error)}") from error
 
