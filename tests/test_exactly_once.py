@@ -304,3 +304,44 @@ def test_a_broker_freeze_mid_transaction_loses_and_repeats_nothing(kafka_names, 
         predictions, dead = committed_outputs(broker, topic, 2)
         assert_each_once(predictions, [r.id for r in records])
         assert_each_once(dead, [key.decode() for _, key, value in messages if value == b"{not json"])
+
+
+def test_the_membership_probe_tells_a_member_the_group_forgot(kafka_broker, kafka_names):
+    """What the worker asks before each commit, since the embedded broker does not check the
+    generation of a TxnOffsetCommit: a heartbeat, answered UNKNOWN_MEMBER_ID for a member the
+    group no longer has (Kafka would refuse the TxnOffsetCommit itself, KIP-447)."""
+    from kafka.coordinator.base import Generation
+    from kafka.errors import UnknownMemberIdError
+
+    from stream_learner.io.sources import KafkaSource
+
+    topic = f"{kafka_names}-in"
+    create_topics(kafka_broker.bootstrap_servers, {topic: 1})
+
+    class Handler:
+        def partitions_assigned(self, partitions, committed):
+            return {}
+
+        def partitions_revoked(self, partitions):
+            return {}
+
+        def partitions_lost(self, partitions):
+            pass
+
+    source = KafkaSource(
+        [topic], bootstrap_servers=kafka_broker.bootstrap_servers, group_id=f"{kafka_names}-group",
+        handler=Handler(), session_timeout_ms=6000,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not source.assignment():
+            assert time.monotonic() < deadline, "no partitions assigned"
+            source.poll(0.2)
+        source.probe_membership()  # a member: nothing raised
+        coordinator = source.consumer._coordinator
+        current = coordinator._generation
+        coordinator._generation = Generation(current.generation_id, "forgotten-member", current.protocol)
+        with pytest.raises(UnknownMemberIdError):
+            source.probe_membership()
+    finally:
+        source.close(timeout=5)
