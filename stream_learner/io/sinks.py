@@ -3,7 +3,8 @@
 A sink sends ``(topic, key, value, headers)`` and, on :meth:`Sink.flush`, confirms that every
 message sent so far has been delivered (raising :class:`SinkError` otherwise). The worker
 commits offsets only after a successful flush, so outputs are at-least-once; they are keyed by
-record id so readers can de-duplicate.
+record id so readers can de-duplicate. A sink built with a transactional id (exactly-once) also
+begins, commits and aborts transactions that hold the outputs and the consumed offsets.
 
 :class:`Outputs` turns processing results into those messages.
 

@@ -15,7 +15,9 @@ or dead-lettered). Every N records or T seconds, on a rebalance and on shutdown,
 
 On start the newest valid checkpoint is loaded and the consumer seeks to its offsets, so after
 a crash the learners continue exactly where the checkpoint left them. Outputs are
-at-least-once (keyed by record id). Bad input is data: every message ends up either handled or
+at-least-once (keyed by record id), or exactly-once with ``--processing-guarantee exactly-once``:
+each cycle is then one Kafka transaction holding the outputs and the offsets, with a pending
+checkpoint made final once it commits (docs/exactly-once.md). Bad input is data: every message ends up either handled or
 in the dead-letter topic with its reason, and its offset is committed like any other.
 
 Rebalances: on revoke the worker checkpoints and commits; on assign it seeks to its
