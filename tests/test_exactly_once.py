@@ -345,3 +345,46 @@ def test_the_membership_probe_tells_a_member_the_group_forgot(kafka_broker, kafk
             source.probe_membership()
     finally:
         source.close(timeout=5)
+
+
+def test_an_oversized_dead_letter_is_truncated_inside_the_transaction(kafka_broker, kafka_names, tmp_path):
+    """A 2 MiB message is over the producer's 1 MiB limit: its dead letter never enters the
+    transaction, and its truncated copy is written in the same transaction instead (Tansu does
+    not enforce ``max.message.bytes``, so the broker-side refusal is not reachable here)."""
+    from kafka import KafkaProducer
+
+    from stream_learner.io.sinks import TRUNCATED_BYTES
+
+    topic = f"{kafka_names}-in"
+    create_topics(kafka_broker.bootstrap_servers, {topic: 1, f"{topic}.predictions": 1, f"{topic}.dlq": 1})
+    good = synthetic_records(100, seed=13)
+    oversized = [b'{"id": "big%d", "text": "' % i + b"x" * (2 * 1024 * 1024) + b'"}' for i in range(3)]
+    values = [Decoder().encode(r) for r in good[:50]] + oversized + [Decoder().encode(r) for r in good[50:]]
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap_servers, max_request_size=4 * 1024 * 1024)
+    try:
+        for i, value in enumerate(values):
+            producer.send(topic, key=f"k{i}".encode(), value=value, partition=0)
+        producer.flush(60)
+    finally:
+        producer.close()
+    config = load_config(
+        [
+            "--topic", topic,
+            "--bootstrap-servers", kafka_broker.bootstrap_servers,
+            "--group-id", f"{kafka_names}-group",
+            "--checkpoint-dir", str(tmp_path / "ckpt"),
+            "--session-timeout-ms", "3000",
+            "--stop-when-idle", "3",
+            "--learners", "nb",
+            *EXACTLY_ONCE,
+        ],
+        environ={"STREAM_LEARNER_CHECKPOINT_KEY": KEY},
+    )
+    os.environ["STREAM_LEARNER_CHECKPOINT_KEY"] = KEY
+    assert run_worker(config) == 0
+    predictions, dead = committed_outputs(kafka_broker, topic, 1)
+    assert_each_once(predictions, [r.id for r in good])
+    copies = read_committed_topic(kafka_broker.bootstrap_servers, f"{topic}.dlq", 1)
+    assert sorted(m.value for m in copies) == sorted(value[:TRUNCATED_BYTES] for value in oversized)
+    assert all(dict(m.headers)["truncated"] == b"true" for m in copies)
+    assert group_committed(kafka_broker, f"{kafka_names}-group", topic, 1) == len(values)
