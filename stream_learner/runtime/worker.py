@@ -1233,6 +1233,8 @@ def _start(config: WorkerConfig, stop: threading.Event, broker, opened: contextl
             return None
         opened.callback(feed.stop)
     try:
+        if config.exactly_once and config.client == "confluent" and not hasattr(_confluent().ConfluentSink, "begin_transaction"):
+            raise _Refused("--processing-guarantee exactly-once is not supported with --client confluent yet")
         sink = _with_retries("producer", lambda: make_sink(config), stop, broker)
     except (ConfigError, ValueError) as error:  # a client that cannot be built as configured
         raise _Refused(str(error)) from None
@@ -1242,10 +1244,10 @@ def _start(config: WorkerConfig, stop: threading.Event, broker, opened: contextl
     owned = {"sink": True}
     opened.callback(lambda: owned["sink"] and sink.close())
     if config.exactly_once:
-        if not callable(getattr(sink, "begin_transaction", None)):
-            raise _Refused(f"--processing-guarantee exactly-once is not supported with --client {config.client} yet")
         # After init_transactions (the sink's): our previous incarnation's transaction has ended.
         settled = _settle_pending(config, store, stop, broker)
+        if settled is False:  # stopped while waiting for the broker
+            return None
         if settled is not None:
             checkpoint = settled
             rewind = store.rewind(checkpoint)
@@ -1329,7 +1331,7 @@ def _restore(config: WorkerConfig, checkpoint):
 def _settle_pending(config: WorkerConfig, store: CheckpointStore, stop: threading.Event, broker=None):
     """Exactly-once start: a pending checkpoint whose transaction offsets equal the group's
     committed ones was committed (mark it final and return it); any other is deleted and the
-    newest final checkpoint stands (None: use what was loaded)."""
+    newest final checkpoint stands (None: use what was loaded). False if stopped meanwhile."""
     pending = store.latest_pending()
     if pending is None:
         return None
@@ -1338,7 +1340,7 @@ def _settle_pending(config: WorkerConfig, store: CheckpointStore, stop: threadin
         "committed offsets", lambda: _committed_offsets(config, set(wanted)), stop, broker
     )
     if committed is None:
-        raise _Refused("stopped while reading the group's committed offsets")
+        return False
     if wanted and committed == wanted:
         final = store.finalize(pending.path)
         log.info("pending checkpoint %s: its transaction committed; it is final", final.name)
