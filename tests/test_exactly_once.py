@@ -105,7 +105,8 @@ def group_committed(broker, group: str, topic: str, partitions: int) -> int:
         consumer.close()
 
 
-def test_a_cycle_commits_outputs_and_offsets_in_one_transaction(kafka_broker, kafka_names, tmp_path):
+@pytest.mark.parametrize("producer", ["producer-process", "in-process"])
+def test_a_cycle_commits_outputs_and_offsets_in_one_transaction(kafka_broker, kafka_names, tmp_path, producer):
     topic = f"{kafka_names}-in"
     create_topics(kafka_broker.bootstrap_servers, {topic: 2, f"{topic}.predictions": 2, f"{topic}.dlq": 1})
     records, messages = stream(topic, 900, seed=1, bad_every=45)
@@ -120,6 +121,7 @@ def test_a_cycle_commits_outputs_and_offsets_in_one_transaction(kafka_broker, ka
             "--stop-when-idle", "3",
             "--learners", "nb",
             "--transaction-every-records", "150",
+            "--producer-process", str(producer == "producer-process"),
             *EXACTLY_ONCE,
         ],
         environ={"STREAM_LEARNER_CHECKPOINT_KEY": KEY},

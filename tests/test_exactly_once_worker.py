@@ -289,14 +289,13 @@ def test_config_exactly_once_options():
          "--transaction-every-seconds", "0.5"],
         environ={},
     )
-    assert config.exactly_once and not config.producer_process
+    assert config.exactly_once and config.producer_process  # the producer process owns the transaction
     assert (config.cycle_records, config.cycle_seconds) == (50, 0.5)
     assert load_config(["--topic", "t"], environ={}).cycle_records == 100_000
     env = load_config(["--topic", "t"], environ={"STREAM_LEARNER_PROCESSING_GUARANTEE": "exactly-once"})
     assert env.exactly_once
     for bad in (
         ["--processing-guarantee", "twice"],
-        ["--processing-guarantee", "exactly-once", "--producer-process", "true"],
         ["--processing-guarantee", "exactly-once", "--consumer-process"],
         ["--processing-guarantee", "exactly-once", "--fusion", "on"],
         ["--transaction-timeout", "0"],
