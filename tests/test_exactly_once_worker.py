@@ -161,7 +161,7 @@ def test_a_worker_the_group_no_longer_counts_as_member_aborts_and_writes_nothing
     recs = records(20, seed=2)
     worker, source, sink, store = setup(tmp_path, recs, every=1000)
     refusals = [UnknownMemberIdError(), IllegalGenerationError()]
-    source.probe_membership = lambda: (_ for _ in ()).throw(refusals.pop(0)) if refusals else None
+    source.probe_membership = lambda timeout: (_ for _ in ()).throw(refusals.pop(0)) if refusals else None
     for _ in range(2):
         worker.process_batch(source.poll(0))
         assert worker.checkpoint() is False
