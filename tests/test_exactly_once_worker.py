@@ -369,3 +369,15 @@ def test_kafka_sink_commits_offsets_in_the_transaction_and_classifies_failures()
     with pytest.raises(TransactionFatal, match="commit_transaction did not finish"):
         sink.commit_transaction({}, "metadata")
     never.set()
+
+
+def test_a_coordinator_that_does_not_answer_postpones_the_commit_without_aborting(tmp_path):
+    recs = records(20, seed=6)
+    worker, source, sink, store = setup(tmp_path, recs, every=1000)
+    answers = [CallTimedOut("membership check did not finish within 10 s")]
+    source.probe_membership = lambda timeout: (_ for _ in ()).throw(answers.pop(0)) if answers else None
+    worker.process_batch(source.poll(0))
+    assert worker.checkpoint() is False
+    assert sink.transaction and sink.aborts == 0 and worker.counts["learned"] == 5  # kept open
+    drain(worker, source)
+    assert sorted(prediction_ids(sink)) == sorted(r.id for r in recs) and sink.aborts == 0
