@@ -16,6 +16,7 @@ Partitions are plain ``(topic, partition)`` tuples.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -93,6 +94,14 @@ class Source(Protocol):
 
     def close(self) -> None: ...
 
+    # Exactly-once (docs/exactly-once.md).
+
+    def group_metadata(self):
+        """The consumer's group membership, for ``Sink.commit_transaction`` (KIP-447)."""
+
+    def seek(self, offsets: Mapping[Partition, int]) -> None:
+        """Read these owned partitions from these offsets next (after an aborted transaction)."""
+
 
 class MemorySource:
     """Messages held in memory, one consumer owning every partition.
@@ -168,6 +177,14 @@ class MemorySource:
     def resume(self, partitions: set[Partition]) -> None:
         self.paused -= set(partitions)
 
+    def group_metadata(self):
+        return ("memory", 0)
+
+    def seek(self, offsets: Mapping[Partition, int]) -> None:
+        if self._positions is None:
+            self._assign()
+        self._positions.update({tp: o for tp, o in offsets.items() if tp in self._positions})
+
     def close(self) -> None:
         if not self.closed and self.handler is not None and self._positions is not None:
             self.commit(self.handler.partitions_revoked(set(self._messages)))
@@ -194,6 +211,7 @@ class KafkaSource:
         session_timeout_ms: int = 10_000,
         auto_offset_reset: str = "earliest",
         client_options: Mapping | None = None,
+        read_committed: bool = False,
     ):
         from kafka import KafkaConsumer
         from kafka.coordinator.assignors.range import RangePartitionAssignor
@@ -207,12 +225,15 @@ class KafkaSource:
         self._lock = threading.Lock()
         self._last_contact: float | None = None  # records fetched or offsets committed
         self._paused_any = False  # pause() was used: see _free_parked_records
+        self._in_listener = False  # a rebalance callback runs (on the client's IO thread)
         options = dict(client_options or {})
         # Range assignment gives the same partition numbers of co-partitioned topics (records
         # and their late labels, both keyed by id) to the same worker.
         options.setdefault("partition_assignment_strategy", [RangePartitionAssignor])
         # The broker may hold an empty fetch this long: it bounds the latency of a quiet stream.
         options.setdefault("fetch_max_wait_ms", 100)
+        if read_committed:  # exactly-once: never learn from an input transaction that may abort
+            options["isolation_level"] = "read_committed"
         self._consumer = KafkaConsumer(
             bootstrap_servers=bootstrap_servers,
             group_id=group_id,
@@ -291,6 +312,39 @@ class KafkaSource:
 
         self._consumer.resume(*(TopicPartition(t, p) for t, p in partitions))
 
+    def group_metadata(self):
+        return self._consumer.group_metadata()
+
+    def seek(self, offsets: Mapping[Partition, int]) -> None:
+        from kafka import TopicPartition
+
+        owned = self.assignment()
+        for (topic, partition), offset in offsets.items():
+            if (topic, partition) in owned:
+                self._consumer.seek(TopicPartition(topic, partition), offset)
+
+    def probe_membership(self, timeout: float = 10.0) -> None:
+        """Ask the group coordinator whether it still counts us as a member of the current
+        generation (a heartbeat, writing nothing); raises UnknownMemberIdError or
+        IllegalGenerationError when it does not. A rebalance under way still counts us in.
+
+        The embedded broker ignores the generation in TxnOffsetCommit (no KIP-447 fencing), so
+        a worker that lost its partitions while paused must find out here, before it commits
+        a transaction. Not from a rebalance callback (the IO thread it would wait on): there
+        the rebalance itself tells (a member that expired gets on_partitions_lost)."""
+        from kafka.errors import RebalanceInProgressError
+
+        from stream_learner.io.retry import call_within
+
+        if self._in_listener:
+            return
+        coordinator = self._consumer._coordinator
+        with contextlib.suppress(RebalanceInProgressError):
+            # Bounded: a broker that does not answer holds it for request_timeout_ms (30 s).
+            call_within(
+                lambda: coordinator._net.run(coordinator._send_heartbeat_request), max(0.1, timeout), "membership check"
+            )
+
     def _free_parked_records(self) -> None:
         # kafka-python 3.0 parks the fetched records of a paused partition and hands them back
         # after resume() only when its in-line slot is None, but leaves a used-up batch there:
@@ -362,7 +416,11 @@ class _Listener(AsyncConsumerRebalanceListener):
         partitions = {(tp.topic, tp.partition) for tp in revoked}
         if not partitions:
             return
-        offsets = self.source.handler.partitions_revoked(partitions)
+        self.source._in_listener = True
+        try:
+            offsets = self.source.handler.partitions_revoked(partitions)
+        finally:
+            self.source._in_listener = False
         by_tp = {tp: offsets[(tp.topic, tp.partition)] for tp in revoked if (tp.topic, tp.partition) in offsets}
         if not by_tp:
             return
@@ -402,7 +460,11 @@ class _Listener(AsyncConsumerRebalanceListener):
         log.info("assigned %s; starting at %s", sorted(by_name), describe_starts(by_name, seeks, reset))
 
     async def on_partitions_lost(self, lost):
-        self.source.handler.partitions_lost({(tp.topic, tp.partition) for tp in lost})
+        self.source._in_listener = True
+        try:
+            self.source.handler.partitions_lost({(tp.topic, tp.partition) for tp in lost})
+        finally:
+            self.source._in_listener = False
 
 
 def commit_metadata(handler) -> str:
