@@ -28,7 +28,7 @@ import time
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Protocol
 
-from stream_learner.io.logs import quiet_kafka_client_logs
+from stream_learner.io.child import spawn, start_child
 from stream_learner.io.retry import Backoff, RateLimitedLog
 from stream_learner.io.sources import Message, Partition
 
@@ -514,21 +514,7 @@ class ProcessSink:
     """
 
     def __init__(self, *, bootstrap_servers: str, client_options: Mapping | None = None, **options):
-        import socket
-        import subprocess
-        import sys
-        from multiprocessing.connection import Connection
-
-        # A plain child interpreter (not multiprocessing's spawn, which re-imports the
-        # caller's __main__) talking over a socket pair.
-        ours, theirs = socket.socketpair()
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "stream_learner.io.sinks", str(theirs.fileno())],
-            pass_fds=(theirs.fileno(),),
-            stdin=subprocess.DEVNULL,
-        )
-        theirs.close()
-        self._conn = Connection(ours.detach())
+        self._process, self._conn = spawn("stream_learner.io.sinks")
         self._pending: list[tuple] = []
         self._output_errors: dict[tuple[str, str], int] = {}
         self.transactional_id = options.get("transactional_id")
@@ -639,20 +625,10 @@ class ProcessSink:
 
 def _producer_process(fd: int) -> None:
     """The child of :class:`ProcessSink`: a KafkaSink driven by messages on a socket."""
-    import signal as signal_module
-    from multiprocessing.connection import Connection
-
-    conn = Connection(fd)
-    try:
-        bootstrap_servers, client_options, options, log_level = conn.recv()
-    except (EOFError, OSError):
+    started = start_child(fd)
+    if started is None:
         return
-
-    # Ctrl-C and SIGTERM are for the worker, which flushes and closes us in order.
-    signal_module.signal(signal_module.SIGINT, signal_module.SIG_IGN)
-    signal_module.signal(signal_module.SIGTERM, signal_module.SIG_IGN)
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    quiet_kafka_client_logs(log_level)  # as the worker does: our log lines say what went wrong
+    conn, (bootstrap_servers, client_options, options, log_level) = started
     try:
         sink = KafkaSink(bootstrap_servers=bootstrap_servers, client_options=client_options, **options)
     except Exception as error:

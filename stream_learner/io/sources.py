@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
-from stream_learner.io.logs import quiet_kafka_client_logs
+from stream_learner.io.child import spawn, start_child
 
 __all__ = [
     "Message",
@@ -548,10 +548,6 @@ class ProcessSource:
         startup_timeout: float = 120.0,
     ):
         import collections
-        import socket
-        import subprocess
-        import sys
-        from multiprocessing.connection import Connection
 
         self.topics = list(topics)
         self.handler = handler
@@ -563,16 +559,7 @@ class ProcessSource:
         self._contact: float | None = None  # when the child's consumer last heard the broker
         self._closed = False
         self._failed: str | None = None
-        # A plain child interpreter (not multiprocessing's spawn, which re-imports the
-        # caller's __main__) talking over a socket pair.
-        ours, theirs = socket.socketpair()
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "stream_learner.io.sources", str(theirs.fileno())],
-            pass_fds=(theirs.fileno(),),
-            stdin=subprocess.DEVNULL,
-        )
-        theirs.close()
-        self._conn = Connection(ours.detach())
+        self._process, self._conn = spawn("stream_learner.io.sources")
         options = {
             "topics": self.topics,
             "bootstrap_servers": bootstrap_servers,
@@ -933,19 +920,10 @@ def _picklable(error: BaseException) -> BaseException:
 
 
 def _consumer_process(fd: int) -> None:
-    import signal as signal_module
-    from multiprocessing.connection import Connection
-
-    conn = Connection(fd)
-    try:
-        options, prefetch, log_level = conn.recv()
-    except (EOFError, OSError):
+    started = start_child(fd)
+    if started is None:
         return
-    # Ctrl-C and SIGTERM are for the worker, which closes us in order.
-    signal_module.signal(signal_module.SIGINT, signal_module.SIG_IGN)
-    signal_module.signal(signal_module.SIGTERM, signal_module.SIG_IGN)
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    quiet_kafka_client_logs(log_level)  # as the worker does: our log lines say what went wrong
+    conn, (options, prefetch, _) = started
     _ConsumerProcess(conn).run(options, prefetch)
 
 
