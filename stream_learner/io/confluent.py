@@ -38,7 +38,14 @@ from stream_learner.io.sources import (
     describe_starts,
 )
 
-__all__ = ["ConfluentSource", "ConfluentSink", "librdkafka_options"]
+__all__ = [
+    "ConfluentSink",
+    "ConfluentSource",
+    "TransactionAbortable",
+    "TransactionFatal",
+    "librdkafka_options",
+    "transaction_error_kind",
+]
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +242,7 @@ class ConfluentSource:
         session_timeout_ms: int = 10_000,
         auto_offset_reset: str = "earliest",
         client_options: Mapping | None = None,
+        isolation_level: str = "read_uncommitted",
     ):
         confluent_kafka = _require()
         options = dict(client_options or {})
@@ -246,8 +254,9 @@ class ConfluentSource:
         bootstrap_timeout = options.get("bootstrap_timeout_ms", 10_000) / 1000.0
         config = {
             "heartbeat.interval.ms": max(100, session_timeout_ms // 5),
-            # kafka-python's default; librdkafka's is read_committed.
-            "isolation.level": "read_uncommitted",
+            # kafka-python's default (librdkafka's is read_committed); exactly-once reads
+            # read_committed, so that it never learns from an aborted upstream transaction.
+            "isolation.level": isolation_level,
             # Every second, how long since each broker last sent us anything: broker_contact.
             "statistics.interval.ms": 1000,
             "stats_cb": self._on_stats,
@@ -482,6 +491,13 @@ class ConfluentSource:
     def assignment(self) -> set[Partition]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
 
+    def group_metadata(self):
+        """The consumer group's metadata (member id, generation) for
+        :meth:`ConfluentSink.commit_transaction`: Kafka refuses offsets of a member that is
+        no longer in the group, which fences a worker that lost its partitions (Tansu does not
+        check it: docs/exactly-once.md)."""
+        return self._consumer.consumer_group_metadata()
+
     def lag(self, positions: Mapping[Partition, int]) -> dict[Partition, int]:
         from confluent_kafka import TopicPartition
 
@@ -557,6 +573,74 @@ def _producer_broken_codes() -> frozenset:
     return frozenset(getattr(KafkaError, name) for name in names if hasattr(KafkaError, name))
 
 
+class TransactionAbortable(SinkError):
+    """The open transaction cannot commit (a delivery failed, the group moved on): call
+    ``abort_transaction()`` and process its records again."""
+
+
+class TransactionFatal(SinkError):
+    """The transactional producer cannot go on (fenced by a newer producer with its
+    transactional id, or a transaction call did not complete within its bound): exit; the
+    restart's ``init_transactions`` and checkpoint recovery decide what was committed."""
+
+
+def transaction_error_kind(error) -> str:
+    """``"fatal"``, ``"abortable"`` or ``"retriable"`` for a librdkafka transaction error.
+
+    PRODUCER_FENCED is fatal even when librdkafka flags it abortable: Tansu answers a fenced
+    Produce with it (Kafka: INVALID_PRODUCER_EPOCH, abortable, then PRODUCER_FENCED on EndTxn,
+    fatal), and the abort that would follow never gets an answer. An error of no class
+    (``_STATE``, ``_CONFLICT``: a call the transaction's state does not allow) is fatal too.
+
+    >>> from confluent_kafka import KafkaError
+    >>> transaction_error_kind(KafkaError(KafkaError._TIMED_OUT, retriable=True))
+    'retriable'
+    >>> transaction_error_kind(KafkaError(KafkaError.PRODUCER_FENCED, txn_requires_abort=True))
+    'fatal'
+    >>> transaction_error_kind(KafkaError(KafkaError._CONFLICT))
+    'fatal'
+    """
+    if error.fatal() or error.code() in _fenced_codes():
+        return "fatal"
+    if error.txn_requires_abort():
+        return "abortable"
+    if error.retriable():
+        return "retriable"
+    return "fatal"
+
+
+@functools.cache
+def _fenced_codes() -> frozenset:
+    from confluent_kafka import KafkaError
+
+    return frozenset({KafkaError.PRODUCER_FENCED, KafkaError._FENCED})
+
+
+# A transaction call waits at most this long before it is called again (and a warning says
+# so): the whole call stays bounded by the transaction timeout.
+_TRANSACTION_CALL_SLICE = 5.0
+
+
+def _transactional_config(transactional_id: str, timeout: float, config: Mapping) -> dict:
+    """The producer properties of the transactional mode.
+
+    >>> _transactional_config("g-w1", 30.0, {"message.timeout.ms": 120_000})
+    {'transactional.id': 'g-w1', 'transaction.timeout.ms': 30000, 'message.timeout.ms': 30000, 'socket.timeout.ms': 30000}
+    """
+    timeout_ms = int(timeout * 1000)
+    if timeout_ms < 1000:
+        raise ValueError(f"the transaction timeout must be at least 1 s, not {timeout} s")
+    return {
+        "transactional.id": transactional_id,
+        "transaction.timeout.ms": timeout_ms,
+        # librdkafka refuses a message timeout longer than the transaction's.
+        "message.timeout.ms": min(int(config.get("message.timeout.ms", timeout_ms)), timeout_ms),
+        # A transaction request (AddOffsetsToTxn) waits for its answer this long whatever the
+        # call's timeout: keep every call within the transaction's bound.
+        "socket.timeout.ms": min(int(config.get("socket.timeout.ms", 60_000)), timeout_ms),
+    }
+
+
 class ConfluentSink:
     """An idempotent confluent-kafka producer that re-sends what failed until it is confirmed.
 
@@ -575,6 +659,14 @@ class ConfluentSink:
     A ``partition_hint`` (the input partition) picks the output partition, as in
     :class:`~stream_learner.io.sinks.KafkaSink`; without one, keys are partitioned by murmur2 as
     kafka-python and the Java client do (librdkafka's default hash differs).
+
+    With a ``transactional_id`` (``--processing-guarantee exactly-once``) it is a transactional
+    producer: outputs are sent between :meth:`begin_transaction` and :meth:`commit_transaction`,
+    which commits them together with the consumed offsets, and nothing is re-sent (a failed
+    delivery makes the transaction abortable: :class:`TransactionAbortable`). Every
+    transaction call is bounded by ``transaction_timeout`` seconds (also the broker's
+    ``transaction.timeout.ms``), retried within it while librdkafka says retriable (a commit
+    across a broker freeze), and raises :class:`TransactionFatal` beyond it or when fenced.
     """
 
     def __init__(
@@ -585,6 +677,8 @@ class ConfluentSink:
         linger_ms: int = 20,
         batch_size: int = 256 * 1024,
         truncate_topics: Collection[str] = (),
+        transactional_id: str | None = None,
+        transaction_timeout: float = 60.0,
     ):
         confluent_kafka = _require()
         options = dict(client_options or {})
@@ -602,6 +696,11 @@ class ConfluentSink:
             "error_cb": self._on_error,
             "logger": _LIBRDKAFKA_LOG,
         }
+        if transactional_id is not None:
+            config.update(_transactional_config(transactional_id, transaction_timeout, config))
+        self._transactional = transactional_id is not None
+        self._transaction_timeout = transaction_timeout
+        self._in_transaction = False
         self._startup_errors: list | None = []
         try:
             self._producer = confluent_kafka.Producer(config)
@@ -617,6 +716,9 @@ class ConfluentSink:
         self._unconfirmed: list[list] = []
         self._partitions: dict[str, int] = {}
         self._fatal = None
+        if self._transactional:
+            # First: fences our previous incarnation and aborts the transaction it left open.
+            self._call("init_transactions", self._producer.init_transactions)
 
     def _on_error(self, error) -> None:
         if self._startup_errors is not None:
@@ -631,7 +733,11 @@ class ConfluentSink:
         self._pending.append((topic, key, value, list(headers), partition_hint))
 
     def dispatch(self) -> None:
-        if self._fatal is not None:
+        if self._transactional:
+            self._raise_if_broken()
+            if self._pending and not self._in_transaction:
+                self.begin_transaction()
+        elif self._fatal is not None:
             self._replace_producer()
         pending, self._pending = self._pending, []
         for message in pending:
@@ -662,7 +768,9 @@ class ConfluentSink:
                 entry[1] = True
                 return
             entry[1] = error
-            if error.fatal() or error.code() in _producer_broken_codes():
+            # In a transaction only a fenced producer is beyond repair: the rest aborts it.
+            broken = _fenced_codes() if self._transactional else _producer_broken_codes()
+            if error.fatal() or error.code() in broken:
                 self._fatal = error
 
         try:
@@ -689,6 +797,9 @@ class ConfluentSink:
                 entry[1] = RuntimeError("not sent")
 
     def flush(self, timeout: float) -> None:
+        if self._transactional:
+            self._flush_transactional(timeout)
+            return
         self.dispatch()
         deadline = time.monotonic() + timeout
         while True:
@@ -738,4 +849,123 @@ class ConfluentSink:
         return self._refusals.take()
 
     def close(self, timeout: float = 10.0) -> None:
+        if self._transactional and self._in_transaction:
+            # Never commit here: the worker commits with its offsets. What is open is aborted
+            # (by the broker at our successor's init_transactions if this abort fails).
+            try:
+                self.abort_transaction()
+            except SinkError as error:
+                log.warning("could not abort the open transaction at close: %s", error)
         self._producer.flush(timeout)
+
+    # -- transactions (exactly-once) --------------------------------------------------
+
+    def begin_transaction(self) -> None:
+        """Start the transaction of a cycle (a no-op when one is open)."""
+        if self._in_transaction:
+            return
+        self._raise_if_broken()
+        from confluent_kafka import KafkaException
+
+        try:
+            self._producer.begin_transaction()
+        except KafkaException as exception:
+            self._raise_transaction_error("begin_transaction", exception.args[0])
+        self._in_transaction = True
+
+    def commit_transaction(self, offsets: Mapping[Partition, int], group_metadata, metadata: str = "") -> None:
+        """Commit the outputs sent since :meth:`begin_transaction` and, in the same
+        transaction, ``offsets`` (the next offset of each input partition) as the consumer
+        group's (``group_metadata``: ``ConfluentSource.group_metadata()``).
+
+        Returns once the broker has committed. Raises :class:`TransactionAbortable` (call
+        :meth:`abort_transaction`) or :class:`TransactionFatal`; a commit that timed out is
+        called again until ``transaction_timeout`` has passed since this call, then fatal
+        (whether it committed is then told by the group's committed offsets at restart).
+        """
+        from confluent_kafka import TopicPartition
+
+        if not self._in_transaction:
+            if not offsets and not self._pending:
+                return
+            self.begin_transaction()
+        self.dispatch()
+        self._handle_refused()  # refused by the client at produce(): never in the transaction
+        deadline = time.monotonic() + self._transaction_timeout
+        if offsets:
+            wanted = [TopicPartition(t, p, o, metadata) for (t, p), o in offsets.items()]
+            self._call(
+                "send_offsets_to_transaction",
+                lambda timeout: self._producer.send_offsets_to_transaction(wanted, group_metadata, timeout),
+                deadline,
+            )
+        # librdkafka's commit flushes first, and fails (abortable) if any output failed.
+        self._call("commit_transaction", self._producer.commit_transaction, deadline)
+        self._in_transaction = False
+        self._unconfirmed.clear()
+
+    def abort_transaction(self) -> None:
+        """Abort the open transaction: its outputs (sent or not) and offsets are dropped.
+        Raises :class:`TransactionFatal` when even the abort fails (fenced, or no answer
+        within ``transaction_timeout``)."""
+        self._pending.clear()
+        if not self._in_transaction:
+            return
+        self._raise_if_broken()  # a fenced producer's abort is never answered on Tansu
+        try:
+            self._call("abort_transaction", self._producer.abort_transaction)
+        finally:
+            self._unconfirmed.clear()
+        self._in_transaction = False
+
+    def _flush_transactional(self, timeout: float) -> None:
+        """Hand the outputs to the broker within ``timeout``; a failed one makes the
+        transaction abortable (never re-sent: the transaction is all or nothing)."""
+        self.dispatch()
+        remaining = self._producer.flush(timeout)
+        self._raise_if_broken()
+        self._handle_refused()
+        if any(entry[1] is None for entry in self._unconfirmed):  # truncated copies just sent
+            remaining = self._producer.flush(timeout)
+        failed = [entry[1] for entry in self._unconfirmed if entry[1] is not True and entry[1] is not None]
+        if failed:
+            raise TransactionAbortable(f"{len(failed)} outputs were not delivered ({_text(failed[0])})")
+        if remaining:
+            raise SinkError(f"{remaining} outputs not confirmed within {timeout:.0f} s")
+        self._unconfirmed.clear()
+
+    def _raise_if_broken(self) -> None:
+        if self._fatal is not None:
+            error = self._fatal
+            raise TransactionFatal(f"transactional producer: {error.str()}")
+
+    def _call(self, what: str, call, deadline: float | None = None) -> None:
+        """``call(timeout)``, again while librdkafka says retriable, until ``deadline``."""
+        from confluent_kafka import KafkaException
+
+        if deadline is None:
+            deadline = time.monotonic() + self._transaction_timeout
+        while True:
+            started = time.monotonic()
+            remaining = deadline - started
+            try:
+                call(max(0.1, min(remaining, _TRANSACTION_CALL_SLICE)))
+                return
+            except KafkaException as exception:
+                error = exception.args[0]
+            if transaction_error_kind(error) != "retriable":
+                self._raise_transaction_error(what, error)
+            if time.monotonic() >= deadline:
+                raise TransactionFatal(
+                    f"{what} did not complete within the transaction timeout "
+                    f"({self._transaction_timeout:.0f} s): {error.str()}"
+                )
+            log.warning("%s: %s; calling it again (%.0f s left)", what, error.str(), deadline - time.monotonic())
+            time.sleep(max(0.0, min(0.5 - (time.monotonic() - started), deadline - time.monotonic())))  # no spinning
+
+    def _raise_transaction_error(self, what: str, error) -> None:
+        kind = transaction_error_kind(error)
+        if kind == "abortable":
+            raise TransactionAbortable(f"{what}: {error.str()} (the transaction must be aborted)")
+        self._fatal = self._fatal or error
+        raise TransactionFatal(f"{what}: {error.name()}: {error.str()}")
