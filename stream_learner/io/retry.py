@@ -29,11 +29,14 @@ from typing import TypeVar
 
 __all__ = [
     "Backoff",
+    "CallTimedOut",
     "FatalBrokerError",
     "RateLimitedLog",
     "auth_failure",
+    "call_within",
     "is_fatal",
     "retry",
+    "transaction_error_kind",
     "watch_kafka_python_auth",
 ]
 
@@ -299,3 +302,101 @@ class RateLimitedLog:
 
     def warning(self, key: str, message: str, *args) -> bool:
         return self.log(logging.WARNING, key, message, *args)
+
+
+# -- transactions: which errors end the producer, which only the transaction -----------------
+
+# kafka-python error classes after which the transactional producer is unusable: another
+# instance with our transactional id took over (fenced), or the broker cannot do transactions.
+_KAFKA_PYTHON_TRANSACTION_FATAL = frozenset({
+    "ProducerFencedError",
+    "InvalidProducerEpochError",
+    "TransactionalIdAuthorizationFailedError",
+    "UnsupportedVersionError",
+    "UnsupportedForMessageFormatError",
+    "InvalidTxnStateError",
+    "IllegalStateError",
+})
+# Abortable: the transaction cannot commit, the producer can begin another one (KIP-447's stale
+# consumer generation, a lost member, a refused record).
+_KAFKA_PYTHON_TRANSACTION_ABORTABLE = frozenset({
+    "CommitFailedError",
+    "IllegalGenerationError",
+    "UnknownMemberIdError",
+    "FencedInstanceIdError",
+    "RebalanceInProgressError",
+    "MessageSizeTooLargeError",
+    "RecordListTooLargeError",
+    "InvalidRecordError",
+    "OutOfOrderSequenceNumberError",
+    "UnknownProducerIdError",
+    "KafkaTimeoutError",
+})
+
+
+def transaction_error_kind(error: BaseException) -> str:
+    """``"fatal"`` (the producer is fenced or unusable: exit, the restart recovers),
+    ``"abortable"`` (abort the transaction and redo the cycle) or ``"retriable"`` (call the
+    same step again), for either client.
+
+    kafka-python wraps the error that put the producer in its error state into a plain
+    ``KafkaError("Cannot execute transactional method because we are in an error state")``:
+    its cause decides. librdkafka says it itself (``fatal()``, ``txn_requires_abort()``,
+    ``retriable()``).
+
+    >>> from kafka.errors import ProducerFencedError, CommitFailedError
+    >>> transaction_error_kind(ProducerFencedError()), transaction_error_kind(CommitFailedError())
+    ('fatal', 'abortable')
+    """
+    inner = _librdkafka_error(error)
+    if inner is not None and hasattr(inner, "fatal"):
+        try:
+            if inner.fatal():
+                return "fatal"
+            if inner.txn_requires_abort():
+                return "abortable"
+            if inner.retriable():
+                return "retriable"
+        except Exception:
+            return "fatal"
+        return "abortable"
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        names = {cls.__name__ for cls in type(error).__mro__}
+        if names & _KAFKA_PYTHON_TRANSACTION_FATAL or is_fatal(error):
+            return "fatal"
+        if names & _KAFKA_PYTHON_TRANSACTION_ABORTABLE:
+            return "abortable"
+        text = str(error)
+        if "ProducerFenced" in text or "InvalidProducerEpoch" in text:
+            return "fatal"
+        error = error.__cause__ or error.__context__
+    # "in an error state" without a known cause, or anything unexpected: start afresh.
+    return "fatal"
+
+
+class CallTimedOut(TimeoutError):
+    """:func:`call_within` gave up waiting; the call may still be running in its thread."""
+
+
+def call_within(call: Callable[[], T], seconds: float, what: str) -> T:
+    """``call()`` in a daemon thread, waited for at most ``seconds``: for client calls that
+    have no timeout of their own (kafka-python's ``commit_transaction`` blocks for ever on a
+    broker that never answers). Raises :class:`CallTimedOut` past it, or what ``call`` raised."""
+    outcome: dict[str, object] = {}
+
+    def run():
+        try:
+            outcome["value"] = call()
+        except BaseException as error:  # handed to the caller's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name=f"stream-learner-{what}", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise CallTimedOut(f"{what} did not finish within {seconds:.0f} s")
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome.get("value")  # type: ignore[return-value]

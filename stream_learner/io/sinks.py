@@ -9,7 +9,7 @@ record id so readers can de-duplicate.
 
 >>> sink = MemorySink()
 >>> outputs = Outputs(sink, predictions_topic="reviews.predictions", dead_letter_topic="reviews.dlq")
->>> from stream_learner.io.sources import Message
+>>> from stream_learner.io.sources import Message, Partition
 >>> outputs.dead_letter(Message("reviews", 0, 7, b"k", b"\\xff"), "invalid_utf8", "bad byte")
 >>> topic, key, value, headers = sink.sent[0]
 >>> topic, key, value, dict(headers)["reason"]
@@ -29,10 +29,10 @@ from typing import Any, Protocol
 
 from stream_learner.io.logs import quiet_kafka_client_logs
 from stream_learner.io.retry import Backoff, RateLimitedLog
-from stream_learner.io.sources import Message
+from stream_learner.io.sources import Message, Partition
 
 __all__ = [
-    "Sink", "SinkError", "MemorySink", "KafkaSink", "ProcessSink", "Outputs", "output_refusal", "truncated_copy",
+    "Sink", "SinkError", "TransactionAbortable", "TransactionFatal", "MemorySink", "KafkaSink", "ProcessSink", "Outputs", "output_refusal", "truncated_copy",
 ]
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,17 @@ class SinkError(ConnectionError):
     """Outputs could not be confirmed as delivered (they are kept and sent again)."""
 
 
+class TransactionAbortable(SinkError):
+    """The open transaction cannot commit (a stale group generation, a refused output): abort
+    it; the producer can begin another."""
+
+
+class TransactionFatal(RuntimeError):
+    """The transactional producer is fenced (another instance took its transactional id) or a
+    commit or abort did not end within ``--transaction-timeout``: the worker exits, and its
+    restart recovers from the checkpoints (docs/exactly-once.md)."""
+
+
 class Sink(Protocol):
     def send(
         self, topic: str, key: bytes | None, value: bytes, headers: Headers = (), partition_hint: int | None = None
@@ -172,6 +183,19 @@ class Sink(Protocol):
     def take_output_errors(self) -> dict[tuple[str, str], int]:
         """Outputs refused for good since the last call, by ``(topic, reason)``."""
 
+    # Exactly-once (a sink built with a transactional id; docs/exactly-once.md). Errors:
+    # TransactionAbortable (abort and redo the cycle) or TransactionFatal (exit).
+
+    def begin_transaction(self) -> None:
+        """Every output sent from now on belongs to one transaction."""
+
+    def commit_transaction(self, offsets: Mapping[Partition, int], group_metadata) -> None:
+        """Send ``offsets`` (the next offsets of the consumed partitions) to the transaction
+        with the consumer's ``group_metadata``, then commit outputs and offsets atomically."""
+
+    def abort_transaction(self) -> None:
+        """Abort the open transaction; its outputs, sent or not, are never read_committed."""
+
 
 class MemorySink:
     """Keeps what was sent, in order: ``sent`` is a list of ``(topic, key, value, headers)``."""
@@ -179,11 +203,15 @@ class MemorySink:
     def __init__(self):
         self.sent: list[tuple[str, bytes | None, bytes, tuple[tuple[str, bytes], ...]]] = []
         self.flushes = 0
+        self.transaction: list | None = None  # the open transaction's outputs
+        self.committed_offsets: dict[Partition, int] = {}
+        self.commits = self.aborts = 0
+        self.fail_commit: BaseException | None = None  # raised by the next commit (tests)
 
     def send(
         self, topic: str, key: bytes | None, value: bytes, headers: Headers = (), partition_hint: int | None = None
     ) -> None:
-        self.sent.append((topic, key, value, tuple(headers)))
+        (self.sent if self.transaction is None else self.transaction).append((topic, key, value, tuple(headers)))
 
     def dispatch(self) -> None:
         pass
@@ -196,6 +224,29 @@ class MemorySink:
 
     def take_output_errors(self) -> dict[tuple[str, str], int]:
         return {}
+
+    # A transaction in memory: ``sent`` holds only committed outputs, ``committed_offsets``
+    # the offsets committed with them.
+
+    def begin_transaction(self) -> None:
+        if self.transaction is not None:
+            raise RuntimeError("a transaction is already open")
+        self.transaction = []
+
+    def commit_transaction(self, offsets: Mapping[Partition, int], group_metadata) -> None:
+        if self.transaction is None:
+            raise RuntimeError("no transaction to commit")
+        if self.fail_commit is not None:
+            error, self.fail_commit = self.fail_commit, None
+            raise error
+        self.sent.extend(self.transaction)
+        self.committed_offsets.update(offsets)
+        self.transaction = None
+        self.commits += 1
+
+    def abort_transaction(self) -> None:
+        self.transaction = None
+        self.aborts += 1
 
     def on(self, topic: str) -> list[tuple[bytes | None, bytes, tuple]]:
         return [(key, value, headers) for t, key, value, headers in self.sent if t == topic]
@@ -226,6 +277,8 @@ class KafkaSink:
         linger_ms: int = 20,
         batch_size: int = 256 * 1024,
         truncate_topics: Collection[str] = (),
+        transactional_id: str | None = None,
+        transaction_timeout: float = 60.0,
     ):
         from kafka import KafkaProducer
 
@@ -234,17 +287,29 @@ class KafkaSink:
         watch_kafka_python_auth()
         self._refusals = _Refusals(truncate_topics)
         self._backoff = Backoff(0.1, 2.0, jitter="decorrelated")  # at least 0.1 s between re-sends
+        self.transactional_id = transactional_id
+        self.transaction_timeout = transaction_timeout
+        self._in_transaction = False
         self._producer = KafkaProducer(
             bootstrap_servers=bootstrap_servers,
             enable_idempotence=True,
             acks="all",
             linger_ms=linger_ms,
             batch_size=batch_size,
+            **({} if transactional_id is None else {"transactional_id": transactional_id}),
             **dict(client_options or {}),
         )
         self._pending: list[tuple] = []
         self._unconfirmed: list[tuple[tuple, Any]] = []
         self._partitions: dict[str, int] = {}
+        if transactional_id is not None:
+            try:
+                # Fences our previous incarnation and aborts the transaction it left open
+                # (bounded by the producer's max_block_ms: KafkaTimeoutError, retried).
+                self._producer.init_transactions()
+            except Exception:
+                self._producer.close(timeout=1.0)
+                raise
 
     def send(
         self, topic: str, key: bytes | None, value: bytes, headers: Headers = (), partition_hint: int | None = None
@@ -279,6 +344,9 @@ class KafkaSink:
             return error
 
     def flush(self, timeout: float) -> None:
+        if self._in_transaction:
+            self._flush_transaction(timeout)
+            return
         self.dispatch()
         deadline = time.monotonic() + timeout
         while True:
@@ -315,8 +383,85 @@ class KafkaSink:
     def take_output_errors(self) -> dict[tuple[str, str], int]:
         return self._refusals.take()
 
+    # -- transactions (a transactional_id was given) ------------------------------------------
+
+    def begin_transaction(self) -> None:
+        try:
+            self._producer.begin_transaction()
+        except Exception as error:
+            _raise_transaction_error("begin", error)
+        self._in_transaction = True
+
+    def _flush_transaction(self, timeout: float) -> None:
+        """Confirm delivery inside the transaction. Nothing is re-sent: a failed output fails
+        the transaction (TransactionAbortable, or TransactionFatal when fenced); a broker that
+        does not answer in time raises SinkError and leaves the transaction open."""
+        self.dispatch()
+        try:
+            self._producer.flush(timeout=max(0.1, timeout))
+        except Exception as error:
+            raise SinkError(f"outputs not confirmed within {timeout:.0f} s: {error}") from None
+        for message, future in self._unconfirmed:
+            error = future if isinstance(future, Exception) else future.exception if future.failed() else None
+            if error is not None:
+                _raise_if_fatal(error)
+                if output_refusal(error) is not None:
+                    self._refusals._count(message[0], output_refusal(error))
+                _raise_transaction_error(f"output to {message[0]}", error)
+            if not isinstance(future, Exception) and not future.is_done:
+                raise SinkError("outputs not confirmed yet")
+        self._unconfirmed.clear()
+
+    def commit_transaction(self, offsets: Mapping[Partition, int], group_metadata) -> None:
+        from kafka import TopicPartition
+        from kafka.structs import OffsetAndMetadata
+
+        from stream_learner.io.retry import CallTimedOut, call_within
+
+        self._flush_transaction(self.transaction_timeout)
+        wanted = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+        try:
+            if wanted:
+                call_within(
+                    lambda: self._producer.send_offsets_to_transaction(wanted, group_metadata),
+                    self.transaction_timeout, "send_offsets_to_transaction",
+                )
+            # kafka-python's commit has no timeout, and a fenced producer's EndTxn gets no
+            # answer from the embedded broker (tests/test_broker_transactions.py).
+            call_within(self._producer.commit_transaction, self.transaction_timeout, "commit_transaction")
+        except CallTimedOut as error:
+            raise TransactionFatal(f"{error} (--transaction-timeout)") from None
+        except Exception as error:
+            _raise_transaction_error("commit", error)
+        self._in_transaction = False
+
+    def abort_transaction(self) -> None:
+        from stream_learner.io.retry import CallTimedOut, call_within
+
+        self._pending.clear()
+        self._unconfirmed.clear()
+        if not self._in_transaction:
+            return
+        try:
+            call_within(self._producer.abort_transaction, self.transaction_timeout, "abort_transaction")
+        except CallTimedOut as error:
+            raise TransactionFatal(f"{error} (--transaction-timeout)") from None
+        except Exception as error:  # an abort that fails leaves nothing to retry with
+            raise TransactionFatal(f"abort: {_error_text(error)}") from error
+        self._in_transaction = False
+
     def close(self, timeout: float = 10.0) -> None:
         self._producer.close(timeout=timeout)
+
+
+def _raise_transaction_error(step: str, error: BaseException):
+    """Raise ``error`` as TransactionAbortable or TransactionFatal (io/retry.py decides)."""
+    from stream_learner.io.retry import transaction_error_kind
+
+    kind = transaction_error_kind(error)
+    if kind == "fatal":
+        raise TransactionFatal(f"{step}: {_error_text(error)}") from error
+    raise TransactionAbortable(f"{step}: {_error_text(error)}") from error
 
 
 class ProcessSink:

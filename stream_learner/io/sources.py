@@ -93,6 +93,14 @@ class Source(Protocol):
 
     def close(self) -> None: ...
 
+    # Exactly-once (docs/exactly-once.md).
+
+    def group_metadata(self):
+        """The consumer's group membership, for ``Sink.commit_transaction`` (KIP-447)."""
+
+    def seek(self, offsets: Mapping[Partition, int]) -> None:
+        """Read these owned partitions from these offsets next (after an aborted transaction)."""
+
 
 class MemorySource:
     """Messages held in memory, one consumer owning every partition.
@@ -168,6 +176,14 @@ class MemorySource:
     def resume(self, partitions: set[Partition]) -> None:
         self.paused -= set(partitions)
 
+    def group_metadata(self):
+        return ("memory", 0)
+
+    def seek(self, offsets: Mapping[Partition, int]) -> None:
+        if self._positions is None:
+            self._assign()
+        self._positions.update({tp: o for tp, o in offsets.items() if tp in self._positions})
+
     def close(self) -> None:
         if not self.closed and self.handler is not None and self._positions is not None:
             self.commit(self.handler.partitions_revoked(set(self._messages)))
@@ -194,6 +210,7 @@ class KafkaSource:
         session_timeout_ms: int = 10_000,
         auto_offset_reset: str = "earliest",
         client_options: Mapping | None = None,
+        read_committed: bool = False,
     ):
         from kafka import KafkaConsumer
         from kafka.coordinator.assignors.range import RangePartitionAssignor
@@ -207,12 +224,15 @@ class KafkaSource:
         self._lock = threading.Lock()
         self._last_contact: float | None = None  # records fetched or offsets committed
         self._paused_any = False  # pause() was used: see _free_parked_records
+        self._in_listener = False  # a rebalance callback runs (on the client's IO thread)
         options = dict(client_options or {})
         # Range assignment gives the same partition numbers of co-partitioned topics (records
         # and their late labels, both keyed by id) to the same worker.
         options.setdefault("partition_assignment_strategy", [RangePartitionAssignor])
         # The broker may hold an empty fetch this long: it bounds the latency of a quiet stream.
         options.setdefault("fetch_max_wait_ms", 100)
+        if read_committed:  # exactly-once: never learn from an input transaction that may abort
+            options["isolation_level"] = "read_committed"
         self._consumer = KafkaConsumer(
             bootstrap_servers=bootstrap_servers,
             group_id=group_id,
@@ -291,6 +311,38 @@ class KafkaSource:
 
         self._consumer.resume(*(TopicPartition(t, p) for t, p in partitions))
 
+    def group_metadata(self):
+        return self._consumer.group_metadata()
+
+    def seek(self, offsets: Mapping[Partition, int]) -> None:
+        from kafka import TopicPartition
+
+        owned = self.assignment()
+        for (topic, partition), offset in offsets.items():
+            if (topic, partition) in owned:
+                self._consumer.seek(TopicPartition(topic, partition), offset)
+
+    def probe_membership(self, offsets: Mapping[Partition, int]) -> None:
+        """Commit ``offsets`` (the ones the group already holds: a no-op) to learn whether the
+        group still counts us as a member; raises (CommitFailedError) when it does not.
+
+        The embedded broker ignores the generation in TxnOffsetCommit (no KIP-447 fencing) but
+        checks the member id of a plain OffsetCommit: a worker that lost its partitions while
+        paused finds out here, before it commits a transaction."""
+        from kafka import TopicPartition
+        from kafka.structs import OffsetAndMetadata
+
+        if self._in_listener:
+            # A blocking commit cannot run on the IO thread; the rebalance under way is the
+            # group telling us who we are (a member that expired gets on_partitions_lost).
+            return
+        wanted = {
+            TopicPartition(t, p): OffsetAndMetadata(o, commit_metadata(self.handler), -1)
+            for (t, p), o in offsets.items()
+        }
+        if wanted:
+            self._consumer.commit(wanted, timeout_ms=self.commit_timeout_ms)
+
     def _free_parked_records(self) -> None:
         # kafka-python 3.0 parks the fetched records of a paused partition and hands them back
         # after resume() only when its in-line slot is None, but leaves a used-up batch there:
@@ -362,7 +414,11 @@ class _Listener(AsyncConsumerRebalanceListener):
         partitions = {(tp.topic, tp.partition) for tp in revoked}
         if not partitions:
             return
-        offsets = self.source.handler.partitions_revoked(partitions)
+        self.source._in_listener = True
+        try:
+            offsets = self.source.handler.partitions_revoked(partitions)
+        finally:
+            self.source._in_listener = False
         by_tp = {tp: offsets[(tp.topic, tp.partition)] for tp in revoked if (tp.topic, tp.partition) in offsets}
         if not by_tp:
             return
@@ -402,7 +458,11 @@ class _Listener(AsyncConsumerRebalanceListener):
         log.info("assigned %s; starting at %s", sorted(by_name), describe_starts(by_name, seeks, reset))
 
     async def on_partitions_lost(self, lost):
-        self.source.handler.partitions_lost({(tp.topic, tp.partition) for tp in lost})
+        self.source._in_listener = True
+        try:
+            self.source.handler.partitions_lost({(tp.topic, tp.partition) for tp in lost})
+        finally:
+            self.source._in_listener = False
 
 
 def commit_metadata(handler) -> str:

@@ -37,6 +37,7 @@ __all__ = [
 
 ENV_PREFIX = "STREAM_LEARNER_"
 CLIENTS = ("kafka-python", "confluent")
+GUARANTEES = ("at-least-once", "exactly-once")
 
 
 class ConfigError(ValueError):
@@ -124,6 +125,10 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("label_ttl", _optional_float, "seconds a record waits for its label (none: forever)"),
     _Option("max_classes", int, "most classes the learners learn; a record with a label past them is dead-lettered (too_many_classes)"),
     _Option("seed", int, "random seed of the learners"),
+    _Option("processing_guarantee", str, "at-least-once | exactly-once: with exactly-once, each cycle's predictions, dead letters, drift events and consumed offsets are written in one Kafka transaction, with a checkpoint that agrees with it (kafka-python: the producer runs in the worker's process)"),
+    _Option("transaction_every_records", _optional_int, "exactly-once: end the transaction (and checkpoint) after this many records (default: --checkpoint-every-records)"),
+    _Option("transaction_every_seconds", _optional_float, "exactly-once: end the transaction (and checkpoint) after this many seconds; outputs become visible to read_committed readers then (default: --checkpoint-every-seconds)"),
+    _Option("transaction_timeout", float, "exactly-once: seconds a transaction's commit or abort may take; past it the worker exits non-zero and its restart recovers (a fenced or frozen broker may never answer)"),
     _Option("checkpoint_dir", Path, "checkpoint directory (one per worker)"),
     _Option("checkpoint_every_records", int, "checkpoint after this many records"),
     _Option("checkpoint_every_seconds", float, "checkpoint after this many seconds"),
@@ -196,6 +201,10 @@ class WorkerConfig:
     label_ttl: float | None = 3600.0
     max_classes: int = 500
     seed: int = 0
+    processing_guarantee: str = "at-least-once"
+    transaction_every_records: int | None = None  # None: checkpoint_every_records
+    transaction_every_seconds: float | None = None  # None: checkpoint_every_seconds
+    transaction_timeout: float = 60.0
     checkpoint_dir: Path = Path("checkpoints")
     # A 2^18-bucket numpy model pickles to ~70 MB: checkpoint by time, with a record cap.
     checkpoint_every_records: int = 100_000
@@ -287,9 +296,47 @@ class WorkerConfig:
             raise ConfigError("broker_liveness_timeout must be at least broker_timeout (or none)")
         if self.auto_offset_reset not in ("earliest", "latest"):
             raise ConfigError("auto_offset_reset must be earliest or latest")
+        self._check_processing_guarantee()
         outputs = {self.predictions_topic, self.dead_letter_topic, self.drift_topic} - {None}
         if outputs & set(self.input_topics):
             raise ConfigError("an output topic is also an input topic: the worker would read its own output")
+
+    def _check_processing_guarantee(self) -> None:
+        if self.processing_guarantee not in GUARANTEES:
+            raise ConfigError(f"processing_guarantee must be one of {', '.join(GUARANTEES)}, not {self.processing_guarantee!r}")
+        if self.transaction_timeout <= 0:
+            raise ConfigError("transaction_timeout must be positive")
+        if self.transaction_every_records is not None and self.transaction_every_records < 1:
+            raise ConfigError("transaction_every_records must be at least 1 (or none)")
+        if self.transaction_every_seconds is not None and self.transaction_every_seconds <= 0:
+            raise ConfigError("transaction_every_seconds must be positive (or none)")
+        if not self.exactly_once:
+            return
+        # The transaction's producer must see every output and the consumer's group metadata.
+        if self.producer_process or self.consumer_process:
+            raise ConfigError(
+                "exactly-once needs the producer and the consumer in the worker's process: "
+                "give --producer-process false and leave --consumer-process off"
+            )
+        if self.fusion_rules is not None:
+            raise ConfigError("exactly-once does not support --fusion yet: snapshots are written outside the transactions")
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.processing_guarantee == "exactly-once"
+
+    @property
+    def cycle_records(self) -> int:
+        """Records per cycle (checkpoint, and in exactly-once mode transaction)."""
+        if self.exactly_once and self.transaction_every_records is not None:
+            return self.transaction_every_records
+        return self.checkpoint_every_records
+
+    @property
+    def cycle_seconds(self) -> float:
+        if self.exactly_once and self.transaction_every_seconds is not None:
+            return self.transaction_every_seconds
+        return self.checkpoint_every_seconds
 
     @property
     def fusion_rules(self) -> dict[str, str] | None:
@@ -454,6 +501,8 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         except (TypeError, ValueError) as error:
             shown = "***" if option.secret else repr(raw)
             raise ConfigError(f"{where}: bad value {shown}: {error}") from None
+    if values.get("processing_guarantee") == "exactly-once" and "producer_process" not in values:
+        values["producer_process"] = False  # the transaction's producer lives in the worker's process
     if "topics" not in values:
         raise ConfigError("no input topic: give --topic (or STREAM_LEARNER_TOPICS, or topics in the config file)")
     for name in ("sasl_plain_password", "ssl_password"):

@@ -48,7 +48,7 @@ from stream_learner.core.processor import LearnerFailure, Outcome, RecordRejecte
 from stream_learner.core.records import DecodeError, Decoder, Reason, Record
 from stream_learner.io.logs import quiet_kafka_client_logs
 from stream_learner.io.retry import Backoff, FatalBrokerError, fatal_message, is_fatal, retry
-from stream_learner.io.sinks import Outputs, Sink, SinkError
+from stream_learner.io.sinks import Outputs, Sink, SinkError, TransactionAbortable, TransactionFatal
 from stream_learner.io.sources import Message, Partition, Source, SourceError, SourceUnavailable
 from stream_learner.learners.registry import LearnerError, check_learner
 from stream_learner.runtime.config import (
@@ -132,6 +132,8 @@ class Worker:
         name: str = "",
         rewind: Mapping[Partition, int] | None = None,
         loaded_sequence: int = 0,
+        exactly_once: bool = False,
+        reload: Callable[[], tuple] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.processor = processor
@@ -179,6 +181,12 @@ class Worker:
         self.loaded_sequence = loaded_sequence
         self.saved_sequence = loaded_sequence
         self.started: dict[Partition, int] = {}  # where this worker began reading a partition
+        # Exactly-once (docs/exactly-once.md): each cycle is one transaction of the sink.
+        self.exactly_once = exactly_once
+        self.reload = reload  # () -> (processor, offsets, counts) of the last final checkpoint
+        self._transaction_open = False
+        self._group_offsets: dict[Partition, int] = {}  # what the group holds for owned partitions
+        self._replay_until: dict[Partition, int] = {}  # below it, outputs were committed already
 
     # -- one message ---------------------------------------------------------------------
 
@@ -237,8 +245,18 @@ class Worker:
             self.event_times[message.tp] = when
         return when
 
+    def _replayed(self, message: Message) -> bool:
+        """Exactly-once: a record whose outputs a committed transaction already holds (re-read
+        after falling back to an older checkpoint): learned again, not written again."""
+        until = self._replay_until.get(message.tp)
+        return until is not None and message.offset < until
+
     def _emit(self, message: Message, record: Record, result, started: float) -> None:
         self.counts[str(result.outcome)] += 1
+        if self._replay_until and self._replayed(message):
+            for event in result.drift_events:
+                self.metrics.drift_detected(event.learner, event.detector, event.time)
+            return
         if result.prediction is not None and result.outcome in (Outcome.LEARNED, Outcome.PREDICTED):
             self.outputs.prediction(
                 record.id,
@@ -292,7 +310,8 @@ class Worker:
         return record
 
     def _dead_letter(self, message: Message, reason, detail: str) -> None:
-        self.outputs.dead_letter(message, str(reason), detail)
+        if not (self._replay_until and self._replayed(message)):
+            self.outputs.dead_letter(message, str(reason), detail)
         self.counts["dead_lettered"] += 1
         self.counts[f"dead_lettered:{reason}"] += 1
         self.metrics.dead_lettered(str(reason))
@@ -303,6 +322,9 @@ class Worker:
         started = time.perf_counter()
         before = collections.Counter(self.counts)
         predictions_before = self.outputs.predictions
+        if self.exactly_once and messages and not self._transaction_open:
+            self.outputs.sink.begin_transaction()  # TransactionFatal: the worker exits
+            self._transaction_open = True
         size = self.mini_batch if self.mini_batch > 1 else None
         if self.fusion is None and size is None:
             for message in messages:
@@ -351,6 +373,8 @@ class Worker:
         """Flush outputs, save a checkpoint, commit. False (state kept) if any step failed."""
         if self.fatal_error is not None:  # the producer was refused for good: the worker is stopping
             return False
+        if self.exactly_once:
+            return self._end_transaction(reason)
         started = time.perf_counter()
         if self._flush_abandoned:
             return False  # the broker is away and the shutdown is bounded: do not wait again
@@ -398,6 +422,160 @@ class Worker:
             self.publish_snapshots(full=True)
             self.publish_tombstones()
         return True
+
+    # -- exactly-once: one transaction per cycle (docs/exactly-once.md) ----------------------
+
+    def _end_transaction(self, reason: str) -> bool:
+        """Flush the transaction's outputs, check that the group still has us, save the
+        checkpoint as pending, commit outputs and offsets in the transaction, mark the
+        checkpoint final. False when postponed (the transaction stays open) or aborted."""
+        if not self._transaction_open:  # nothing read since the last cycle
+            self._since_checkpoint = 0
+            self._last_checkpoint = self.clock()
+            return True
+        if self._flush_abandoned:
+            return False
+        if self._deadline is not None and self._time_for(self.flush_timeout) <= 0:
+            log.warning("transaction (%s) not committed: no time left within --shutdown-timeout", reason)
+            return False
+        started = time.perf_counter()
+        sink = self.outputs.sink
+        offsets = {tp: o for tp, o in self.offsets.items() if tp in self.owned}
+        try:
+            try:
+                sink.flush(self._time_for(self.flush_timeout))
+            finally:
+                self._count_output_errors()
+            self._probe_membership()
+        except TransactionAbortable as error:
+            return self._abort_transaction(reason, error)
+        except SinkError as error:  # the broker is slow or away: the transaction stays open
+            return self._postpone(reason, error)
+        path = None
+        if self.store is not None:
+            try:
+                path = self.store.save(
+                    self.state(),
+                    self.offsets,
+                    info={
+                        "reason": reason,
+                        "messages": self.counts["messages"],
+                        "worker": self.name,
+                        "transaction": getattr(sink, "transactional_id", None),
+                        "transaction_offsets": [[t, p, o] for (t, p), o in sorted(offsets.items())],
+                    },
+                    started=self.started,
+                    pending=True,
+                )
+            except Exception as error:  # disk full, ...: keep the transaction open, retry
+                log.error("checkpoint (%s) failed, transaction kept open, will retry: %s", reason, _describe(error))
+                self.metrics.checkpoint_failed()
+                return False
+        try:
+            sink.commit_transaction(offsets, self.source.group_metadata() if self.source is not None else None)
+        except TransactionAbortable as error:
+            if path is not None:
+                self.store.discard(path)
+            return self._abort_transaction(reason, error)
+        except SinkError as error:
+            if path is not None:
+                self.store.discard(path)
+            return self._postpone(reason, error)
+        except TransactionFatal as error:
+            # The pending checkpoint stays: the restart compares its offsets with the group's.
+            self.fatal_error = error
+            self.metrics.checkpoint_failed()
+            raise
+        self._transaction_open = False
+        if path is not None:
+            try:
+                final = self.store.finalize(path)
+            except OSError as error:  # committed, yet not final on disk: the restart settles it
+                self.fatal_error = TransactionFatal(f"cannot mark checkpoint {path.name} final: {error}")
+                raise self.fatal_error from error
+            self.saved_sequence = self.store.last_sequence
+            log.debug("transaction committed with checkpoint %s (%s)", final.name, reason)
+            self.metrics.checkpoint_succeeded(time.perf_counter() - started, time.time())
+        self._group_offsets.update(offsets)
+        self._checkpointed_offsets = dict(self.offsets)
+        self._since_checkpoint = 0
+        self._last_checkpoint = self.clock()
+        return True
+
+    def _postpone(self, reason: str, error: BaseException) -> bool:
+        if self.broker is not None:
+            self.broker.failed("output flush", error)
+        log.warning("transaction (%s) not committed yet, kept open: %s", reason, error)
+        self.metrics.checkpoint_failed()
+        return False
+
+    def _probe_membership(self) -> None:
+        """The embedded broker does not fence a stale group member's transactional offsets
+        (no KIP-447): ask the group, with a plain commit of the offsets it already holds,
+        whether we are still a member before committing. Raises TransactionAbortable if not."""
+        probe = getattr(self.source, "probe_membership", None)
+        if probe is None:
+            return
+        from stream_learner.io.retry import transaction_error_kind
+
+        try:
+            probe({tp: o for tp, o in self._group_offsets.items() if tp in self.owned})
+        except Exception as error:
+            if type(error).__name__ == "CommitFailedError" or transaction_error_kind(error) == "abortable":
+                raise TransactionAbortable(f"the group no longer counts us as a member: {_describe(error)}") from error
+            raise SinkError(f"cannot reach the group coordinator: {_describe(error)}") from error
+
+    def _abort_transaction(self, reason: str, error, *, restore: bool = True) -> bool:
+        """Abort the open transaction; the learners go back to the last final checkpoint and
+        its records are read again (their outputs were just aborted)."""
+        log.warning("transaction aborted (%s): %s; re-processing from the last checkpoint", reason, error)
+        try:
+            self.outputs.sink.abort_transaction()
+        except TransactionFatal as fatal:
+            self.fatal_error = fatal
+            raise
+        finally:
+            self._transaction_open = False
+        self.metrics.checkpoint_failed()
+        if restore:
+            self._restore_last_checkpoint()
+        return False
+
+    def _restore_last_checkpoint(self) -> None:
+        if self.reload is None:
+            self.fatal_error = TransactionFatal("transaction aborted and no checkpoint to restore the learners from")
+            raise self.fatal_error
+        processor, offsets, counts = self.reload()
+        self.processor = processor
+        self.counts = collections.Counter(counts)
+        self.offsets = dict(offsets)
+        restart = {}
+        for tp in self.owned:
+            mine, group = offsets.get(tp), self._group_offsets.get(tp)
+            if mine is None or (tp in self._handed_over and group is not None and group > mine):
+                mine = group if group is not None else self.started.get(tp, 0)
+            restart[tp] = self.offsets[tp] = mine
+            if group is not None and mine < group:
+                self._replay_until[tp] = group
+        self._checkpointed_offsets = dict(self.offsets)
+        self._since_checkpoint = 0
+        self._last_checkpoint = self.clock()
+        if self.source is not None and restart:
+            self.source.seek(restart)
+        log.info("learners restored to the last checkpoint; reading again from %s", restart)
+
+    def _end_or_abort(self, reason: str) -> bool:
+        """Commit the open transaction, or abort it: never leave one open when partitions go.
+        Runs inside the consumer's rebalance callbacks too, where an exception would be lost:
+        a fatal one is kept in ``fatal_error`` for the loop to raise."""
+        try:
+            if self.checkpoint(reason):
+                return True
+            if self._transaction_open and self.fatal_error is None:
+                self._abort_transaction(reason, "the transaction could not commit")
+        except TransactionFatal as error:
+            self.fatal_error = error
+        return False
 
     def _count_output_errors(self) -> None:
         """Outputs the broker refused for good (dropped, or truncated dead letters)."""
@@ -460,7 +638,7 @@ class Worker:
 
     def commit(self) -> None:
         """Commit the checkpointed offsets of the partitions we own (never more)."""
-        if self.source is None:
+        if self.source is None or self.exactly_once:  # exactly-once: the transaction commits them
             return
         offsets = {tp: o for tp, o in self._checkpointed_offsets.items() if tp in self.owned}
         try:
@@ -501,12 +679,17 @@ class Worker:
     def partitions_revoked(self, partitions: set[Partition]) -> dict[Partition, int]:
         if self.broker is not None:
             self.broker.contact()  # a rebalance is the broker talking
-        saved = self.checkpoint("revoke")
+        saved = self._end_or_abort("revoke") if self.exactly_once else self.checkpoint("revoke")
         self.owned -= partitions
         self._handed_over |= partitions
         for topic, partition in partitions:
             self.metrics.forget_partition(topic, partition)
         self._owned_changed()
+        if self.exactly_once:
+            for tp in partitions:
+                self._group_offsets.pop(tp, None)
+                self._replay_until.pop(tp, None)
+            return {}  # their offsets went with the transaction
         if not saved:
             return {}  # outputs unconfirmed: let the next owner re-read rather than skip
         return {tp: self._checkpointed_offsets[tp] for tp in partitions if tp in self._checkpointed_offsets}
@@ -541,7 +724,23 @@ class Worker:
             else:
                 seeks[tp] = mine  # the checkpoint is the source of truth
             self.offsets[tp] = seeks[tp]
+        if self.exactly_once:
+            self._note_group_offsets(partitions, committed, seeks)
         return seeks
+
+    def _note_group_offsets(self, partitions, committed, seeks) -> None:
+        """Exactly-once: what the group holds for new partitions, and which records below it
+        are re-read (an older checkpoint than the last committed transaction was loaded)."""
+        for tp in partitions:
+            theirs = committed.get(tp)
+            start = seeks.get(tp, self.offsets.get(tp, self.started.get(tp)))
+            self._group_offsets[tp] = theirs if theirs is not None else (start or 0)
+            if theirs is not None and start is not None and start < theirs:
+                self._replay_until[tp] = theirs
+                log.warning(
+                    "%s[%d]: re-learning offsets %d to %d without writing their outputs again "
+                    "(committed transactions hold them)", tp[0], tp[1], start, theirs,
+                )
 
     def _rewind_to(self, tp: Partition, metadata: str | None) -> int | None:
         """Where to re-read a partition the loaded checkpoint lacks, or None (not needed)."""
@@ -560,6 +759,16 @@ class Worker:
         self.owned -= partitions
         self._handed_over |= partitions
         self._owned_changed()
+        if self.exactly_once:
+            if self._transaction_open and self.fatal_error is None:
+                # Another worker owns them now: nothing of ours may commit.
+                try:
+                    self._abort_transaction("lost", "the group took our partitions")
+                except TransactionFatal as error:
+                    self.fatal_error = error
+            for tp in partitions:
+                self._group_offsets.pop(tp, None)
+                self._replay_until.pop(tp, None)
 
     def _owned_changed(self) -> None:
         self.metrics.set_assigned_partitions(len(self.owned))
@@ -614,6 +823,8 @@ class Worker:
                 stop.wait(delay)
                 continue
             backoff.reset()
+            if self.fatal_error is not None:  # set inside a rebalance callback
+                raise self.fatal_error
             if self.readiness is not None:
                 self.readiness.broker_reachable = True
             if heartbeat is not None:
@@ -702,7 +913,10 @@ class Worker:
         sink; every step within ``deadline`` (a ``time.monotonic()`` time; None: unbounded)."""
         self._stopping = True
         self._deadline = deadline
-        ok = self.checkpoint("shutdown")
+        if self.exactly_once:
+            ok = self._end_or_abort_at_shutdown()
+        else:
+            ok = self.checkpoint("shutdown")
         if ok:
             self.commit()
         else:
@@ -714,6 +928,19 @@ class Worker:
         finally:
             _close_within(sink, None if deadline is None else deadline - time.monotonic())
         return ok
+
+    def _end_or_abort_at_shutdown(self) -> bool:
+        """Commit the last transaction, else abort it (an open one would hold read_committed
+        readers until our restart); a fatal error leaves it to the restart."""
+        try:
+            if self.checkpoint("shutdown"):
+                return True
+            if self._transaction_open and self.fatal_error is None:
+                self._abort_transaction("shutdown", "the transaction could not commit", restore=False)
+        except TransactionFatal as error:
+            self.fatal_error = error
+            log.error("%s", error)
+        return False
 
     def _report(self, source: Source) -> None:
         try:
@@ -792,6 +1019,7 @@ def make_sink(config: WorkerConfig) -> Sink:
             bootstrap_servers=config.bootstrap_servers,
             client_options=config.client_options(),
             truncate_topics=truncate_topics,
+            **_transactional(config),
         )
     from stream_learner.io.sinks import KafkaSink, ProcessSink
 
@@ -800,7 +1028,20 @@ def make_sink(config: WorkerConfig) -> Sink:
         bootstrap_servers=config.bootstrap_servers,
         client_options=config.client_options(),
         truncate_topics=truncate_topics,
+        **_transactional(config),
     )
+
+
+def transactional_id(config: WorkerConfig) -> str:
+    """The worker's transactional id: stable across its restarts, so that its producer fences
+    (and aborts the open transaction of) its previous incarnation."""
+    return f"{config.group_id}-{worker_id(config)}"
+
+
+def _transactional(config: WorkerConfig) -> dict:
+    if not config.exactly_once:
+        return {}
+    return {"transactional_id": transactional_id(config), "transaction_timeout": config.transaction_timeout}
 
 
 def make_source(config: WorkerConfig, handler) -> Source:
@@ -821,6 +1062,7 @@ def make_source(config: WorkerConfig, handler) -> Source:
         session_timeout_ms=config.session_timeout_ms,
         auto_offset_reset=config.auto_offset_reset,
         client_options=config.client_options(),
+        **({"read_committed": True} if config.exactly_once else {}),
     )
 
 
@@ -917,6 +1159,9 @@ def run_worker(
         except FatalBrokerError as error:  # credentials or permissions: restarting cannot help
             log.error("%s", error)
             fatal = True
+        except TransactionFatal as error:  # fenced, or a commit that never ended: restart recovers
+            log.error("exactly-once: %s; exiting (a restart recovers from the checkpoints)", error)
+            source_failed = True
         finally:
             watchdog.arm()  # also when the loop ended by itself (idle, a dead consumer process)
             clean = worker.shutdown(source, sink, deadline=watchdog.deadline)
@@ -994,6 +1239,15 @@ def _start(config: WorkerConfig, stop: threading.Event, broker, opened: contextl
     # The worker's shutdown closes the sink once it owns it; until then, closing is ours.
     owned = {"sink": True}
     opened.callback(lambda: owned["sink"] and sink.close())
+    if config.exactly_once:
+        if not callable(getattr(sink, "begin_transaction", None)):
+            raise _Refused(f"--processing-guarantee exactly-once is not supported with --client {config.client} yet")
+        # After init_transactions (the sink's): our previous incarnation's transaction has ended.
+        settled = _settle_pending(config, store, stop, broker)
+        if settled is not None:
+            checkpoint = settled
+            rewind = store.rewind(checkpoint)
+            processor, offsets, counts, _ = _restore(config, checkpoint)
     worker = Worker(
         processor,
         Outputs(
@@ -1006,8 +1260,8 @@ def _start(config: WorkerConfig, stop: threading.Event, broker, opened: contextl
         decoder=config.decoder(),
         offsets=offsets,
         counts=counts,
-        checkpoint_every_records=config.checkpoint_every_records,
-        checkpoint_every_seconds=config.checkpoint_every_seconds,
+        checkpoint_every_records=config.cycle_records,
+        checkpoint_every_seconds=config.cycle_seconds,
         metrics=metrics,
         readiness=readiness,
         broker=broker,
@@ -1019,6 +1273,8 @@ def _start(config: WorkerConfig, stop: threading.Event, broker, opened: contextl
         name=worker_id(config),
         rewind=rewind,
         loaded_sequence=checkpoint.sequence if checkpoint is not None else 0,
+        exactly_once=config.exactly_once,
+        reload=lambda: _restore(config, store.load_latest())[:3],
     )
     try:
         if _with_retries("topics", lambda: _ensure_input_topics(config), stop, broker) is None:
@@ -1066,6 +1322,48 @@ def _restore(config: WorkerConfig, checkpoint):
     counts = state.get("counts", {})
     log.info("resuming after %d messages", counts.get("messages", 0))
     return processor, checkpoint.offsets, counts, state.get("fusion")
+
+
+def _settle_pending(config: WorkerConfig, store: CheckpointStore, stop: threading.Event, broker=None):
+    """Exactly-once start: a pending checkpoint whose transaction offsets equal the group's
+    committed ones was committed (mark it final and return it); any other is deleted and the
+    newest final checkpoint stands (None: use what was loaded)."""
+    pending = store.latest_pending()
+    if pending is None:
+        return None
+    wanted = {(t, int(p)): int(o) for t, p, o in pending.info.get("transaction_offsets", [])}
+    committed = _with_retries(
+        "committed offsets", lambda: _committed_offsets(config, set(wanted)), stop, broker
+    )
+    if committed is None:
+        raise _Refused("stopped while reading the group's committed offsets")
+    if wanted and committed == wanted:
+        final = store.finalize(pending.path)
+        log.info("pending checkpoint %s: its transaction committed; it is final", final.name)
+        return dataclasses.replace(pending, path=final)
+    store.discard(pending.path)
+    log.warning(
+        "pending checkpoint %s discarded: its transaction did not commit (group offsets %s, "
+        "transaction's %s); its records are processed again",
+        pending.path.name, committed, wanted,
+    )
+    return None
+
+
+def _committed_offsets(config: WorkerConfig, partitions) -> dict[Partition, int | None]:
+    """The group's committed offsets, read without joining it (kafka-python, whatever --client)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(
+        bootstrap_servers=config.bootstrap_servers,
+        group_id=config.group_id,
+        enable_auto_commit=False,
+        **config.client_options(),
+    )
+    try:
+        return {(t, p): consumer.committed(TopicPartition(t, p)) for t, p in partitions}
+    finally:
+        consumer.close()
 
 
 def _ensure_input_topics(config: WorkerConfig) -> bool:

@@ -81,6 +81,9 @@ IDENTITY_NAME = "store-id"
 _HEADER = struct.Struct(">32s32sI")
 _NAME = re.compile(r"^ckpt-(\d{12})\.slck$")
 _CORRUPT = re.compile(r"^ckpt-(\d{12})\.slck(\.\d+)?\.corrupt$")
+# Exactly-once: a checkpoint written before its transaction commits; renamed to ckpt-N.slck
+# (final) once it has, deleted if it did not (docs/exactly-once.md). Never loaded as final.
+_PENDING = re.compile(r"^ckpt-(\d{12})\.pending$")
 
 
 class CheckpointError(Exception):
@@ -283,8 +286,52 @@ class CheckpointStore:
         """Corrupt checkpoints moved aside (kept for inspection; never loaded)."""
         return sorted(path for path in self.directory.iterdir() if _CORRUPT.match(path.name))
 
+    def pending_paths(self) -> list[Path]:
+        """Pending checkpoints (exactly-once: written, their transaction not known committed), oldest first."""
+        found = []
+        for path in self.directory.iterdir():
+            match = _PENDING.match(path.name)
+            if match:
+                found.append((int(match.group(1)), path))
+        return [path for _, path in sorted(found)]
+
+    def latest_pending(self) -> Checkpoint | None:
+        """The newest pending checkpoint newer than every final one, or None. Older or damaged
+        pending files are deleted (they can never become final)."""
+        newest_final = max((int(_NAME.match(p.name).group(1)) for p in self.paths()), default=0)
+        found = None
+        for path in reversed(self.pending_paths()):
+            if found is None and int(_PENDING.match(path.name).group(1)) > newest_final:
+                try:
+                    found = self.read(path)
+                    continue
+                except CheckpointCorrupt as error:
+                    log.error("damaged pending checkpoint deleted: %s", error)
+            self.discard(path)
+        return found
+
+    def finalize(self, path: str | os.PathLike) -> Path:
+        """Mark a pending checkpoint final (its transaction committed): an atomic rename."""
+        path = Path(path)
+        match = _PENDING.match(path.name)
+        if match is None:
+            raise ValueError(f"{path} is not a pending checkpoint")
+        final = path.with_name(f"ckpt-{match.group(1)}.slck")
+        os.replace(path, final)
+        fsync_directory(self.directory)
+        self.last_sequence = int(match.group(1))
+        for old in self.paths()[: -self.keep]:
+            old.unlink(missing_ok=True)
+        return final
+
+    def discard(self, path: str | os.PathLike) -> None:
+        """Delete a pending checkpoint whose transaction did not commit."""
+        Path(path).unlink(missing_ok=True)
+        fsync_directory(self.directory)
+
     def _highest_sequence(self) -> int:
         numbers = [int(_NAME.match(p.name).group(1)) for p in self.paths()]
+        numbers += [int(_PENDING.match(p.name).group(1)) for p in self.pending_paths()]
         numbers += [int(_CORRUPT.match(p.name).group(1)) for p in self.corrupt_paths()]
         manifest = self.manifest()
         if manifest is not None:
@@ -298,8 +345,10 @@ class CheckpointStore:
         info: Mapping[str, Any] | None = None,
         *,
         started: Mapping[tuple[str, int], int] | None = None,
+        pending: bool = False,
     ) -> Path:
-        """Write a new checkpoint atomically (temp file, fsync, rename, fsync dir).
+        """Write a new checkpoint atomically (temp file, fsync, rename, fsync dir); with
+        ``pending`` as ``ckpt-N.pending``, final only after :meth:`finalize`.
 
         ``started`` is, per partition, the offset where this worker began reading it (for
         :meth:`rewind`; a partition missing from it began at offset 0). The manifest is
@@ -326,8 +375,10 @@ class CheckpointStore:
             signature.update(part)
 
         self._record_in_manifest(sequence, offsets, started or {})
-        path = self.directory / f"ckpt-{sequence:012d}.slck"
+        path = self.directory / f"ckpt-{sequence:012d}.{'pending' if pending else 'slck'}"
         atomic_write(path, [MAGIC + digest.digest() + signature.digest(), parts[1], parts[2]])
+        if pending:
+            return path
         self.last_sequence = sequence
         for old in self.paths()[: -self.keep]:
             old.unlink(missing_ok=True)
