@@ -27,7 +27,15 @@ from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from stream_learner.io.retry import Backoff, FatalBrokerError, fatal_message, is_fatal
-from stream_learner.io.sinks import Headers, SinkError, _raise_if_fatal, _Refusals, output_refusal
+from stream_learner.io.sinks import (
+    Headers,
+    SinkError,
+    TransactionAbortable,
+    TransactionFatal,
+    _raise_if_fatal,
+    _Refusals,
+    output_refusal,
+)
 from stream_learner.io.sources import (
     Message,
     Partition,
@@ -41,8 +49,6 @@ from stream_learner.io.sources import (
 __all__ = [
     "ConfluentSink",
     "ConfluentSource",
-    "TransactionAbortable",
-    "TransactionFatal",
     "librdkafka_options",
     "transaction_error_kind",
 ]
@@ -242,7 +248,7 @@ class ConfluentSource:
         session_timeout_ms: int = 10_000,
         auto_offset_reset: str = "earliest",
         client_options: Mapping | None = None,
-        isolation_level: str = "read_uncommitted",
+        read_committed: bool = False,
     ):
         confluent_kafka = _require()
         options = dict(client_options or {})
@@ -256,7 +262,7 @@ class ConfluentSource:
             "heartbeat.interval.ms": max(100, session_timeout_ms // 5),
             # kafka-python's default (librdkafka's is read_committed); exactly-once reads
             # read_committed, so that it never learns from an aborted upstream transaction.
-            "isolation.level": isolation_level,
+            "isolation.level": "read_committed" if read_committed else "read_uncommitted",
             # Every second, how long since each broker last sent us anything: broker_contact.
             "statistics.interval.ms": 1000,
             "stats_cb": self._on_stats,
@@ -498,6 +504,38 @@ class ConfluentSource:
         check it: docs/exactly-once.md)."""
         return self._consumer.consumer_group_metadata()
 
+    def seek(self, offsets: Mapping[Partition, int]) -> None:
+        """Read these owned partitions from these offsets next (after an aborted transaction);
+        librdkafka drops what it fetched ahead for them."""
+        from confluent_kafka import KafkaException, TopicPartition
+
+        owned = self.assignment()
+        for (topic, partition), offset in offsets.items():
+            if (topic, partition) not in owned:
+                continue
+            deadline = time.monotonic() + 10.0
+            while True:
+                try:
+                    self._consumer.seek(TopicPartition(topic, partition, offset))
+                    break
+                except KafkaException as error:
+                    # _STATE: a partition just assigned whose fetcher has not started yet.
+                    if time.monotonic() > deadline:
+                        raise SourceUnavailable(f"consumer: cannot seek {topic}[{partition}]: {_text(error)}") from None
+                    time.sleep(0.05)
+
+    def probe_membership(self, offsets: Mapping[Partition, int]) -> None:
+        """Commit ``offsets`` (the ones the group already holds: a no-op) synchronously, to
+        learn whether the group still counts us as a member: raises KafkaException
+        (UNKNOWN_MEMBER_ID, ILLEGAL_GENERATION) when it does not. Tansu ignores the generation
+        in TxnOffsetCommit but checks a plain OffsetCommit's member (docs/exactly-once.md)."""
+        from confluent_kafka import TopicPartition
+
+        metadata = commit_metadata(self.handler)
+        wanted = [TopicPartition(t, p, o, metadata) for (t, p), o in offsets.items()]
+        if wanted:
+            self._consumer.commit(offsets=wanted, asynchronous=False)
+
     def lag(self, positions: Mapping[Partition, int]) -> dict[Partition, int]:
         from confluent_kafka import TopicPartition
 
@@ -571,17 +609,6 @@ def _producer_broken_codes() -> frozenset:
     names = ("PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH", "_FENCED", "_FATAL", "UNKNOWN_PRODUCER_ID",
              "OUT_OF_ORDER_SEQUENCE_NUMBER")
     return frozenset(getattr(KafkaError, name) for name in names if hasattr(KafkaError, name))
-
-
-class TransactionAbortable(SinkError):
-    """The open transaction cannot commit (a delivery failed, the group moved on): call
-    ``abort_transaction()`` and process its records again."""
-
-
-class TransactionFatal(SinkError):
-    """The transactional producer cannot go on (fenced by a newer producer with its
-    transactional id, or a transaction call did not complete within its bound): exit; the
-    restart's ``init_transactions`` and checkpoint recovery decide what was committed."""
 
 
 def transaction_error_kind(error) -> str:
@@ -854,7 +881,7 @@ class ConfluentSink:
             # (by the broker at our successor's init_transactions if this abort fails).
             try:
                 self.abort_transaction()
-            except SinkError as error:
+            except (SinkError, TransactionFatal) as error:
                 log.warning("could not abort the open transaction at close: %s", error)
         self._producer.flush(timeout)
 
@@ -862,9 +889,9 @@ class ConfluentSink:
 
     def begin_transaction(self) -> None:
         """Start the transaction of a cycle (a no-op when one is open)."""
+        self._raise_if_broken()
         if self._in_transaction:
             return
-        self._raise_if_broken()
         from confluent_kafka import KafkaException
 
         try:
