@@ -191,7 +191,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--transactions", action="store_true", help="measure --processing-guarantee exactly-once against at-least-once"
     )
-    parser.add_argument("--client", default="kafka-python", help="--transactions: the worker's Kafka client")
+    parser.add_argument(
+        "--client", default="kafka-python,confluent", help="--transactions: the worker's Kafka clients, comma-separated"
+    )
     parser.add_argument(
         "--every-records", default="100,1000,10000", help="--transactions: transaction intervals (records) for records/s"
     )
@@ -566,6 +568,7 @@ def transactions_main(args) -> int:
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     os.environ.setdefault("STREAM_LEARNER_CHECKPOINT_KEY", secrets.token_hex(32))
     learner = args.learners.split(",")[-1].strip()  # one learner: nb unless told
+    clients = [c.strip() for c in args.client.split(",") if c.strip()]
     records = datasets.load_records(args.dataset, limit=args.limit)
     n = len(records)
     work = Path(tempfile.mkdtemp(prefix="bench-transactions-"))
@@ -576,7 +579,9 @@ def transactions_main(args) -> int:
             handle.write(encode(record) + b"\n")
     every_records = [int(x) for x in args.every_records.split(",") if x]
     every_seconds = [float(x) for x in args.every_seconds.split(",") if x]
-    throughput = {"at-least-once": []} | {f"every {k:,} records": [] for k in every_records}
+    # (client, mode label) → records/s of each run; mode labels: "at-least-once" or "every …".
+    modes = {"at-least-once": None} | {f"every {k:,} records": k for k in every_records}
+    throughput = {(client, label): [] for client in clients for label in modes}
     delays, loads = {}, []
     with EmbeddedBroker() as broker:
         topic = "bench"
@@ -584,10 +589,9 @@ def transactions_main(args) -> int:
         produce_records(records, bootstrap_servers=broker.bootstrap_servers, topic=topic)
         for _repeat in range(args.repeats):
             # Alternate the modes within each repeat: the machine is shared.
-            for label in throughput:
-                options = ["--client", args.client]
-                if label != "at-least-once":
-                    options = _exactly_once_options(args.client, every_records=int(label.split()[1].replace(",", "")))
+            for (client, label) in throughput:
+                every = modes[label]
+                options = ["--client", client] if every is None else _exactly_once_options(client, every_records=every)
                 run = f"{len(loads)}"
                 predictions = f"{topic}.{run}.predictions"
                 create_topics(broker.bootstrap_servers, {predictions: args.partitions})
@@ -595,20 +599,29 @@ def transactions_main(args) -> int:
                 rate, _ = run_worker_timed(
                     broker, topic, learner, f"bench-{run}", work / f"ckpt-{run}", n, predictions, *options
                 )
-                throughput[label].append(rate)
-                print(f"{label}: {rate:,.0f} records/s (load {loads[-1]:.2f})", flush=True)
+                throughput[(client, label)].append(rate)
+                print(f"{client}, {label}: {rate:,.0f} records/s (load {loads[-1]:.2f})", flush=True)
         paced = min(args.paced, n)
-        modes = [("at-least-once", ["--client", args.client])] + [
-            (f"every {s:g} s", _exactly_once_options(args.client, every_seconds=s)) for s in every_seconds
-        ]
-        for i, (label, options) in enumerate(modes):
-            delays[label] = _paced_visibility(
-                broker, work, jsonl, f"{i}", args.partitions, paced, args.paced_rate, learner, options
-            )
-            d = delays[label]
-            print(f"{label}: delay p50 {percentile(d, 50):.0f} ms, p99 {percentile(d, 99):.0f} ms ({len(d)} seen)", flush=True)
+        for client in clients:
+            paced_modes = [("at-least-once", ["--client", client])] + [
+                (f"every {s:g} s", _exactly_once_options(client, every_seconds=s)) for s in every_seconds
+            ]
+            for label, options in paced_modes:
+                name = f"{len(delays)}"
+                d = delays[(client, label)] = _paced_visibility(
+                    broker, work, jsonl, name, args.partitions, paced, args.paced_rate, learner, options
+                )
+                print(
+                    f"{client}, {label}: delay p50 {percentile(d, 50):.0f} ms, p99 {percentile(d, 99):.0f} ms "
+                    f"({len(d)} seen)",
+                    flush=True,
+                )
     write_transactions_report(throughput, delays, n, paced, learner, loads, args)
     return 0
+
+
+def _mode_name(label: str) -> str:
+    return label if label == "at-least-once" else f"exactly-once, a transaction {label}"
 
 
 def write_transactions_report(throughput, delays, n, paced, learner, loads, args):
@@ -618,27 +631,27 @@ def write_transactions_report(throughput, delays, n, paced, learner, loads, args
     import matplotlib.pyplot as plt
 
     RESULTS.mkdir(exist_ok=True)
-    best = {label: max(rates) for label, rates in throughput.items()}
-    base = best["at-least-once"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), dpi=110)
-    labels = list(best)
-    colors = ["#4c72b0"] + ["#dd8452"] * (len(labels) - 1)
-    left.bar(range(len(labels)), [best[x] for x in labels], color=colors)
-    for i, label in enumerate(labels):
-        left.text(i, best[label], f"{best[label] / base:.0%}", ha="center", va="bottom", fontsize=8)
-    left.set_xticks(range(len(labels)), [x.replace("every ", "exactly-once\nevery ") for x in labels], fontsize=8)
-    left.set_ylabel("records / s")
-    left.set_title(f"Worker throughput ({learner}, {args.client}; label: / at-least-once)")
-    names = list(delays)
-    xs = range(len(names))
-    width = 0.35
-    right.bar([x - width / 2 for x in xs], [percentile(delays[x], 50) for x in names], width, label="p50")
-    right.bar([x + width / 2 for x in xs], [percentile(delays[x], 99) for x in names], width, label="p99")
-    right.set_xticks(list(xs), [x.replace("every ", "exactly-once\nevery ") for x in names], fontsize=8)
+    best = {key: max(rates) for key, rates in throughput.items()}
+    clients = list(dict.fromkeys(client for client, _ in best))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110)
+    for axis, values, title in (
+        (left, {k: best[k] for k in best}, f"Worker records/s ({learner}; label: / at-least-once)"),
+        (right, {k: percentile(v, 50) for k, v in delays.items()}, "Produce → visible to read_committed, p50 ms (log)"),
+    ):
+        labels = list(dict.fromkeys(label for _, label in values))
+        width = 0.8 / len(clients)
+        for c, client in enumerate(clients):
+            xs = [i + (c - (len(clients) - 1) / 2) * width for i in range(len(labels))]
+            heights = [values.get((client, label), float("nan")) for label in labels]
+            axis.bar(xs, heights, width, label=client)
+            if axis is left:
+                base = values[(client, "at-least-once")]
+                for x, h in zip(xs, heights, strict=True):
+                    axis.text(x, h, f"{h / base:.0%}", ha="center", va="bottom", fontsize=7)
+        axis.set_xticks(range(len(labels)), [x.replace("every ", "exactly-once\nevery ") for x in labels], fontsize=8)
+        axis.set_title(title, fontsize=10)
+        axis.legend(fontsize=8)
     right.set_yscale("log")
-    right.set_ylabel("ms (log)")
-    right.set_title(f"Produce → visible to read_committed, at {args.paced_rate:,.0f} rec/s")
-    right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / "pipeline-transactions.png")
     plt.close(fig)
@@ -647,37 +660,38 @@ def write_transactions_report(throughput, delays, n, paced, learner, loads, args
         "## Exactly-once (`--processing-guarantee exactly-once`) against at-least-once",
         "",
         f"Stream: `{args.dataset}`, {n:,} records, {args.partitions} partitions, learner `{learner}`, "
-        f"`--client {args.client}`, embedded Tansu broker. Machine: {platform.machine()}, "
-        f"{os.cpu_count()} cores (shared: 1-minute load {min(loads):.1f}–{max(loads):.1f} during the "
-        "throughput runs). All figures from one run of",
+        f"embedded Tansu broker. Machine: {platform.machine()}, {os.cpu_count()} cores, shared with other "
+        f"jobs (1-minute load {min(loads):.1f}–{max(loads):.1f} during the throughput runs). All figures "
+        "from one run of",
         "",
         f"    .venv/bin/python -m benchmarks.pipeline --transactions --learners {learner} --client {args.client} "
         f"--limit {args.limit} --repeats {args.repeats} --paced {args.paced} --paced-rate {args.paced_rate:g} "
         f"--every-records {args.every_records} --every-seconds {args.every_seconds}",
         "",
-        f"Records/s: best of {args.repeats} alternating runs of each mode over the same topic (first to last batch).",
+        f"Records/s: best of {args.repeats} runs of each mode, alternating the modes, over the same topic "
+        "(first to last batch).",
         "",
-        "| mode | worker rec/s | / at-least-once | each run |",
-        "|---|---|---|---|",
+        "| client | mode | worker rec/s | / at-least-once | µs per record over at-least-once | each run |",
+        "|---|---|---|---|---|---|",
     ]
-    for label, rates in throughput.items():
-        mode = label if label == "at-least-once" else f"exactly-once, a transaction {label}"
+    for (client, label), rates in throughput.items():
+        base = best[(client, "at-least-once")]
         lines.append(
-            f"| {mode} | {best[label]:,.0f} | {best[label] / base:.0%} | " + ", ".join(f"{r:,.0f}" for r in rates) + " |"
+            f"| {client} | {_mode_name(label)} | {best[(client, label)]:,.0f} | {best[(client, label)] / base:.0%} | "
+            f"{1e6 / best[(client, label)] - 1e6 / base:,.0f} | " + ", ".join(f"{r:,.0f}" for r in rates) + " |"
         )
     lines += [
         "",
         f"End-to-end delay: input produce time → the prediction is read by a `read_committed` consumer "
         f"(its own process, polling every ≤ 50 ms), {paced:,} records paced at {args.paced_rate:,.0f} records/s.",
         "",
-        "| mode | p50 ms | p90 ms | p99 ms | max ms | predictions seen |",
-        "|---|---|---|---|---|---|",
+        "| client | mode | p50 ms | p90 ms | p99 ms | max ms | predictions seen |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for label, d in delays.items():
-        mode = label if label == "at-least-once" else f"exactly-once, a transaction {label}"
+    for (client, label), d in delays.items():
         lines.append(
-            f"| {mode} | {percentile(d, 50):,.0f} | {percentile(d, 90):,.0f} | {percentile(d, 99):,.0f} | "
-            f"{max(d, default=float('nan')):,.0f} | {len(d):,} of {paced:,} |"
+            f"| {client} | {_mode_name(label)} | {percentile(d, 50):,.0f} | {percentile(d, 90):,.0f} | "
+            f"{percentile(d, 99):,.0f} | {max(d, default=float('nan')):,.0f} | {len(d):,} of {paced:,} |"
         )
     lines += [
         "",
@@ -689,7 +703,8 @@ def write_transactions_report(throughput, delays, n, paced, learner, loads, args
         "and its predictions are visible as soon as they are written; exactly-once predictions are "
         "visible only at their transaction's commit, so the delay grows with the interval.",
         "* The throughput runs fix the interval in records (seconds set to an hour), the paced runs in "
-        "seconds (records set to a million).",
+        "seconds (records set to a million). A run shorter than the interval commits only at its end, "
+        "outside the measured span.",
         "",
         "![exactly-once cost](pipeline-transactions.png)",
         "",
