@@ -138,10 +138,11 @@ def checkpoint_cost(worker, directory):
     return time.perf_counter() - started, path.stat().st_size
 
 
-def run_worker_timed(broker, topic, learner, group, checkpoint_dir, expected, predictions_topic, *extra):
+def run_worker_timed(broker, topic, learner, group, checkpoint_dir, expected, predictions_topic, *extra, stats=None):
     """Run the worker until idle; returns (records/s over the processing span, worker).
 
-    The worker's default configuration, unless ``extra`` options say otherwise."""
+    The worker's default configuration, unless ``extra`` options say otherwise. ``stats``
+    (a dict) gets the number and seconds of the transactions ended inside the span."""
     config = load_config(
         [
             "--topic", topic,
@@ -171,6 +172,19 @@ def run_worker_timed(broker, topic, learner, group, checkpoint_dir, expected, pr
 
         worker.process_batch = timed
         span["worker"] = worker
+        end_transaction = getattr(worker, "_end_transaction", None)
+        if stats is not None and end_transaction is not None:
+
+            def counted(reason, end_transaction=end_transaction):
+                started = time.perf_counter()
+                try:
+                    return end_transaction(reason)
+                finally:
+                    if reason != "shutdown" and "first" in span:  # inside the measured span
+                        stats["transactions"] = stats.get("transactions", 0) + 1
+                        stats["seconds"] = stats.get("seconds", 0.0) + time.perf_counter() - started
+
+            worker._end_transaction = counted
 
     # Checkpoints and flushes happen between batches: count them in by timing up to the end
     # of the next batch; the last checkpoint (at shutdown) is not part of the stream.
@@ -582,6 +596,8 @@ def transactions_main(args) -> int:
     # (client, mode label) → records/s of each run; mode labels: "at-least-once" or "every …".
     modes = {"at-least-once": None} | {f"every {k:,} records": k for k in every_records}
     throughput = {(client, label): [] for client in clients for label in modes}
+    # (client, mode label) → transactions ended inside the measured span, and their seconds.
+    cycles = {key: {"transactions": 0, "seconds": 0.0} for key in throughput}
     delays, loads = {}, []
     with EmbeddedBroker() as broker:
         topic = "bench"
@@ -596,11 +612,18 @@ def transactions_main(args) -> int:
                 predictions = f"{topic}.{run}.predictions"
                 create_topics(broker.bootstrap_servers, {predictions: args.partitions})
                 loads.append(os.getloadavg()[0])
+                stats = {}
                 rate, _ = run_worker_timed(
-                    broker, topic, learner, f"bench-{run}", work / f"ckpt-{run}", n, predictions, *options
+                    broker, topic, learner, f"bench-{run}", work / f"ckpt-{run}", n, predictions, *options, stats=stats
                 )
                 throughput[(client, label)].append(rate)
-                print(f"{client}, {label}: {rate:,.0f} records/s (load {loads[-1]:.2f})", flush=True)
+                for name in ("transactions", "seconds"):
+                    cycles[(client, label)][name] += stats.get(name, 0)
+                print(
+                    f"{client}, {label}: {rate:,.0f} records/s, {stats.get('transactions', 0)} transactions "
+                    f"in {stats.get('seconds', 0.0):.2f} s (load {loads[-1]:.2f})",
+                    flush=True,
+                )
         paced = min(args.paced, n)
         for client in clients:
             paced_modes = [("at-least-once", ["--client", client])] + [
@@ -616,7 +639,7 @@ def transactions_main(args) -> int:
                     f"({len(d)} seen)",
                     flush=True,
                 )
-    write_transactions_report(throughput, delays, n, paced, learner, loads, args)
+    write_transactions_report(throughput, cycles, delays, n, paced, learner, loads, args)
     return 0
 
 
@@ -624,7 +647,7 @@ def _mode_name(label: str) -> str:
     return label if label == "at-least-once" else f"exactly-once, a transaction {label}"
 
 
-def write_transactions_report(throughput, delays, n, paced, learner, loads, args):
+def write_transactions_report(throughput, cycles, delays, n, paced, learner, loads, args):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -671,14 +694,19 @@ def write_transactions_report(throughput, delays, n, paced, learner, loads, args
         f"Records/s: best of {args.repeats} runs of each mode, alternating the modes, over the same topic "
         "(first to last batch).",
         "",
-        "| client | mode | worker rec/s | / at-least-once | µs per record over at-least-once | each run |",
-        "|---|---|---|---|---|---|",
+        "| client | mode | worker rec/s | / at-least-once | µs per record over at-least-once | each run "
+        "| transactions per run | ms per transaction |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for (client, label), rates in throughput.items():
         base = best[(client, "at-least-once")]
+        count, seconds = cycles[(client, label)]["transactions"], cycles[(client, label)]["seconds"]
+        per_run = f"{count / len(rates):.0f}" if label != "at-least-once" else "–"
+        per_transaction = f"{1000 * seconds / count:.1f}" if count else "–"
         lines.append(
             f"| {client} | {_mode_name(label)} | {best[(client, label)]:,.0f} | {best[(client, label)] / base:.0%} | "
-            f"{1e6 / best[(client, label)] - 1e6 / base:,.0f} | " + ", ".join(f"{r:,.0f}" for r in rates) + " |"
+            f"{1e6 / best[(client, label)] - 1e6 / base:,.0f} | " + ", ".join(f"{r:,.0f}" for r in rates)
+            + f" | {per_run} | {per_transaction} |"
         )
     lines += [
         "",
@@ -703,8 +731,11 @@ def write_transactions_report(throughput, delays, n, paced, learner, loads, args
         "and its predictions are visible as soon as they are written; exactly-once predictions are "
         "visible only at their transaction's commit, so the delay grows with the interval.",
         "* The throughput runs fix the interval in records (seconds set to an hour), the paced runs in "
-        "seconds (records set to a million). A run shorter than the interval commits only at its end, "
-        "outside the measured span.",
+        "seconds (records set to a million). The worker ends a transaction between batches (up to "
+        "`--max-poll-records`, 500, records each), so an interval below the batch size means one "
+        "transaction per batch: *transactions per run* counts those ended between the first and last "
+        "batch (the one at shutdown is not in the span), *ms per transaction* is the worker's time in "
+        "them (flush, membership probe, pending checkpoint, commit, final checkpoint).",
         "",
         "![exactly-once cost](pipeline-transactions.png)",
         "",

@@ -725,6 +725,7 @@ class ConfluentSink:
         }
         if transactional_id is not None:
             config.update(_transactional_config(transactional_id, transaction_timeout, config))
+        self.transactional_id = transactional_id  # recorded in the pending checkpoint
         self._transactional = transactional_id is not None
         self._transaction_timeout = transaction_timeout
         self._in_transaction = False
