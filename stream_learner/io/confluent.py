@@ -21,6 +21,7 @@ ValueError: client option 'api_version' has no librdkafka equivalent; give its l
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import time
 from collections.abc import Collection, Iterable, Mapping
@@ -729,6 +730,10 @@ class ConfluentSink:
         self._transactional = transactional_id is not None
         self._transaction_timeout = transaction_timeout
         self._in_transaction = False
+        # Outputs the broker refused inside a transaction (which then had to abort), by
+        # (topic, SHA-256 of the value): re-processing makes them again; they are replaced or
+        # dropped before sending next time, so that they cannot abort every transaction.
+        self._refused_in_transaction: dict[tuple[str, bytes], Any] = {}
         self._startup_errors: list | None = []
         try:
             self._producer = confluent_kafka.Producer(config)
@@ -788,6 +793,12 @@ class ConfluentSink:
         return hint % count if count else -1
 
     def _send(self, entry: list) -> None:
+        if self._refused_in_transaction and self._in_transaction:
+            message = self._instead_of_refused(entry[0])
+            if message is None:
+                entry[1] = True  # refused for good in an aborted transaction: dropped, counted
+                return
+            entry[0] = message
         topic, key, value, headers, hint = entry[0]
         entry[1] = None
 
@@ -796,6 +807,8 @@ class ConfluentSink:
                 entry[1] = True
                 return
             entry[1] = error
+            if self._transactional and output_refusal(error) is not None:
+                self._remember_refused(entry[0], error)
             # In a transaction only a fenced producer is beyond repair: the rest aborts it.
             broken = _fenced_codes() if self._transactional else _producer_broken_codes()
             if error.fatal() or error.code() in broken:
@@ -858,12 +871,16 @@ class ConfluentSink:
                 for entry in failed:
                     self._send(entry)
 
-    def _handle_refused(self) -> None:
+    def _handle_refused(self, unsent_only: bool = False) -> None:
         """Messages refused for good leave ``_unconfirmed``: a truncated copy is sent in place
-        of a dead letter too large, anything else is counted and dropped."""
+        of a dead letter too large, anything else is counted and dropped. ``unsent_only``:
+        only those librdkafka refused at ``produce()`` (never part of a transaction)."""
         kept = []
         for entry in self._unconfirmed:
             state = entry[1]
+            if unsent_only and not isinstance(state, BaseException):
+                kept.append(entry)
+                continue
             if state is not True and state is not None and output_refusal(state) is not None:
                 copy = self._refusals.handle(entry[0], state)
                 if copy is None:
@@ -917,9 +934,10 @@ class ConfluentSink:
             if not offsets and not self._pending:
                 return
             self.begin_transaction()
-        self.dispatch()
-        self._handle_refused()  # refused by the client at produce(): never in the transaction
         deadline = time.monotonic() + self._transaction_timeout
+        # Every output delivered first (as librdkafka's commit would): one the client refused,
+        # or its full queue, never entered the transaction and must not be committed without.
+        self._flush_transactional(self._transaction_timeout)
         if offsets:
             wanted = [TopicPartition(t, p, o, metadata) for (t, p), o in offsets.items()]
             self._call(
@@ -947,20 +965,41 @@ class ConfluentSink:
         self._in_transaction = False
 
     def _flush_transactional(self, timeout: float) -> None:
-        """Hand the outputs to the broker within ``timeout``; a failed one makes the
-        transaction abortable (never re-sent: the transaction is all or nothing)."""
+        """Confirm delivery inside the transaction within ``timeout``. What the broker refused
+        makes the transaction abortable (never re-sent: the transaction is all or nothing);
+        what the client refused at ``produce()`` never entered it: truncated or dropped as
+        outside transactions, or sent again (a full queue). SinkError when not confirmed yet."""
         self.dispatch()
-        remaining = self._producer.flush(timeout)
-        self._raise_if_broken()
-        self._handle_refused()
-        if any(entry[1] is None for entry in self._unconfirmed):  # truncated copies just sent
-            remaining = self._producer.flush(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            self._producer.flush(max(0.1, deadline - time.monotonic()))
+            self._raise_if_broken()
+            self._handle_refused(unsent_only=True)
+            unsent = [entry for entry in self._unconfirmed if isinstance(entry[1], BufferError)]
+            for entry in unsent:
+                self._send(entry)
+            waiting = [entry for entry in self._unconfirmed if entry[1] is None]
+            if not waiting or time.monotonic() >= deadline:
+                break
         failed = [entry[1] for entry in self._unconfirmed if entry[1] is not True and entry[1] is not None]
-        if failed:
-            raise TransactionAbortable(f"{len(failed)} outputs were not delivered ({_text(failed[0])})")
-        if remaining:
-            raise SinkError(f"{remaining} outputs not confirmed within {timeout:.0f} s")
+        # Refused by the broker, or by produce() for a reason other than its size or a full queue.
+        lost = [state for state in failed if not isinstance(state, BufferError)]
+        if lost:
+            raise TransactionAbortable(f"{len(lost)} outputs were not delivered ({_text(lost[0])})")
+        if failed or waiting:
+            raise SinkError(f"{len(failed) + len(waiting)} outputs not confirmed within {timeout:.0f} s")
         self._unconfirmed.clear()
+
+    def _remember_refused(self, message: tuple, error) -> None:
+        if len(self._refused_in_transaction) >= 10_000:  # bounded: forget the oldest at once
+            self._refused_in_transaction.clear()
+        self._refused_in_transaction[(message[0], hashlib.sha256(message[2] or b"").digest())] = error
+
+    def _instead_of_refused(self, message: tuple) -> tuple | None:
+        """The message to send in place of one the broker refused in an aborted transaction
+        (a truncated dead letter), or None (dropped, counted); the message itself otherwise."""
+        error = self._refused_in_transaction.get((message[0], hashlib.sha256(message[2] or b"").digest()))
+        return message if error is None else self._refusals.handle(message, error)
 
     def _raise_if_broken(self) -> None:
         if self._fatal is not None:
