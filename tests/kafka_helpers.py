@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import subprocess
@@ -114,3 +115,151 @@ def load_final_state(checkpoint_dir):
     checkpoint = store.load_latest()
     assert checkpoint is not None, f"no checkpoint in {checkpoint_dir}"
     return checkpoint
+
+
+# -- reading what a read_committed consumer of Apache Kafka reads -----------------------------
+
+TIMEOUT_S = 30.0
+
+
+def drain(consumer, tp, high_watermark: int, *, records: bool = False) -> list:
+    """The values (or records) a kafka-python consumer assigned to ``tp`` reads up to
+    ``high_watermark``, or until nothing more comes once a fetch has been answered
+    (``read_committed`` stops at an open transaction, and ListOffsets does not tell where: see
+    ``test_open_transaction_holds_read_committed_readers_at_its_first_offset``)."""
+    got, deadline, idle_since = [], time.monotonic() + TIMEOUT_S, None
+    while consumer.position(tp) < high_watermark:
+        assert time.monotonic() < deadline, "the reader never went idle"
+        for batch in consumer.poll(timeout_ms=200).values():
+            got.extend(batch if records else (record.value for record in batch))
+            idle_since = None
+        if consumer.highwater(tp) is None:
+            continue  # no fetch answered yet
+        idle_since = idle_since or time.monotonic()
+        if time.monotonic() - idle_since > 1.0:
+            break
+    return got
+
+
+def end_offset(bootstrap: str, topic: str, partition: int = 0, isolation: str = "read_uncommitted") -> int:
+    """The high watermark (``read_uncommitted``) or last stable offset (``read_committed``)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, isolation_level=isolation)
+    try:
+        tp = TopicPartition(topic, partition)
+        return consumer.end_offsets([tp])[tp]
+    finally:
+        consumer.close()
+
+
+def aborted_from_markers(buffer: bytes) -> list:
+    """The aborted transactions of a fetched record set, found from its abort markers: what
+    Kafka sends in FetchResponse ``AbortedTransactions`` and Tansu does not. A transaction
+    whose records and abort marker come in different fetch responses is missed here (see
+    :func:`aborted_transactions` for a whole partition)."""
+    return [AbortedTransaction(pid, first) for pid, first, _ in _aborted_in(buffer, {})]
+
+
+AbortedTransaction = collections.namedtuple("AbortedTransaction", "producer_id first_offset")
+
+
+def _aborted_in(buffer: bytes, first_offsets: dict) -> list[tuple[int, int, int]]:
+    """``(producer id, first offset, abort marker offset)`` of the transactions whose abort
+    marker is in ``buffer``; ``first_offsets`` carries open transactions across buffers."""
+    from kafka.record import MemoryRecords
+
+    aborted = []
+    records = MemoryRecords(buffer)
+    while (batch := records.next_batch()) is not None:
+        if batch.magic != 2 or not batch.is_transactional:
+            continue
+        if batch.is_control_batch:
+            first_offset = first_offsets.pop(batch.producer_id, None)
+            marker = next(iter(batch), None)
+            if first_offset is not None and marker is not None and marker.abort:
+                aborted.append((batch.producer_id, first_offset, batch.base_offset))
+        else:
+            first_offsets.setdefault(batch.producer_id, batch.base_offset)
+    return aborted
+
+
+def _hooked_consumer(bootstrap: str, isolation: str, on_records):
+    """A kafka-python consumer whose fetched record sets pass through ``on_records(fetch
+    offset, records, options)`` first (kafka-python 3.0 internals: ``Fetcher.PartitionRecords``)."""
+    from kafka import KafkaConsumer
+    from kafka.consumer.fetcher import Fetcher
+
+    class PartitionRecords(Fetcher.PartitionRecords):
+        def __init__(self, fetch_offset, tp, records, **options):
+            on_records(fetch_offset, records, options)
+            super().__init__(fetch_offset, tp, records, **options)
+
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        isolation_level=isolation,
+        enable_auto_commit=False,
+        fetch_max_bytes=64 * 1024 * 1024,
+        max_partition_fetch_bytes=64 * 1024 * 1024,
+    )
+    consumer._fetcher.PartitionRecords = PartitionRecords
+    return consumer
+
+
+def aborted_transactions(bootstrap: str, topic: str, partition: int = 0) -> list[tuple[int, int, int]]:
+    """Every aborted transaction of a partition, ``(producer id, first offset, marker offset)``,
+    from the abort markers, however the partition is split into fetches."""
+    from kafka import TopicPartition
+
+    first_offsets: dict = {}
+    aborted: list = []
+    consumer = _hooked_consumer(
+        bootstrap, "read_uncommitted", lambda _, records, __: aborted.extend(_aborted_in(records._buffer, first_offsets))
+    )
+    try:
+        tp = TopicPartition(topic, partition)
+        consumer.assign([tp])
+        consumer.seek_to_beginning(tp)
+        drain(consumer, tp, end_offset(bootstrap, topic, partition))
+    finally:
+        consumer.close()
+    return aborted
+
+
+def read_committed_dropping_aborted(
+    bootstrap: str, topic: str, partition: int = 0, *, records: bool = False
+) -> list:
+    """Values (or records) a ``read_committed`` reader gets from a broker that lists aborted
+    transactions, as Apache Kafka does: kafka-python's own filter, fed each fetch the aborted
+    transactions it overlaps (what Kafka's FetchResponse ``AbortedTransactions`` holds), found
+    from the abort markers by :func:`aborted_transactions`. The embedded Tansu broker leaves
+    aborted records readable to ``read_committed`` readers (see
+    ``test_aborted_records_reach_read_committed_readers``): this is the reader that lets
+    exactly-once tests assert what a Kafka reader would see."""
+    from kafka import TopicPartition
+
+    aborted = aborted_transactions(bootstrap, topic, partition)
+
+    def give_aborted(fetch_offset, _records, options):
+        if not options.get("aborted_transactions"):
+            options["aborted_transactions"] = [
+                AbortedTransaction(pid, first) for pid, first, marker in aborted if marker >= fetch_offset
+            ]
+
+    consumer = _hooked_consumer(bootstrap, "read_committed", give_aborted)
+    try:
+        tp = TopicPartition(topic, partition)
+        consumer.assign([tp])
+        consumer.seek_to_beginning(tp)
+        return drain(consumer, tp, end_offset(bootstrap, topic, partition), records=records)
+    finally:
+        consumer.close()
+
+
+def read_committed_topic(bootstrap: str, topic: str, partitions: int) -> list:
+    """:func:`read_committed_dropping_aborted` records of every partition."""
+    return [
+        record
+        for partition in range(partitions)
+        for record in read_committed_dropping_aborted(bootstrap, topic, partition, records=True)
+    ]

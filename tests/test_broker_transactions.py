@@ -16,13 +16,13 @@ import sys
 import time
 
 import pytest
+from kafka_helpers import TIMEOUT_S, drain, read_committed_dropping_aborted
 
 from stream_learner.io.broker import create_topics
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 SESSION_TIMEOUT_MS = 6000
-TIMEOUT_S = 30.0
 
 
 # -- one small adapter per client ------------------------------------------------------------
@@ -34,25 +34,6 @@ class DeliveryFailed(Exception):
     def __init__(self, code: str, detail: str = ""):
         super().__init__(f"{code}: {detail}")
         self.code = code
-
-
-def drain(consumer, tp, high_watermark: int) -> list[bytes]:
-    """The values a kafka-python consumer assigned to ``tp`` reads up to ``high_watermark``, or
-    until nothing more comes once a fetch has been answered (``read_committed`` stops at an
-    open transaction, and ListOffsets does not tell where: see
-    ``test_open_transaction_holds_read_committed_readers_at_its_first_offset``)."""
-    values, deadline, idle_since = [], time.monotonic() + TIMEOUT_S, None
-    while consumer.position(tp) < high_watermark:
-        assert time.monotonic() < deadline, "the reader never went idle"
-        for records in consumer.poll(timeout_ms=200).values():
-            values.extend(record.value for record in records)
-            idle_since = None
-        if consumer.highwater(tp) is None:
-            continue  # no fetch answered yet
-        idle_since = idle_since or time.monotonic()
-        if time.monotonic() - idle_since > 1.0:
-            break
-    return values
 
 
 class KafkaPythonClient:
@@ -331,64 +312,6 @@ def transaction_error(client, action) -> str:
     except KafkaError as error:
         return str(error)
     return "no error"
-
-
-def aborted_from_markers(buffer: bytes) -> list:
-    """The aborted transactions of a fetched record set, found from its abort markers: what
-    Kafka sends in FetchResponse ``AbortedTransactions`` and Tansu does not. A transaction
-    whose records and abort marker come in different fetch responses is missed (fetch the
-    whole partition at once: ``fetch_max_bytes``)."""
-    import collections
-
-    from kafka.record import MemoryRecords
-
-    aborted_transaction = collections.namedtuple("AbortedTransaction", "producer_id first_offset")
-    first_offsets, aborted = {}, []
-    records = MemoryRecords(buffer)
-    while (batch := records.next_batch()) is not None:
-        if batch.magic != 2 or not batch.is_transactional:
-            continue
-        if batch.is_control_batch:
-            first_offset = first_offsets.pop(batch.producer_id, None)
-            marker = next(iter(batch), None)
-            if first_offset is not None and marker is not None and marker.abort:
-                aborted.append(aborted_transaction(batch.producer_id, first_offset))
-        else:
-            first_offsets.setdefault(batch.producer_id, batch.base_offset)
-    return aborted
-
-
-def read_committed_dropping_aborted(bootstrap: str, topic: str, partition: int = 0) -> list[bytes]:
-    """Values a ``read_committed`` reader gets from a broker that lists aborted transactions:
-    kafka-python's own filter, fed with :func:`aborted_from_markers`. The workaround that lets
-    exactly-once tests run on Tansu (see ``test_aborted_records_reach_read_committed_readers``).
-    Hooks the fetcher's ``PartitionRecords`` of this one consumer (kafka-python 3.0 internals)."""
-    from kafka import KafkaConsumer, TopicPartition
-    from kafka.consumer.fetcher import Fetcher
-
-    class PartitionRecords(Fetcher.PartitionRecords):
-        def __init__(self, fetch_offset, tp, records, **options):
-            if not options.get("aborted_transactions"):
-                options["aborted_transactions"] = aborted_from_markers(records._buffer)
-            super().__init__(fetch_offset, tp, records, **options)
-
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap,
-        isolation_level="read_committed",
-        fetch_max_bytes=64 * 1024 * 1024,
-        max_partition_fetch_bytes=64 * 1024 * 1024,
-    )
-    consumer._fetcher.PartitionRecords = PartitionRecords
-    try:
-        tp = TopicPartition(topic, partition)
-        high_watermark = KafkaPythonClient(bootstrap).end_offset(
-            topic, "read_uncommitted", partition
-        )
-        consumer.assign([tp])
-        consumer.seek_to_beginning(tp)
-        return drain(consumer, tp, high_watermark)
-    finally:
-        consumer.close()
 
 
 # -- visibility ------------------------------------------------------------------------------

@@ -160,8 +160,8 @@ def test_a_worker_the_group_no_longer_counts_as_member_aborts_and_writes_nothing
     zombie's TxnOffsetCommit and which the membership probe gets from the embedded broker."""
     recs = records(20, seed=2)
     worker, source, sink, store = setup(tmp_path, recs, every=1000)
-    refusals = [CommitFailedError(UnknownMemberIdError()), CommitFailedError(IllegalGenerationError())]
-    source.probe_membership = lambda offsets: (_ for _ in ()).throw(refusals.pop(0)) if refusals else None
+    refusals = [UnknownMemberIdError(), IllegalGenerationError()]
+    source.probe_membership = lambda: (_ for _ in ()).throw(refusals.pop(0)) if refusals else None
     for _ in range(2):
         worker.process_batch(source.poll(0))
         assert worker.checkpoint() is False
@@ -303,3 +303,70 @@ def test_config_exactly_once_options():
     ):
         with pytest.raises(ConfigError):
             load_config(["--topic", "t", *bad], environ={})
+
+
+class FakeProducer:
+    """The transactional calls of a kafka-python producer, each doing what a test says."""
+
+    def __init__(self, commit=lambda: None, abort=lambda: None):
+        self.commit, self.abort = commit, abort
+        self.calls = []
+
+    def begin_transaction(self):
+        self.calls.append("begin")
+
+    def send_offsets_to_transaction(self, offsets, metadata):
+        self.calls.append(("offsets", {(tp.topic, tp.partition): o.offset for tp, o in offsets.items()}))
+
+    def commit_transaction(self):
+        self.calls.append("commit")
+        self.commit()
+
+    def abort_transaction(self):
+        self.calls.append("abort")
+        self.abort()
+
+    def flush(self, timeout=None):
+        pass
+
+
+def transactional_sink(producer, timeout=5.0):
+    from stream_learner.io.sinks import KafkaSink, _Refusals
+
+    sink = object.__new__(KafkaSink)  # the sink's logic around a fake producer
+    sink._producer, sink.transaction_timeout, sink.transactional_id = producer, timeout, "g-w"
+    sink._in_transaction, sink._refused, sink._pending, sink._unconfirmed = False, {}, [], []
+    sink._refusals, sink._partitions = _Refusals(()), {}
+    return sink
+
+
+def test_kafka_sink_commits_offsets_in_the_transaction_and_classifies_failures():
+    import threading
+
+    producer = FakeProducer()
+    sink = transactional_sink(producer)
+    sink.begin_transaction()
+    sink.commit_transaction({("in", 0): 7}, "metadata")
+    assert producer.calls == ["begin", ("offsets", {("in", 0): 7}), "commit"]
+
+    stale = FakeProducer(commit=lambda: (_ for _ in ()).throw(CommitFailedError(IllegalGenerationError())))
+    sink = transactional_sink(stale)
+    sink.begin_transaction()
+    with pytest.raises(TransactionAbortable):
+        sink.commit_transaction({("in", 0): 7}, "metadata")
+    sink.abort_transaction()
+    assert stale.calls[-1] == "abort"
+
+    fenced = FakeProducer(commit=lambda: (_ for _ in ()).throw(ProducerFencedError()))
+    sink = transactional_sink(fenced)
+    sink.begin_transaction()
+    with pytest.raises(TransactionFatal, match="ProducerFenced"):
+        sink.commit_transaction({}, "metadata")
+
+    # A fenced producer's EndTxn gets no answer from the embedded broker: bounded.
+    never = threading.Event()
+    sink = transactional_sink(FakeProducer(commit=never.wait), timeout=0.3)
+    sink.begin_transaction()
+    with pytest.raises(TransactionFatal, match="commit_transaction did not finish"):
+        sink.commit_transaction({}, "metadata")
+    never.set()

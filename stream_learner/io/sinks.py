@@ -3,7 +3,8 @@
 A sink sends ``(topic, key, value, headers)`` and, on :meth:`Sink.flush`, confirms that every
 message sent so far has been delivered (raising :class:`SinkError` otherwise). The worker
 commits offsets only after a successful flush, so outputs are at-least-once; they are keyed by
-record id so readers can de-duplicate.
+record id so readers can de-duplicate. A sink built with a transactional id (exactly-once) also
+begins, commits and aborts transactions that hold the outputs and the consumed offsets.
 
 :class:`Outputs` turns processing results into those messages.
 
@@ -290,6 +291,10 @@ class KafkaSink:
         self.transactional_id = transactional_id
         self.transaction_timeout = transaction_timeout
         self._in_transaction = False
+        # Outputs the broker refused inside a transaction (which then had to abort), by
+        # (topic, SHA-256 of the value): re-processing makes them again; they are replaced or
+        # dropped before sending next time, so that they cannot abort every transaction.
+        self._refused: dict[tuple[str, bytes], BaseException] = {}
         self._producer = KafkaProducer(
             bootstrap_servers=bootstrap_servers,
             enable_idempotence=True,
@@ -335,6 +340,10 @@ class KafkaSink:
         return hint % count if count else None
 
     def _send(self, message):
+        if self._refused:
+            message = self._instead_of_refused(message)
+            if message is None:
+                return None  # refused for good before: dropped, counted
         topic, key, value, headers, hint = message
         try:
             return self._producer.send(
@@ -395,22 +404,50 @@ class KafkaSink:
     def _flush_transaction(self, timeout: float) -> None:
         """Confirm delivery inside the transaction. Nothing is re-sent: a failed output fails
         the transaction (TransactionAbortable, or TransactionFatal when fenced); a broker that
-        does not answer in time raises SinkError and leaves the transaction open."""
+        does not answer in time raises SinkError and leaves the transaction open. An output
+        the client itself refused (over ``max_request_size``) never entered the transaction:
+        it is truncated or dropped as outside transactions, within the same transaction."""
         self.dispatch()
-        try:
-            self._producer.flush(timeout=max(0.1, timeout))
-        except Exception as error:
-            raise SinkError(f"outputs not confirmed within {timeout:.0f} s: {error}") from None
-        for message, future in self._unconfirmed:
-            error = future if isinstance(future, Exception) else future.exception if future.failed() else None
-            if error is not None:
+        while True:
+            try:
+                self._producer.flush(timeout=max(0.1, timeout))
+            except Exception as error:
+                raise SinkError(f"outputs not confirmed within {timeout:.0f} s: {error}") from None
+            replaced = []
+            for i, (message, future) in enumerate(self._unconfirmed):
+                if future is None:
+                    continue
+                error = future if isinstance(future, Exception) else future.exception if future.failed() else None
+                if error is None:
+                    if not future.is_done:
+                        raise SinkError("outputs not confirmed yet")
+                    continue
                 _raise_if_fatal(error)
                 if output_refusal(error) is not None:
-                    self._refusals._count(message[0], output_refusal(error))
+                    if isinstance(future, Exception):  # refused before it was sent
+                        copy = self._refusals.handle(message, error)
+                        if copy is not None:
+                            replaced.append(copy)
+                        self._unconfirmed[i] = (message, None)
+                        continue
+                    if len(self._refused) >= 10_000:
+                        self._refused.clear()
+                    self._refused[(message[0], hashlib.sha256(message[2] or b"").digest())] = error
                 _raise_transaction_error(f"output to {message[0]}", error)
-            if not isinstance(future, Exception) and not future.is_done:
-                raise SinkError("outputs not confirmed yet")
+            if not replaced:
+                break
+            self._unconfirmed.extend((copy, self._send(copy)) for copy in replaced)
         self._unconfirmed.clear()
+
+    def _instead_of_refused(self, message):
+        """The message to send in place of one the broker refused in an earlier transaction
+        (a truncated dead letter), or None (dropped); the message itself otherwise."""
+        if not self._in_transaction:
+            return message
+        error = self._refused.get((message[0], hashlib.sha256(message[2] or b"").digest()))
+        if error is None:
+            return message
+        return self._refusals.handle(message, error)
 
     def commit_transaction(self, offsets: Mapping[Partition, int], group_metadata) -> None:
         from kafka import TopicPartition

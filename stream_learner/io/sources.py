@@ -16,6 +16,7 @@ Partitions are plain ``(topic, partition)`` tuples.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -322,26 +323,22 @@ class KafkaSource:
             if (topic, partition) in owned:
                 self._consumer.seek(TopicPartition(topic, partition), offset)
 
-    def probe_membership(self, offsets: Mapping[Partition, int]) -> None:
-        """Commit ``offsets`` (the ones the group already holds: a no-op) to learn whether the
-        group still counts us as a member; raises (CommitFailedError) when it does not.
+    def probe_membership(self) -> None:
+        """Ask the group coordinator whether it still counts us as a member of the current
+        generation (a heartbeat, writing nothing); raises UnknownMemberIdError or
+        IllegalGenerationError when it does not. A rebalance under way still counts us in.
 
-        The embedded broker ignores the generation in TxnOffsetCommit (no KIP-447 fencing) but
-        checks the member id of a plain OffsetCommit: a worker that lost its partitions while
-        paused finds out here, before it commits a transaction."""
-        from kafka import TopicPartition
-        from kafka.structs import OffsetAndMetadata
+        The embedded broker ignores the generation in TxnOffsetCommit (no KIP-447 fencing), so
+        a worker that lost its partitions while paused must find out here, before it commits
+        a transaction. Not from a rebalance callback (the IO thread it would wait on): there
+        the rebalance itself tells (a member that expired gets on_partitions_lost)."""
+        from kafka.errors import RebalanceInProgressError
 
         if self._in_listener:
-            # A blocking commit cannot run on the IO thread; the rebalance under way is the
-            # group telling us who we are (a member that expired gets on_partitions_lost).
             return
-        wanted = {
-            TopicPartition(t, p): OffsetAndMetadata(o, commit_metadata(self.handler), -1)
-            for (t, p), o in offsets.items()
-        }
-        if wanted:
-            self._consumer.commit(wanted, timeout_ms=self.commit_timeout_ms)
+        coordinator = self._consumer._coordinator
+        with contextlib.suppress(RebalanceInProgressError):
+            coordinator._net.run(coordinator._send_heartbeat_request)
 
     def _free_parked_records(self) -> None:
         # kafka-python 3.0 parks the fetched records of a paused partition and hands them back

@@ -15,7 +15,9 @@ or dead-lettered). Every N records or T seconds, on a rebalance and on shutdown,
 
 On start the newest valid checkpoint is loaded and the consumer seeks to its offsets, so after
 a crash the learners continue exactly where the checkpoint left them. Outputs are
-at-least-once (keyed by record id). Bad input is data: every message ends up either handled or
+at-least-once (keyed by record id), or exactly-once with ``--processing-guarantee exactly-once``:
+each cycle is then one Kafka transaction holding the outputs and the offsets, with a pending
+checkpoint made final once it commits (docs/exactly-once.md). Bad input is data: every message ends up either handled or
 in the dead-letter topic with its reason, and its offset is committed like any other.
 
 Rebalances: on revoke the worker checkpoints and commits; on assign it seeks to its
@@ -511,17 +513,17 @@ class Worker:
 
     def _probe_membership(self) -> None:
         """The embedded broker does not fence a stale group member's transactional offsets
-        (no KIP-447): ask the group, with a plain commit of the offsets it already holds,
-        whether we are still a member before committing. Raises TransactionAbortable if not."""
+        (no KIP-447): ask the group whether we are still a member before committing (a source
+        that can: ``probe_membership``). Raises TransactionAbortable if not."""
         probe = getattr(self.source, "probe_membership", None)
         if probe is None:
             return
         from stream_learner.io.retry import transaction_error_kind
 
         try:
-            probe({tp: o for tp, o in self._group_offsets.items() if tp in self.owned})
+            probe()
         except Exception as error:
-            if type(error).__name__ == "CommitFailedError" or transaction_error_kind(error) == "abortable":
+            if transaction_error_kind(error) == "abortable":
                 raise TransactionAbortable(f"the group no longer counts us as a member: {_describe(error)}") from error
             raise SinkError(f"cannot reach the group coordinator: {_describe(error)}") from error
 
@@ -1231,6 +1233,8 @@ def _start(config: WorkerConfig, stop: threading.Event, broker, opened: contextl
             return None
         opened.callback(feed.stop)
     try:
+        if config.exactly_once and config.client == "confluent" and not hasattr(_confluent().ConfluentSink, "begin_transaction"):
+            raise _Refused("--processing-guarantee exactly-once is not supported with --client confluent yet")
         sink = _with_retries("producer", lambda: make_sink(config), stop, broker)
     except (ConfigError, ValueError) as error:  # a client that cannot be built as configured
         raise _Refused(str(error)) from None
@@ -1240,10 +1244,10 @@ def _start(config: WorkerConfig, stop: threading.Event, broker, opened: contextl
     owned = {"sink": True}
     opened.callback(lambda: owned["sink"] and sink.close())
     if config.exactly_once:
-        if not callable(getattr(sink, "begin_transaction", None)):
-            raise _Refused(f"--processing-guarantee exactly-once is not supported with --client {config.client} yet")
         # After init_transactions (the sink's): our previous incarnation's transaction has ended.
         settled = _settle_pending(config, store, stop, broker)
+        if settled is False:  # stopped while waiting for the broker
+            return None
         if settled is not None:
             checkpoint = settled
             rewind = store.rewind(checkpoint)
@@ -1327,7 +1331,7 @@ def _restore(config: WorkerConfig, checkpoint):
 def _settle_pending(config: WorkerConfig, store: CheckpointStore, stop: threading.Event, broker=None):
     """Exactly-once start: a pending checkpoint whose transaction offsets equal the group's
     committed ones was committed (mark it final and return it); any other is deleted and the
-    newest final checkpoint stands (None: use what was loaded)."""
+    newest final checkpoint stands (None: use what was loaded). False if stopped meanwhile."""
     pending = store.latest_pending()
     if pending is None:
         return None
@@ -1336,7 +1340,7 @@ def _settle_pending(config: WorkerConfig, store: CheckpointStore, stop: threadin
         "committed offsets", lambda: _committed_offsets(config, set(wanted)), stop, broker
     )
     if committed is None:
-        raise _Refused("stopped while reading the group's committed offsets")
+        return False
     if wanted and committed == wanted:
         final = store.finalize(pending.path)
         log.info("pending checkpoint %s: its transaction committed; it is final", final.name)
