@@ -15,7 +15,8 @@ import threading
 import time
 
 import pytest
-from test_broker_transactions import committed_offset, read_committed_dropping_aborted
+from kafka_helpers import read_committed_dropping_aborted
+from test_broker_transactions import committed_offset
 
 from stream_learner.io.broker import EmbeddedBroker, create_topics
 
@@ -23,7 +24,7 @@ confluent_kafka = pytest.importorskip("confluent_kafka")
 
 from stream_learner.io import confluent  # noqa: E402
 from stream_learner.io.confluent import ConfluentSink, ConfluentSource  # noqa: E402
-from stream_learner.io.sinks import TransactionAbortable, TransactionFatal  # noqa: E402
+from stream_learner.io.sinks import TransactionFatal  # noqa: E402
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -270,3 +271,30 @@ def test_a_fenced_producers_commit_without_sending_is_fatal_within_its_bound(kaf
     with pytest.raises(TransactionFatal):
         zombie.commit_transaction({}, None)
     assert time.monotonic() - started < TIMEOUT_S  # a guard against a hang, not a timing
+
+
+def test_the_membership_probe_tells_a_member_the_group_forgot(kafka_broker, topics):
+    """What the worker asks before each commit, since the embedded broker does not check the
+    generation of a TxnOffsetCommit: a consumer that stopped polling past
+    ``max.poll.interval.ms`` has left the group (librdkafka leaves by itself; its assignment
+    stays until the next poll), and the probe tells it at once."""
+    from stream_learner.io.retry import transaction_error_kind
+
+    bootstrap = kafka_broker.bootstrap_servers
+    source_topic, _out, group = topics
+    sink = transactional_sink(bootstrap, f"{group}-w1")
+    source = joined_source(bootstrap, source_topic, group, client_options={"max_poll_interval_ms": 6000})
+    try:
+        source.probe_membership()  # a member without committed offsets: nothing to ask, nothing raised
+        sink.commit_transaction({(source_topic, 0): 0}, source.group_metadata())
+        source.probe_membership()  # a member: nothing raised
+        deadline = time.monotonic() + TIMEOUT_S
+        while source.consumer.memberid():  # not polling: librdkafka leaves the group
+            assert time.monotonic() < deadline, "the consumer never left the group"
+            time.sleep(0.2)
+        with pytest.raises(confluent_kafka.KafkaException) as probe:
+            source.probe_membership()
+        assert transaction_error_kind(probe.value) == "abortable", probe.value.args[0]
+    finally:
+        source.close()
+        sink.close()

@@ -291,6 +291,7 @@ class ConfluentSource:
         self._auto_offset_reset = auto_offset_reset  # for the "starting at" log line
         self._polled = False
         self._rebalances = 0
+        self._in_revoke = False
         self._eof = confluent_kafka.KafkaError._PARTITION_EOF
         try:
             self._consumer = confluent_kafka.Consumer(config)
@@ -375,6 +376,7 @@ class ConfluentSource:
         from confluent_kafka import KafkaException, TopicPartition
 
         self._rebalances += 1
+        self._in_revoke = True
         partitions = {(tp.topic, tp.partition) for tp in revoked}
         try:
             if not partitions:
@@ -393,6 +395,7 @@ class ConfluentSource:
             else:
                 log.info("committed offsets on revoke: %s", _fmt(wanted))
         finally:
+            self._in_revoke = False
             if self._cooperative:
                 consumer.incremental_unassign(list(revoked))
             else:
@@ -525,17 +528,29 @@ class ConfluentSource:
                         raise SourceUnavailable(f"consumer: cannot seek {topic}[{partition}]: {_text(error)}") from None
                     time.sleep(0.05)
 
-    def probe_membership(self, offsets: Mapping[Partition, int]) -> None:
-        """Commit ``offsets`` (the ones the group already holds: a no-op) synchronously, to
-        learn whether the group still counts us as a member: raises KafkaException
-        (UNKNOWN_MEMBER_ID, ILLEGAL_GENERATION) when it does not. Tansu ignores the generation
-        in TxnOffsetCommit but checks a plain OffsetCommit's member (docs/exactly-once.md)."""
+    def probe_membership(self) -> None:
+        """Ask the group whether it still counts us as a member, before a transaction commits:
+        raises KafkaException (UNKNOWN_MEMBER_ID, ILLEGAL_GENERATION) when it does not.
+
+        Tansu ignores the generation in TxnOffsetCommit (no KIP-447 fencing) but checks the
+        member of a plain OffsetCommit, and librdkafka has no call that heartbeats now: we
+        commit again, synchronously, the offsets the group already holds (a no-op for a
+        member; nobody else commits for our partitions while we are one). Not from a
+        rebalance callback: there the rebalance itself tells (a lost member gets on_lost)."""
         from confluent_kafka import TopicPartition
 
-        metadata = commit_metadata(self.handler)
-        wanted = [TopicPartition(t, p, o, metadata) for (t, p), o in offsets.items()]
-        if wanted:
-            self._consumer.commit(offsets=wanted, asynchronous=False)
+        if self._in_revoke:
+            return
+        assigned = self._consumer.assignment()
+        if not assigned:
+            return
+        held = [
+            TopicPartition(tp.topic, tp.partition, tp.offset, tp.metadata or "")
+            for tp in self._consumer.committed(assigned, timeout=10)
+            if tp.error is None and tp.offset >= 0
+        ]
+        if held:
+            self._consumer.commit(offsets=held, asynchronous=False)
 
     def lag(self, positions: Mapping[Partition, int]) -> dict[Partition, int]:
         from confluent_kafka import TopicPartition
