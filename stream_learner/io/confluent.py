@@ -5,7 +5,9 @@ are those of :class:`~stream_learner.io.sources.KafkaSource` and
 :class:`~stream_learner.io.sinks.KafkaSink`: manual commits of the offsets the worker hands over,
 the range assignor, the rebalance handler told on revoke (commit what it returns), on assign
 (start where it says, else at the committed offset) and on loss; an idempotent producer whose
-unconfirmed outputs are kept and sent again.
+unconfirmed outputs are kept and sent again. With ``--processing-guarantee exactly-once`` the
+producer is transactional (outputs and consumed offsets committed together, every call bounded
+by ``--transaction-timeout``) and the consumer reads ``read_committed`` (docs/exactly-once.md).
 
 The worker's settings use kafka-python's option names; :func:`librdkafka_options` translates
 them (a name it does not know is refused, so nothing is silently dropped):
