@@ -747,6 +747,8 @@ def write_transactions_report(throughput, cycles, delays, n, paced, learner, loa
         "transaction per batch: *transactions per run* counts those ended between the first and last "
         "batch (the one at shutdown is not in the span), *ms per transaction* is the worker's time in "
         "them (flush, membership probe, pending checkpoint, commit, final checkpoint).",
+        f"* The paced runs last about {paced / args.paced_rate:.0f} s: an interval longer than that commits "
+        "once, when it ends, so every record waits for it.",
         "",
         "![exactly-once cost](pipeline-transactions.png)",
         "",
