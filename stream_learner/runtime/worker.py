@@ -1026,9 +1026,12 @@ def make_sink(config: WorkerConfig) -> Sink:
     from stream_learner.io.sinks import KafkaSink, ProcessSink
 
     sink_class = ProcessSink if config.producer_process else KafkaSink
+    options = config.client_options()
+    if config.exactly_once:
+        options["transaction_timeout_ms"] = broker_transaction_timeout_ms(config)
     return sink_class(
         bootstrap_servers=config.bootstrap_servers,
-        client_options=config.client_options(),
+        client_options=options,
         truncate_topics=truncate_topics,
         **_transactional(config),
     )
@@ -1038,6 +1041,18 @@ def transactional_id(config: WorkerConfig) -> str:
     """The worker's transactional id: stable across its restarts, so that its producer fences
     (and aborts the open transaction of) its previous incarnation."""
     return f"{config.group_id}-{worker_id(config)}"
+
+
+def broker_transaction_timeout_ms(config: WorkerConfig) -> int:
+    """How long the broker lets a transaction stay open before it aborts it and fences the
+    producer: three cycles, at least a minute, at most Kafka's default cap (15 minutes).
+
+    >>> from stream_learner.runtime.config import load_config
+    >>> eos = ["--processing-guarantee", "exactly-once", "--transaction-every-seconds", "120"]
+    >>> broker_transaction_timeout_ms(load_config(["--topic", "t", *eos], environ={}))
+    360000
+    """
+    return int(min(900.0, max(60.0, 3 * config.cycle_seconds)) * 1000)
 
 
 def _transactional(config: WorkerConfig) -> dict:
