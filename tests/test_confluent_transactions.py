@@ -45,14 +45,16 @@ class Handler:
 
 
 def joined_source(bootstrap: str, topic: str, group: str, **options) -> ConfluentSource:
-    """A ConfluentSource that has its partitions (group metadata of a real member)."""
+    """A ConfluentSource that has its partitions (group metadata of a real member); what
+    it read meanwhile is in its ``early`` list."""
     source = ConfluentSource(
         [topic], bootstrap_servers=bootstrap, group_id=group, handler=Handler(), session_timeout_ms=6000, **options
     )
+    source.early = []
     deadline = time.monotonic() + TIMEOUT_S
     while not source.assignment():
         assert time.monotonic() < deadline, "the source got no partitions"
-        source.poll(0.2)
+        source.early += source.poll(0.2)
     return source
 
 
@@ -136,7 +138,7 @@ def test_a_read_committed_source_reads_no_open_transaction(kafka_broker, topics)
     upstream.flush(TIMEOUT_S)
     source = joined_source(bootstrap, source_topic, group, read_committed=True)
     try:
-        values, deadline = [], time.monotonic() + TIMEOUT_S
+        values, deadline = [m.value for m in source.early], time.monotonic() + TIMEOUT_S
         while not values:
             assert time.monotonic() < deadline, "the committed record never came"
             values += [m.value for m in source.poll(0.2)]

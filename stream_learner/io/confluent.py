@@ -98,6 +98,7 @@ _NAMES = {
     "batch_size": "batch.size",
     "compression_type": "compression.type",
     "delivery_timeout_ms": "message.timeout.ms",
+    "transaction_timeout_ms": "transaction.timeout.ms",
 }
 SECRET_OPTIONS = frozenset({"sasl_plain_password", "ssl_password", "sasl.password", "ssl.key.password"})
 # kafka-python's assignor names → librdkafka's (kafka-python's "sticky" is eager; librdkafka
@@ -667,21 +668,26 @@ _TRANSACTION_CALL_SLICE = 5.0
 
 
 def _transactional_config(transactional_id: str, timeout: float, config: Mapping) -> dict:
-    """The producer properties of the transactional mode.
+    """The producer properties of the transactional mode: ``timeout`` bounds each call;
+    ``transaction.timeout.ms`` (how long the broker lets a transaction stay open before it
+    aborts it, the worker's is three cycles) is the client option's, else ``timeout``.
 
     >>> _transactional_config("g-w1", 30.0, {"message.timeout.ms": 120_000})
     {'transactional.id': 'g-w1', 'transaction.timeout.ms': 30000, 'message.timeout.ms': 30000, 'socket.timeout.ms': 30000}
+    >>> _transactional_config("g-w1", 60.0, {"transaction.timeout.ms": 90_000})["message.timeout.ms"]
+    90000
     """
     timeout_ms = int(timeout * 1000)
     if timeout_ms < 1000:
         raise ValueError(f"the transaction timeout must be at least 1 s, not {timeout} s")
+    broker_timeout_ms = int(config.get("transaction.timeout.ms", timeout_ms))
     return {
         "transactional.id": transactional_id,
-        "transaction.timeout.ms": timeout_ms,
+        "transaction.timeout.ms": broker_timeout_ms,
         # librdkafka refuses a message timeout longer than the transaction's.
-        "message.timeout.ms": min(int(config.get("message.timeout.ms", timeout_ms)), timeout_ms),
+        "message.timeout.ms": min(int(config.get("message.timeout.ms", broker_timeout_ms)), broker_timeout_ms),
         # A transaction request (AddOffsetsToTxn) waits for its answer this long whatever the
-        # call's timeout: keep every call within the transaction's bound.
+        # call's timeout: keep every call within its bound.
         "socket.timeout.ms": min(int(config.get("socket.timeout.ms", 60_000)), timeout_ms),
     }
 
@@ -1021,7 +1027,7 @@ class ConfluentSink:
     def _raise_if_broken(self) -> None:
         if self._fatal is not None:
             error = self._fatal
-            raise TransactionFatal(f"transactional producer: {error.str()}")
+            raise TransactionFatal(f"transactional producer: {error.name()}: {error.str()}")
 
     def _call(self, what: str, call, deadline: float | None = None) -> None:
         """``call(timeout)``, again while librdkafka says retriable, until ``deadline``."""
