@@ -48,7 +48,12 @@ def joined_source(bootstrap: str, topic: str, group: str, **options) -> Confluen
     """A ConfluentSource that has its partitions (group metadata of a real member); what
     it read meanwhile is in its ``early`` list."""
     source = ConfluentSource(
-        [topic], bootstrap_servers=bootstrap, group_id=group, handler=Handler(), session_timeout_ms=6000, **options
+        [topic],
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        handler=Handler(),
+        session_timeout_ms=6000,
+        **options,
     )
     source.early = []
     deadline = time.monotonic() + TIMEOUT_S
@@ -66,7 +71,9 @@ def topics(kafka_broker, kafka_names):
     return f"{kafka_names}-in", f"{kafka_names}-out", f"{kafka_names}-group"
 
 
-def transactional_sink(bootstrap: str, transactional_id: str, transaction_timeout: float = TIMEOUT_S, **options):
+def transactional_sink(
+    bootstrap: str, transactional_id: str, transaction_timeout: float = TIMEOUT_S, **options
+):
     return ConfluentSink(
         bootstrap_servers=bootstrap,
         transactional_id=transactional_id,
@@ -98,7 +105,12 @@ def test_committed_outputs_and_offsets_are_visible_once(kafka_broker, topics):
         sink.close()
     finally:
         source.close()
-    assert read_committed_dropping_aborted(bootstrap, out) == [b"first-0", b"first-1", b"first-2", b"second-0"]
+    assert read_committed_dropping_aborted(bootstrap, out) == [
+        b"first-0",
+        b"first-1",
+        b"first-2",
+        b"second-0",
+    ]
 
 
 def test_abort_drops_the_outputs_and_leaves_the_offsets_unmoved(kafka_broker, topics):
@@ -170,7 +182,9 @@ def test_commit_across_a_broker_freeze_completes_when_it_resumes(kafka_names, ca
         source = joined_source(bootstrap, source_topic, group)
         try:
             # Each request waits 5 s for an answer (a frozen broker gives none), then is sent again.
-            sink = transactional_sink(bootstrap, f"{group}-w1", transaction_timeout=120, request_timeout_ms=5000)
+            sink = transactional_sink(
+                bootstrap, f"{group}-w1", transaction_timeout=120, request_timeout_ms=5000
+            )
             sink.begin_transaction()
             sink.send(out, None, b"across-freeze")
             sink.flush(TIMEOUT_S)
@@ -285,7 +299,9 @@ def test_the_membership_probe_tells_a_member_the_group_forgot(kafka_broker, topi
     bootstrap = kafka_broker.bootstrap_servers
     source_topic, _out, group = topics
     sink = transactional_sink(bootstrap, f"{group}-w1")
-    source = joined_source(bootstrap, source_topic, group, client_options={"max_poll_interval_ms": 6000})
+    source = joined_source(
+        bootstrap, source_topic, group, client_options={"max_poll_interval_ms": 6000}
+    )
     try:
         source.probe_membership()  # a member without committed offsets: nothing to ask, nothing raised
         sink.commit_transaction({(source_topic, 0): 0}, source.group_metadata())
