@@ -105,7 +105,13 @@ def group_committed(broker, group: str, topic: str, partitions: int) -> int:
         consumer.close()
 
 
-def test_a_cycle_commits_outputs_and_offsets_in_one_transaction(kafka_client, kafka_broker, kafka_names, tmp_path):
+@pytest.mark.parametrize(
+    "client, producer",
+    [("kafka-python", "producer-process"), ("kafka-python", "in-process"), ("confluent", "in-process")],
+)
+def test_a_cycle_commits_outputs_and_offsets_in_one_transaction(kafka_broker, kafka_names, tmp_path, client, producer):
+    if client == "confluent":
+        pytest.importorskip("confluent_kafka")
     topic = f"{kafka_names}-in"
     create_topics(kafka_broker.bootstrap_servers, {topic: 2, f"{topic}.predictions": 2, f"{topic}.dlq": 1})
     records, messages = stream(topic, 900, seed=1, bad_every=45)
@@ -120,7 +126,8 @@ def test_a_cycle_commits_outputs_and_offsets_in_one_transaction(kafka_client, ka
             "--stop-when-idle", "3",
             "--learners", "nb",
             "--transaction-every-records", "150",
-            "--client", kafka_client,
+            "--client", client,
+            "--producer-process", str(producer == "producer-process"),
             *EXACTLY_ONCE,
         ],
         environ={"STREAM_LEARNER_CHECKPOINT_KEY": KEY},

@@ -161,7 +161,7 @@ def test_a_worker_the_group_no_longer_counts_as_member_aborts_and_writes_nothing
     recs = records(20, seed=2)
     worker, source, sink, store = setup(tmp_path, recs, every=1000)
     refusals = [UnknownMemberIdError(), IllegalGenerationError()]
-    source.probe_membership = lambda: (_ for _ in ()).throw(refusals.pop(0)) if refusals else None
+    source.probe_membership = lambda timeout: (_ for _ in ()).throw(refusals.pop(0)) if refusals else None
     for _ in range(2):
         worker.process_batch(source.poll(0))
         assert worker.checkpoint() is False
@@ -289,14 +289,13 @@ def test_config_exactly_once_options():
          "--transaction-every-seconds", "0.5"],
         environ={},
     )
-    assert config.exactly_once and not config.producer_process
+    assert config.exactly_once and config.producer_process  # the producer process owns the transaction
     assert (config.cycle_records, config.cycle_seconds) == (50, 0.5)
     assert load_config(["--topic", "t"], environ={}).cycle_records == 100_000
     env = load_config(["--topic", "t"], environ={"STREAM_LEARNER_PROCESSING_GUARANTEE": "exactly-once"})
     assert env.exactly_once
     for bad in (
         ["--processing-guarantee", "twice"],
-        ["--processing-guarantee", "exactly-once", "--producer-process", "true"],
         ["--processing-guarantee", "exactly-once", "--consumer-process"],
         ["--processing-guarantee", "exactly-once", "--fusion", "on"],
         ["--transaction-timeout", "0"],
@@ -370,3 +369,15 @@ def test_kafka_sink_commits_offsets_in_the_transaction_and_classifies_failures()
     with pytest.raises(TransactionFatal, match="commit_transaction did not finish"):
         sink.commit_transaction({}, "metadata")
     never.set()
+
+
+def test_a_coordinator_that_does_not_answer_postpones_the_commit_without_aborting(tmp_path):
+    recs = records(20, seed=6)
+    worker, source, sink, store = setup(tmp_path, recs, every=1000)
+    answers = [CallTimedOut("membership check did not finish within 10 s")]
+    source.probe_membership = lambda timeout: (_ for _ in ()).throw(answers.pop(0)) if answers else None
+    worker.process_batch(source.poll(0))
+    assert worker.checkpoint() is False
+    assert sink.transaction and sink.aborts == 0 and worker.counts["learned"] == 5  # kept open
+    drain(worker, source)
+    assert sorted(prediction_ids(sink)) == sorted(r.id for r in recs) and sink.aborts == 0

@@ -531,16 +531,18 @@ class ConfluentSource:
                         raise SourceUnavailable(f"consumer: cannot seek {topic}[{partition}]: {_text(error)}") from None
                     time.sleep(0.05)
 
-    def probe_membership(self) -> None:
+    def probe_membership(self, timeout: float = 10.0) -> None:
         """Ask the group whether it still counts us as a member, before a transaction commits:
-        raises KafkaException (UNKNOWN_MEMBER_ID, ILLEGAL_GENERATION) when it does not.
+        raises :class:`~stream_learner.io.sinks.TransactionAbortable` when it does not
+        (UNKNOWN_MEMBER_ID, ILLEGAL_GENERATION), KafkaException when it cannot tell (a slow
+        coordinator: the worker postpones the commit). A rebalance under way still counts us in.
 
         Tansu ignores the generation in TxnOffsetCommit (no KIP-447 fencing) but checks the
         member of a plain OffsetCommit, and librdkafka has no call that heartbeats now: we
         commit again, synchronously, the offsets the group already holds (a no-op for a
         member; nobody else commits for our partitions while we are one). Not from a
         rebalance callback: there the rebalance itself tells (a lost member gets on_lost)."""
-        from confluent_kafka import TopicPartition
+        from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
         if self._in_revoke:
             return
@@ -549,11 +551,20 @@ class ConfluentSource:
             return
         held = [
             TopicPartition(tp.topic, tp.partition, tp.offset, tp.metadata or "")
-            for tp in self._consumer.committed(assigned, timeout=10)
+            for tp in self._consumer.committed(assigned, timeout=max(0.1, timeout))
             if tp.error is None and tp.offset >= 0
         ]
-        if held:
+        if not held:
+            return
+        try:
             self._consumer.commit(offsets=held, asynchronous=False)
+        except KafkaException as exception:
+            code = exception.args[0].code()
+            if code == KafkaError.REBALANCE_IN_PROGRESS:
+                return
+            if code in (KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION, KafkaError.FENCED_INSTANCE_ID):
+                raise TransactionAbortable(f"consumer: {_text(exception)}") from None
+            raise
 
     def lag(self, positions: Mapping[Partition, int]) -> dict[Partition, int]:
         from confluent_kafka import TopicPartition

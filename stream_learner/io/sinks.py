@@ -531,6 +531,8 @@ class ProcessSink:
         self._conn = Connection(ours.detach())
         self._pending: list[tuple] = []
         self._output_errors: dict[tuple[str, str], int] = {}
+        self.transactional_id = options.get("transactional_id")
+        self.transaction_timeout = float(options.get("transaction_timeout", 60.0))
         self._conn.send((bootstrap_servers, dict(client_options or {}), options, logging.getLogger().level))
         reply = self._receive(timeout=60.0)
         if reply[0] != "ready":
@@ -563,12 +565,47 @@ class ProcessSink:
         if len(reply) > 2:  # the child's refused outputs since the last flush
             for key, n in reply[2].items():
                 self._output_errors[key] = self._output_errors.get(key, 0) + n
+        self._raise_for(reply, "flushed")
+
+    def _raise_for(self, reply, ok: str) -> None:
+        """Raise what the child's reply says went wrong (nothing if it is ``ok``)."""
         if reply[0] == "fatal":
             from stream_learner.io.retry import FatalBrokerError
 
             raise FatalBrokerError(str(reply[1]))
-        if reply[0] != "flushed":
+        if reply[0] == "abortable":
+            raise TransactionAbortable(str(reply[1]))
+        if reply[0] == "transaction_fatal":
+            raise TransactionFatal(str(reply[1]))
+        if reply[0] != ok:
             raise SinkError(str(reply[1]))
+
+    # Transactions: commands down the pipe; the child's KafkaSink owns the transaction.
+
+    def begin_transaction(self) -> None:
+        self._command("begin", None)  # its failure (fenced) comes back with the next answer
+
+    def commit_transaction(self, offsets: Mapping[Partition, int], group_metadata) -> None:
+        self.dispatch()
+        self._command("commit", (dict(offsets), group_metadata))
+        # The child bounds each step by the transaction timeout; a silent child is stuck.
+        reply = self._receive(timeout=2 * self.transaction_timeout + 30.0)
+        if reply[0] == "error" and "did not answer" in str(reply[1]):
+            raise TransactionFatal(f"commit: {reply[1]}")
+        self._raise_for(reply, "committed")
+
+    def abort_transaction(self) -> None:
+        self._pending.clear()
+        self._command("abort", None)
+        reply = self._receive(timeout=self.transaction_timeout + 30.0)
+        if reply[0] != "aborted":
+            raise TransactionFatal(f"abort: {reply[1]}")
+
+    def _command(self, command: str, argument) -> None:
+        try:
+            self._conn.send((command, argument))
+        except (OSError, EOFError):
+            raise TransactionFatal(f"the producer process has stopped (exit code {self._process.poll()})") from None
 
     def take_output_errors(self) -> dict[tuple[str, str], int]:
         errors, self._output_errors = self._output_errors, {}
@@ -624,6 +661,7 @@ def _producer_process(fd: int) -> None:
         conn.send(("error", auth_failure(error)))  # what lies behind a bootstrap timeout
         return
     conn.send(("ready", None))
+    failed: list[BaseException] = []  # a begin_transaction that failed: told with the next answer
 
     def answer(message) -> bool:
         try:
@@ -641,17 +679,19 @@ def _producer_process(fd: int) -> None:
             sink._pending.extend(argument)
             sink.dispatch()
         elif command == "flush":
-            from stream_learner.io.retry import FatalBrokerError
-
+            if not answer(_outcome(sink, "flushed", failed, sink.flush, argument)):
+                return
+        elif command == "begin":
             try:
-                sink.flush(argument)
-            except FatalBrokerError as error:
-                conn.send(("fatal", str(error), sink.take_output_errors()))
-            except SinkError as error:
-                delivered = answer(("error", str(error), sink.take_output_errors()))
-            else:
-                delivered = answer(("flushed", None, sink.take_output_errors()))
-            if not delivered:
+                sink.begin_transaction()
+            except Exception as error:  # told with the next answer
+                failed.append(error)
+        elif command == "commit":
+            if not answer(_outcome(sink, "committed", failed, sink.commit_transaction, *argument)):
+                return
+        elif command == "abort":
+            failed.clear()
+            if not answer(_outcome(sink, "aborted", failed, sink.abort_transaction)):
                 return
         elif command == "close":
             try:
@@ -660,6 +700,25 @@ def _producer_process(fd: int) -> None:
                 log.warning("producer closed uncleanly: %s", error)
             answer(("closed", None))
             return
+
+
+def _outcome(sink: KafkaSink, ok: str, failed: list, step, *args) -> tuple:
+    """The producer process's answer to one command: ``(ok | error kind, detail, refused outputs)``."""
+    from stream_learner.io.retry import FatalBrokerError
+
+    try:
+        if failed:
+            raise failed.pop()
+        step(*args)
+    except FatalBrokerError as error:
+        return ("fatal", str(error), sink.take_output_errors())
+    except TransactionAbortable as error:
+        return ("abortable", str(error), sink.take_output_errors())
+    except TransactionFatal as error:
+        return ("transaction_fatal", str(error), sink.take_output_errors())
+    except SinkError as error:
+        return ("error", str(error), sink.take_output_errors())
+    return (ok, None, sink.take_output_errors())
 
 
 class Outputs:

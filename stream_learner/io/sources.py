@@ -323,7 +323,7 @@ class KafkaSource:
             if (topic, partition) in owned:
                 self._consumer.seek(TopicPartition(topic, partition), offset)
 
-    def probe_membership(self) -> None:
+    def probe_membership(self, timeout: float = 10.0) -> None:
         """Ask the group coordinator whether it still counts us as a member of the current
         generation (a heartbeat, writing nothing); raises UnknownMemberIdError or
         IllegalGenerationError when it does not. A rebalance under way still counts us in.
@@ -334,11 +334,16 @@ class KafkaSource:
         the rebalance itself tells (a member that expired gets on_partitions_lost)."""
         from kafka.errors import RebalanceInProgressError
 
+        from stream_learner.io.retry import call_within
+
         if self._in_listener:
             return
         coordinator = self._consumer._coordinator
         with contextlib.suppress(RebalanceInProgressError):
-            coordinator._net.run(coordinator._send_heartbeat_request)
+            # Bounded: a broker that does not answer holds it for request_timeout_ms (30 s).
+            call_within(
+                lambda: coordinator._net.run(coordinator._send_heartbeat_request), max(0.1, timeout), "membership check"
+            )
 
     def _free_parked_records(self) -> None:
         # kafka-python 3.0 parks the fetched records of a paused partition and hands them back

@@ -125,7 +125,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("label_ttl", _optional_float, "seconds a record waits for its label (none: forever)"),
     _Option("max_classes", int, "most classes the learners learn; a record with a label past them is dead-lettered (too_many_classes)"),
     _Option("seed", int, "random seed of the learners"),
-    _Option("processing_guarantee", str, "at-least-once | exactly-once: with exactly-once, each cycle's predictions, dead letters, drift events and consumed offsets are written in one Kafka transaction, with a checkpoint that agrees with it (kafka-python: the producer runs in the worker's process)"),
+    _Option("processing_guarantee", str, "at-least-once | exactly-once: with exactly-once, each cycle's predictions, dead letters, drift events and consumed offsets are written in one Kafka transaction, with a checkpoint that agrees with it"),
     _Option("transaction_every_records", _optional_int, "exactly-once: end the transaction (and checkpoint) after this many records (default: --checkpoint-every-records)"),
     _Option("transaction_every_seconds", _optional_float, "exactly-once: end the transaction (and checkpoint) after this many seconds; outputs become visible to read_committed readers then (default: --checkpoint-every-seconds)"),
     _Option("transaction_timeout", float, "exactly-once: seconds a transaction's commit or abort may take; past it the worker exits non-zero and its restart recovers (a fenced or frozen broker may never answer)"),
@@ -312,12 +312,9 @@ class WorkerConfig:
             raise ConfigError("transaction_every_seconds must be positive (or none)")
         if not self.exactly_once:
             return
-        # The transaction's producer must see every output and the consumer's group metadata.
-        if self.producer_process or self.consumer_process:
-            raise ConfigError(
-                "exactly-once needs the producer and the consumer in the worker's process: "
-                "give --producer-process false and leave --consumer-process off"
-            )
+        # The transaction's producer needs the consumer's group metadata, at each commit.
+        if self.consumer_process:
+            raise ConfigError("exactly-once needs the consumer in the worker's process: leave --consumer-process off")
         if self.fusion_rules is not None:
             raise ConfigError("exactly-once does not support --fusion yet: snapshots are written outside the transactions")
 
@@ -501,8 +498,6 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         except (TypeError, ValueError) as error:
             shown = "***" if option.secret else repr(raw)
             raise ConfigError(f"{where}: bad value {shown}: {error}") from None
-    if values.get("processing_guarantee") == "exactly-once" and "producer_process" not in values:
-        values["producer_process"] = False  # the transaction's producer lives in the worker's process
     if "topics" not in values:
         raise ConfigError("no input topic: give --topic (or STREAM_LEARNER_TOPICS, or topics in the config file)")
     for name in ("sasl_plain_password", "ssl_password"):

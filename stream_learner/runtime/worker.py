@@ -518,12 +518,12 @@ class Worker:
         probe = getattr(self.source, "probe_membership", None)
         if probe is None:
             return
-        from stream_learner.io.retry import transaction_error_kind
-
         try:
-            probe()
+            probe(self._time_for(self.flush_timeout))
         except Exception as error:
-            if transaction_error_kind(error) == "abortable":
+            if isinstance(error, TransactionAbortable) or type(error).__name__ in (
+                "UnknownMemberIdError", "IllegalGenerationError", "FencedInstanceIdError"
+            ):
                 raise TransactionAbortable(f"the group no longer counts us as a member: {_describe(error)}") from error
             raise SinkError(f"cannot reach the group coordinator: {_describe(error)}") from error
 
