@@ -563,7 +563,7 @@ class ConfluentSource:
             if code == KafkaError.REBALANCE_IN_PROGRESS:
                 return
             if code in (KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION, KafkaError.FENCED_INSTANCE_ID):
-                raise TransactionAbortable(f"consumer: {_text(exception)}") from None
+                raise TransactionAbortable(f"consumer: {exception.args[0].name()}: {_text(exception)}") from None
             raise
 
     def lag(self, positions: Mapping[Partition, int]) -> dict[Partition, int]:
