@@ -600,8 +600,8 @@ def transactions_main(args) -> int:
     throughput = {
         (client, label): []
         for client in clients
-        # Exactly-once keeps kafka-python's producer in the worker's process: that part of the
-        # cost, without transactions.
+        # kafka-python's producer in the worker's process (exactly-once can run either way):
+        # what the producer's place costs, without transactions.
         for label in ["at-least-once", *([IN_PROCESS] if client == "kafka-python" else []), *list(modes)[1:]]
     }
     # (client, mode label) → transactions ended inside the measured span, and their seconds.
