@@ -48,6 +48,7 @@ bench: venv
 	$(BIN)/python -m benchmarks.learners
 	$(BIN)/python -m benchmarks.neural --memory
 	$(BIN)/python -m benchmarks.pipeline
+	$(BIN)/python -m benchmarks.pipeline --transactions --learners nb --repeats 3 --paced 1500
 	$(BIN)/python -m benchmarks.metrics_cost
 	$(BIN)/python -m benchmarks.adversarial
 	$(BIN)/python -m benchmarks.clients

@@ -18,6 +18,13 @@ measured records/s.
 
 Run: ``.venv/bin/python -m benchmarks.pipeline [--limit N]`` (needs ``stream-learner datasets
 fetch vader``). Writes benchmarks/results/pipeline.md and pipeline.png.
+
+``--transactions`` measures the cost of ``--processing-guarantee exactly-once`` instead: the
+worker's records/s in both modes in the same run, for several transaction intervals
+(``--transaction-every-records``), and the end-to-end delay from the input's produce time to
+the moment a ``read_committed`` reader (its own process) sees the prediction, in paced runs for
+several ``--transaction-every-seconds``. Writes the "Exactly-once" section of pipeline.md
+(the rest of the file is kept) and pipeline-transactions.png.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ from stream_learner.runtime.config import WorkerConfig, load_config
 from stream_learner.runtime.worker import run_worker
 
 RESULTS = Path(__file__).parent / "results"
+# pipeline.md from this line on is the --transactions run's; each run keeps the other's part.
+TRANSACTIONS_MARK = "<!-- exactly-once: written by benchmarks.pipeline --transactions -->"
 TARGET_RATIO = 0.70
 # The worker runs with its defaults; the consumer's other place is measured for comparison.
 OTHER_CONSUMER = "false" if WorkerConfig.consumer_process else "true"
@@ -129,10 +138,11 @@ def checkpoint_cost(worker, directory):
     return time.perf_counter() - started, path.stat().st_size
 
 
-def run_worker_timed(broker, topic, learner, group, checkpoint_dir, expected, predictions_topic, *extra):
+def run_worker_timed(broker, topic, learner, group, checkpoint_dir, expected, predictions_topic, *extra, stats=None):
     """Run the worker until idle; returns (records/s over the processing span, worker).
 
-    The worker's default configuration, unless ``extra`` options say otherwise."""
+    The worker's default configuration, unless ``extra`` options say otherwise. ``stats``
+    (a dict) gets the number and seconds of the transactions ended inside the span."""
     config = load_config(
         [
             "--topic", topic,
@@ -162,6 +172,19 @@ def run_worker_timed(broker, topic, learner, group, checkpoint_dir, expected, pr
 
         worker.process_batch = timed
         span["worker"] = worker
+        end_transaction = getattr(worker, "_end_transaction", None)
+        if stats is not None and end_transaction is not None:
+
+            def counted(reason, end_transaction=end_transaction):
+                started = time.perf_counter()
+                try:
+                    return end_transaction(reason)
+                finally:
+                    if reason != "shutdown" and "first" in span:  # inside the measured span
+                        stats["transactions"] = stats.get("transactions", 0) + 1
+                        stats["seconds"] = stats.get("seconds", 0.0) + time.perf_counter() - started
+
+            worker._end_transaction = counted
 
     # Checkpoints and flushes happen between batches: count them in by timing up to the end
     # of the next batch; the last checkpoint (at shutdown) is not part of the stream.
@@ -179,7 +202,22 @@ def main(argv=None) -> int:
     parser.add_argument("--learners", default="neural,nb")
     parser.add_argument("--partitions", type=int, default=3)
     parser.add_argument("--paced", type=int, default=3000, help="records in the paced latency run")
+    parser.add_argument(
+        "--transactions", action="store_true", help="measure --processing-guarantee exactly-once against at-least-once"
+    )
+    parser.add_argument(
+        "--client", default="kafka-python,confluent", help="--transactions: the worker's Kafka clients, comma-separated"
+    )
+    parser.add_argument(
+        "--every-records", default="100,1000,10000", help="--transactions: transaction intervals (records) for records/s"
+    )
+    parser.add_argument(
+        "--every-seconds", default="0.1,1,5", help="--transactions: transaction intervals (seconds) for the delay"
+    )
+    parser.add_argument("--paced-rate", type=float, default=500.0, help="--transactions: records/s of the paced runs")
     args = parser.parse_args(argv)
+    if args.transactions:
+        return transactions_main(args)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     os.environ.setdefault("STREAM_LEARNER_CHECKPOINT_KEY", secrets.token_hex(32))
@@ -426,8 +464,297 @@ def write_report(rows, n, args):
         "![throughput and latency](pipeline.png)",
         "",
     ]
-    (RESULTS / "pipeline.md").write_text("\n".join(lines))
+    _write_part(lines, first=True)
     print((RESULTS / "pipeline.md").read_text())
+
+
+def _write_part(lines: list[str], *, first: bool) -> None:
+    """Write this run's part of pipeline.md (``first``: the part above TRANSACTIONS_MARK),
+    keeping the other part."""
+    path = RESULTS / "pipeline.md"
+    old = path.read_text() if path.exists() else ""
+    above, _, below = old.partition(TRANSACTIONS_MARK)
+    text = "\n".join(lines).rstrip() + "\n"
+    if first:
+        new = text + ("\n" + TRANSACTIONS_MARK + below if below else "")
+    else:
+        new = above.rstrip() + "\n\n" + TRANSACTIONS_MARK + "\n\n" + text
+    path.write_text(new)
+
+
+# -- --transactions: exactly-once vs at-least-once --------------------------------------------
+
+IN_PROCESS = "at-least-once, --producer-process false"
+
+# A read_committed reader in its own process (no GIL taken from the worker): when each
+# prediction became visible (wall clock, ms), by key, once ``expected`` have come.
+VISIBILITY_READER = r"""
+import json, sys, time
+from kafka import KafkaConsumer, TopicPartition
+bootstrap, topic, expected, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+consumer = KafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed",
+                         enable_auto_commit=False, fetch_max_wait_ms=20)
+tps = []
+while not tps:
+    tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+consumer.assign(tps)
+consumer.seek_to_beginning(*tps)
+print("ready", flush=True)
+seen, deadline = {}, time.monotonic() + 600
+while len(seen) < expected and time.monotonic() < deadline:
+    batch = consumer.poll(timeout_ms=50)
+    now = time.time() * 1000
+    for records in batch.values():
+        for record in records:
+            seen.setdefault(record.key.decode(), now)
+with open(out, "w") as handle:
+    json.dump(seen, handle)
+"""
+
+
+def _exactly_once_options(client, every_records=None, every_seconds=None):
+    options = ["--client", client, "--processing-guarantee", "exactly-once"]
+    if every_records is not None:
+        options += ["--transaction-every-records", str(every_records), "--transaction-every-seconds", "3600"]
+    if every_seconds is not None:
+        options += ["--transaction-every-seconds", str(every_seconds), "--transaction-every-records", "1000000"]
+    return options
+
+
+def _paced_visibility(broker, work, jsonl, name, partitions, n, rate, learner, options):
+    """Delays (ms) from each input's produce time to its prediction's visibility to a
+    read_committed reader, while records arrive at ``rate``/s."""
+    topic = f"paced.{name}"
+    create_topics(broker.bootstrap_servers, {topic: partitions, f"{topic}.predictions": partitions})
+    seen_path = work / f"seen-{name}.json"
+    reader = subprocess.Popen(
+        [sys.executable, "-c", VISIBILITY_READER, broker.bootstrap_servers, f"{topic}.predictions", str(n), str(seen_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        if reader.stdout.readline().strip() != "ready":
+            raise RuntimeError("the visibility reader did not start")
+        producer = _Deferred(
+            [
+                sys.executable, "-m", "stream_learner.cli.main", "produce", str(jsonl),
+                "--topic", topic, "--bootstrap-servers", broker.bootstrap_servers,
+                "--rate", f"{rate:.0f}", "--limit", str(n),
+            ]
+        )
+        config = load_config(
+            [
+                "--topic", topic,
+                "--bootstrap-servers", broker.bootstrap_servers,
+                "--group-id", f"paced-{name}",
+                "--learners", learner,
+                "--checkpoint-dir", str(work / f"paced-{name}"),
+                "--session-timeout-ms", "6000",
+                "--stop-when-idle", "10",  # the producer process takes a few seconds to start
+                *options,
+            ],
+            environ={},
+        )
+
+        def start_when_assigned(worker):
+            assigned = worker.partitions_assigned
+
+            def hook(partitions, committed, **kwargs):
+                seeks = assigned(partitions, committed, **kwargs)
+                if partitions:
+                    producer.start()
+                return seeks
+
+            worker.partitions_assigned = hook
+
+        if run_worker(config, on_ready=start_when_assigned) != 0:
+            raise RuntimeError(f"paced worker {name} failed")
+        producer.wait()
+        reader.wait(timeout=120)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+    seen = json.loads(seen_path.read_text())
+    inputs, _ = read_all(broker.bootstrap_servers, topic, n)
+    return [seen[m.key.decode()] - m.timestamp for m in inputs if m.key is not None and m.key.decode() in seen]
+
+
+def transactions_main(args) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    os.environ.setdefault("STREAM_LEARNER_CHECKPOINT_KEY", secrets.token_hex(32))
+    learner = args.learners.split(",")[-1].strip()  # one learner: nb unless told
+    clients = [c.strip() for c in args.client.split(",") if c.strip()]
+    records = datasets.load_records(args.dataset, limit=args.limit)
+    n = len(records)
+    work = Path(tempfile.mkdtemp(prefix="bench-transactions-"))
+    jsonl = work / "records.jsonl"
+    encode = Decoder().encode
+    with open(jsonl, "wb") as handle:
+        for record in records:
+            handle.write(encode(record) + b"\n")
+    every_records = [int(x) for x in args.every_records.split(",") if x]
+    every_seconds = [float(x) for x in args.every_seconds.split(",") if x]
+    # (client, mode label) → records/s of each run; mode labels: "at-least-once" or "every …".
+    modes = {"at-least-once": None} | {f"every {k:,} records": k for k in every_records}
+    throughput = {
+        (client, label): []
+        for client in clients
+        # kafka-python's producer in the worker's process (exactly-once can run either way):
+        # what the producer's place costs, without transactions.
+        for label in ["at-least-once", *([IN_PROCESS] if client == "kafka-python" else []), *list(modes)[1:]]
+    }
+    # (client, mode label) → transactions ended inside the measured span, and their seconds.
+    cycles = {key: {"transactions": 0, "seconds": 0.0} for key in throughput}
+    delays, loads = {}, []
+    with EmbeddedBroker() as broker:
+        topic = "bench"
+        create_topics(broker.bootstrap_servers, {topic: args.partitions})
+        produce_records(records, bootstrap_servers=broker.bootstrap_servers, topic=topic)
+        for _repeat in range(args.repeats):
+            # Alternate the modes within each repeat: the machine is shared.
+            for (client, label) in throughput:
+                every = modes.get(label)
+                options = ["--client", client] if every is None else _exactly_once_options(client, every_records=every)
+                if label == IN_PROCESS:
+                    options += ["--producer-process", "false"]
+                run = f"{len(loads)}"
+                predictions = f"{topic}.{run}.predictions"
+                create_topics(broker.bootstrap_servers, {predictions: args.partitions})
+                loads.append(os.getloadavg()[0])
+                stats = {}
+                rate, _ = run_worker_timed(
+                    broker, topic, learner, f"bench-{run}", work / f"ckpt-{run}", n, predictions, *options, stats=stats
+                )
+                throughput[(client, label)].append(rate)
+                for name in ("transactions", "seconds"):
+                    cycles[(client, label)][name] += stats.get(name, 0)
+                print(
+                    f"{client}, {label}: {rate:,.0f} records/s, {stats.get('transactions', 0)} transactions "
+                    f"in {stats.get('seconds', 0.0):.2f} s (load {loads[-1]:.2f})",
+                    flush=True,
+                )
+        paced = min(args.paced, n)
+        for client in clients:
+            paced_modes = [("at-least-once", ["--client", client])] + [
+                (f"every {s:g} s", _exactly_once_options(client, every_seconds=s)) for s in every_seconds
+            ]
+            for label, options in paced_modes:
+                name = f"{len(delays)}"
+                d = delays[(client, label)] = _paced_visibility(
+                    broker, work, jsonl, name, args.partitions, paced, args.paced_rate, learner, options
+                )
+                print(
+                    f"{client}, {label}: delay p50 {percentile(d, 50):.0f} ms, p99 {percentile(d, 99):.0f} ms "
+                    f"({len(d)} seen)",
+                    flush=True,
+                )
+    write_transactions_report(throughput, cycles, delays, n, paced, learner, loads, args)
+    return 0
+
+
+def _mode_name(label: str) -> str:
+    return label if label.startswith("at-least-once") else f"exactly-once, a transaction {label}"
+
+
+def write_transactions_report(throughput, cycles, delays, n, paced, learner, loads, args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    RESULTS.mkdir(exist_ok=True)
+    best = {key: max(rates) for key, rates in throughput.items()}
+    clients = list(dict.fromkeys(client for client, _ in best))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110)
+    for axis, values, title in (
+        (left, {k: best[k] for k in best}, f"Worker records/s ({learner}; label: / at-least-once)"),
+        (right, {k: percentile(v, 50) for k, v in delays.items()}, "Produce → visible to read_committed, p50 ms (log)"),
+    ):
+        labels = list(dict.fromkeys(label for _, label in values))
+        width = 0.8 / len(clients)
+        for c, client in enumerate(clients):
+            xs = [i + (c - (len(clients) - 1) / 2) * width for i in range(len(labels))]
+            heights = [values.get((client, label), float("nan")) for label in labels]
+            axis.bar(xs, heights, width, label=client)
+            if axis is left:
+                base = values[(client, "at-least-once")]
+                for x, h in zip(xs, heights, strict=True):
+                    axis.text(x, h, f"{h / base:.0%}", ha="center", va="bottom", fontsize=7)
+        ticks = [x.replace("every ", "exactly-once\nevery ").replace(", --producer", ",\n--producer") for x in labels]
+        axis.set_xticks(range(len(labels)), ticks, fontsize=7)
+        axis.set_title(title, fontsize=10)
+        axis.legend(fontsize=8)
+    right.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "pipeline-transactions.png")
+    plt.close(fig)
+
+    lines = [
+        "## Exactly-once (`--processing-guarantee exactly-once`) against at-least-once",
+        "",
+        f"Stream: `{args.dataset}`, {n:,} records, {args.partitions} partitions, learner `{learner}`, "
+        f"embedded Tansu broker. Machine: {platform.machine()}, {os.cpu_count()} cores, shared with other "
+        f"jobs (1-minute load {min(loads):.1f}–{max(loads):.1f} during the throughput runs). All figures "
+        "from one run of",
+        "",
+        f"    .venv/bin/python -m benchmarks.pipeline --transactions --learners {learner} --client {args.client} "
+        f"--limit {args.limit} --repeats {args.repeats} --paced {args.paced} --paced-rate {args.paced_rate:g} "
+        f"--every-records {args.every_records} --every-seconds {args.every_seconds}",
+        "",
+        f"Records/s: best of {args.repeats} runs of each mode, alternating the modes, over the same topic "
+        "(first to last batch).",
+        "",
+        "| client | mode | worker rec/s | / at-least-once | µs per record over at-least-once | each run "
+        "| transactions per run | ms per transaction |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (client, label), rates in throughput.items():
+        base = best[(client, "at-least-once")]
+        count, seconds = cycles[(client, label)]["transactions"], cycles[(client, label)]["seconds"]
+        per_run = f"{count / len(rates):.0f}" if label.startswith("every") else "–"
+        per_transaction = f"{1000 * seconds / count:.1f}" if count else "–"
+        lines.append(
+            f"| {client} | {_mode_name(label)} | {best[(client, label)]:,.0f} | {best[(client, label)] / base:.0%} | "
+            f"{1e6 / best[(client, label)] - 1e6 / base:,.0f} | " + ", ".join(f"{r:,.0f}" for r in rates)
+            + f" | {per_run} | {per_transaction} |"
+        )
+    lines += [
+        "",
+        f"End-to-end delay: input produce time → the prediction is read by a `read_committed` consumer "
+        f"(its own process, polling every ≤ 50 ms), {paced:,} records paced at {args.paced_rate:,.0f} records/s.",
+        "",
+        "| client | mode | p50 ms | p90 ms | p99 ms | max ms | predictions seen |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (client, label), d in delays.items():
+        lines.append(
+            f"| {client} | {_mode_name(label)} | {percentile(d, 50):,.0f} | {percentile(d, 90):,.0f} | "
+            f"{percentile(d, 99):,.0f} | {max(d, default=float('nan')):,.0f} | {len(d):,} of {paced:,} |"
+        )
+    lines += [
+        "",
+        "* Each exactly-once transaction is a cycle: outputs sent inside it, offsets sent with "
+        "`send_offsets_to_transaction`, a *pending* checkpoint written (state + offsets, fsynced), "
+        "the commit, the checkpoint marked final (docs/exactly-once.md). Its cost per transaction is "
+        "mostly that checkpoint and the commit's round trips; the interval spreads it over more records.",
+        "* At-least-once checkpoints at its defaults (100,000 records / 30 s: none inside these runs), "
+        "and its predictions are visible as soon as they are written; exactly-once predictions are "
+        "visible only at their transaction's commit, so the delay grows with the interval.",
+        "* The throughput runs fix the interval in records (seconds set to an hour), the paced runs in "
+        "seconds (records set to a million). The worker ends a transaction between batches (up to "
+        "`--max-poll-records`, 500, records each), so an interval below the batch size means one "
+        "transaction per batch: *transactions per run* counts those ended between the first and last "
+        "batch (the one at shutdown is not in the span), *ms per transaction* is the worker's time in "
+        "them (flush, membership probe, pending checkpoint, commit, final checkpoint).",
+        f"* The paced runs last about {paced / args.paced_rate:.0f} s: an interval longer than that commits "
+        "once, when it ends, so every record waits for it.",
+        "",
+        "![exactly-once cost](pipeline-transactions.png)",
+        "",
+    ]
+    _write_part(lines, first=False)
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ def test_librdkafka_accepts_every_name_the_translation_produces():
         "fetch_min_bytes": 1, "fetch_max_bytes": 52428800, "max_partition_fetch_bytes": 1048576,
         "isolation_level": "read_uncommitted", "enable_idempotence": True, "acks": -1, "linger_ms": 5,
         "batch_size": 16384, "compression_type": "gzip", "delivery_timeout_ms": 120000,
+        "transaction_timeout_ms": 120000,
     }
     assert set(samples) == set(_NAMES)  # a new translation needs a sample here
     quiet = logging.getLogger("test.librdkafka")

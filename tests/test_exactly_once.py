@@ -105,8 +105,13 @@ def group_committed(broker, group: str, topic: str, partitions: int) -> int:
         consumer.close()
 
 
-@pytest.mark.parametrize("producer", ["producer-process", "in-process"])
-def test_a_cycle_commits_outputs_and_offsets_in_one_transaction(kafka_broker, kafka_names, tmp_path, producer, monkeypatch):
+@pytest.mark.parametrize(
+    "client, producer",
+    [("kafka-python", "producer-process"), ("kafka-python", "in-process"), ("confluent", "in-process")],
+)
+def test_a_cycle_commits_outputs_and_offsets_in_one_transaction(kafka_broker, kafka_names, tmp_path, client, producer, monkeypatch):
+    if client == "confluent":
+        pytest.importorskip("confluent_kafka")
     topic = f"{kafka_names}-in"
     create_topics(kafka_broker.bootstrap_servers, {topic: 2, f"{topic}.predictions": 2, f"{topic}.dlq": 1})
     records, messages = stream(topic, 900, seed=1, bad_every=45)
@@ -121,6 +126,7 @@ def test_a_cycle_commits_outputs_and_offsets_in_one_transaction(kafka_broker, ka
             "--stop-when-idle", "3",
             "--learners", "nb",
             "--transaction-every-records", "150",
+            "--client", client,
             "--producer-process", str(producer == "producer-process"),
             *EXACTLY_ONCE,
         ],
@@ -137,7 +143,7 @@ def test_a_cycle_commits_outputs_and_offsets_in_one_transaction(kafka_broker, ka
     assert sum(store.load_latest().offsets.values()) == len(messages)
 
 
-def test_kill_9_ten_times_every_output_once_and_the_model_exact(kafka_broker, kafka_names, tmp_path):
+def test_kill_9_ten_times_every_output_once_and_the_model_exact(kafka_client, kafka_broker, kafka_names, tmp_path):
     n = 8000
     topic = f"{kafka_names}-in"
     create_topics(kafka_broker.bootstrap_servers, {topic: 3, f"{topic}.predictions": 3, f"{topic}.dlq": 1})
@@ -157,7 +163,7 @@ def test_kill_9_ten_times_every_output_once_and_the_model_exact(kafka_broker, ka
     rng = random.Random(5)
     sizes_at_kill = []
     for kills in range(10):
-        process = start_worker_process(kafka_broker, kafka_names, checkpoint_dir, log_path, *cadence)
+        process = start_worker_process(kafka_broker, kafka_names, checkpoint_dir, log_path, *cadence, client=kafka_client)
         wait_for_log(log_path, ASSIGNED, count=kills + 1, process=process)
         time.sleep(rng.uniform(0.2, 2.0))  # a random moment to kill at, not a wait for an event
         assert process.poll() is None, log_path.read_text()[-3000:]
@@ -166,7 +172,7 @@ def test_kill_9_ten_times_every_output_once_and_the_model_exact(kafka_broker, ka
         sizes_at_kill.append(messages_checkpointed(checkpoint_dir))
     producer.join()
     process = start_worker_process(
-        kafka_broker, kafka_names, checkpoint_dir, log_path, *cadence, "--stop-when-idle", "4"
+        kafka_broker, kafka_names, checkpoint_dir, log_path, *cadence, "--stop-when-idle", "4", client=kafka_client,
     )
     assert process.wait(timeout=180) == 0, log_path.read_text()[-3000:]
 
@@ -186,7 +192,7 @@ def test_kill_9_ten_times_every_output_once_and_the_model_exact(kafka_broker, ka
     assert len(set(sizes_at_kill)) >= 6 and max(sizes_at_kill) < len(messages), sizes_at_kill
 
 
-def test_a_rebalance_commits_the_open_transaction_before_the_partitions_go(kafka_broker, kafka_names, tmp_path):
+def test_a_rebalance_commits_the_open_transaction_before_the_partitions_go(kafka_client, kafka_broker, kafka_names, tmp_path):
     n = 6000
     topic = f"{kafka_names}-in"
     create_topics(kafka_broker.bootstrap_servers, {topic: 4, f"{topic}.predictions": 4, f"{topic}.dlq": 1})
@@ -197,13 +203,13 @@ def test_a_rebalance_commits_the_open_transaction_before_the_partitions_go(kafka
     cadence = [*EXACTLY_ONCE, "--transaction-every-records", "1000000", "--transaction-every-seconds", "3600"]
     first = start_worker_process(
         kafka_broker, kafka_names, tmp_path / "a", tmp_path / "a.log", *cadence, "--worker-id", "a",
-        "--stop-when-idle", "6",
+        "--stop-when-idle", "6", client=kafka_client,
     )
     wait_for_log(tmp_path / "a.log", ASSIGNED, process=first)
     read_topic(kafka_broker.bootstrap_servers, f"{topic}.predictions", expected=1)  # outputs in flight
     second = start_worker_process(
         kafka_broker, kafka_names, tmp_path / "b", tmp_path / "b.log", *cadence, "--worker-id", "b",
-        "--stop-when-idle", "6",
+        "--stop-when-idle", "6", client=kafka_client,
     )
     wait_for_log(tmp_path / "b.log", ASSIGNED, process=second)
     producer.join()
@@ -221,7 +227,7 @@ def test_a_rebalance_commits_the_open_transaction_before_the_partitions_go(kafka
     assert_each_once(dead, [key.decode() for _, key, value in messages if value == b"{not json"])
 
 
-def test_a_zombie_resumed_after_losing_its_partitions_writes_nothing_visible(kafka_broker, kafka_names, tmp_path):
+def test_a_zombie_resumed_after_losing_its_partitions_writes_nothing_visible(kafka_client, kafka_broker, kafka_names, tmp_path):
     """A worker SIGSTOPped past its session timeout with a transaction open, while a second
     worker takes its partitions; then SIGCONT.
 
@@ -239,7 +245,7 @@ def test_a_zombie_resumed_after_losing_its_partitions_writes_nothing_visible(kaf
     produce_messages(messages[: len(messages) // 2], bootstrap_servers=kafka_broker.bootstrap_servers)
     cadence = [*EXACTLY_ONCE, "--transaction-every-records", "1000000", "--transaction-every-seconds", "3600"]
     zombie = start_worker_process(
-        kafka_broker, kafka_names, tmp_path / "z", tmp_path / "z.log", *cadence, "--worker-id", "z", group=group
+        kafka_broker, kafka_names, tmp_path / "z", tmp_path / "z.log", *cadence, "--worker-id", "z", group=group, client=kafka_client,
     )
     try:
         wait_for_log(tmp_path / "z.log", ASSIGNED, process=zombie)
@@ -248,7 +254,7 @@ def test_a_zombie_resumed_after_losing_its_partitions_writes_nothing_visible(kaf
         zombie.send_signal(signal.SIGSTOP)
         successor = start_worker_process(
             kafka_broker, kafka_names, tmp_path / "s", tmp_path / "s.log", *cadence, "--worker-id", "s",
-            "--stop-when-idle", "8", group=group,
+            "--stop-when-idle", "8", group=group, client=kafka_client,
         )
         wait_for_log(tmp_path / "s.log", ASSIGNED, process=successor)  # after the zombie expired
         produce_messages(messages[len(messages) // 2 :], bootstrap_servers=kafka_broker.bootstrap_servers)
@@ -267,7 +273,7 @@ def test_a_zombie_resumed_after_losing_its_partitions_writes_nothing_visible(kaf
     assert_each_once(dead, [key.decode() for _, key, value in messages if value == b"{not json"])
 
 
-def test_a_broker_freeze_mid_transaction_loses_and_repeats_nothing(kafka_names, tmp_path):
+def test_a_broker_freeze_mid_transaction_loses_and_repeats_nothing(kafka_client, kafka_names, tmp_path):
     """The broker SIGSTOPped while a transaction is open, then resumed. A broker of its own:
     freezing the shared one would stall the other tests."""
     n = 3000
@@ -281,7 +287,7 @@ def test_a_broker_freeze_mid_transaction_loses_and_repeats_nothing(kafka_names, 
             "--worker-id", "node-a", "--stop-when-idle", "5",
         ]
         log_path = tmp_path / "worker.log"
-        process = start_worker_process(broker, kafka_names, tmp_path / "ckpt", log_path, *cadence)
+        process = start_worker_process(broker, kafka_names, tmp_path / "ckpt", log_path, *cadence, client=kafka_client)
         try:
             wait_for_log(log_path, ASSIGNED, process=process)
             producer = producing(broker, messages[len(messages) // 2 :], rate=500)
@@ -295,7 +301,7 @@ def test_a_broker_freeze_mid_transaction_loses_and_repeats_nothing(kafka_names, 
             producer.join()
             code = process.wait(timeout=180)
             if code != 0:  # a commit cut short by --transaction-timeout: the restart recovers
-                process = start_worker_process(broker, kafka_names, tmp_path / "ckpt", log_path, *cadence)
+                process = start_worker_process(broker, kafka_names, tmp_path / "ckpt", log_path, *cadence, client=kafka_client)
                 assert process.wait(timeout=180) == 0, log_path.read_text()[-3000:]
         finally:
             if process.poll() is None:
@@ -349,7 +355,7 @@ def test_the_membership_probe_tells_a_member_the_group_forgot(kafka_broker, kafk
         source.close(timeout=5)
 
 
-def test_an_oversized_dead_letter_is_truncated_inside_the_transaction(kafka_broker, kafka_names, tmp_path, monkeypatch):
+def test_an_oversized_dead_letter_is_truncated_inside_the_transaction(kafka_client, kafka_broker, kafka_names, tmp_path, monkeypatch):
     """A 2 MiB message is over the producer's 1 MiB limit: its dead letter never enters the
     transaction, and its truncated copy is written in the same transaction instead (Tansu does
     not enforce ``max.message.bytes``, so the broker-side refusal is not reachable here)."""
@@ -378,6 +384,7 @@ def test_an_oversized_dead_letter_is_truncated_inside_the_transaction(kafka_brok
             "--session-timeout-ms", "3000",
             "--stop-when-idle", "3",
             "--learners", "nb",
+            "--client", kafka_client,
             *EXACTLY_ONCE,
         ],
         environ={"STREAM_LEARNER_CHECKPOINT_KEY": KEY},

@@ -5,7 +5,9 @@ are those of :class:`~stream_learner.io.sources.KafkaSource` and
 :class:`~stream_learner.io.sinks.KafkaSink`: manual commits of the offsets the worker hands over,
 the range assignor, the rebalance handler told on revoke (commit what it returns), on assign
 (start where it says, else at the committed offset) and on loss; an idempotent producer whose
-unconfirmed outputs are kept and sent again.
+unconfirmed outputs are kept and sent again. With ``--processing-guarantee exactly-once`` the
+producer is transactional (outputs and consumed offsets committed together, every call bounded
+by ``--transaction-timeout``) and the consumer reads ``read_committed`` (docs/exactly-once.md).
 
 The worker's settings use kafka-python's option names; :func:`librdkafka_options` translates
 them (a name it does not know is refused, so nothing is silently dropped):
@@ -21,13 +23,22 @@ ValueError: client option 'api_version' has no librdkafka equivalent; give its l
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import time
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from stream_learner.io.retry import Backoff, FatalBrokerError, fatal_message, is_fatal
-from stream_learner.io.sinks import Headers, SinkError, _raise_if_fatal, _Refusals, output_refusal
+from stream_learner.io.sinks import (
+    Headers,
+    SinkError,
+    TransactionAbortable,
+    TransactionFatal,
+    _raise_if_fatal,
+    _Refusals,
+    output_refusal,
+)
 from stream_learner.io.sources import (
     Message,
     Partition,
@@ -38,7 +49,12 @@ from stream_learner.io.sources import (
     describe_starts,
 )
 
-__all__ = ["ConfluentSource", "ConfluentSink", "librdkafka_options"]
+__all__ = [
+    "ConfluentSink",
+    "ConfluentSource",
+    "librdkafka_options",
+    "transaction_error_kind",
+]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +98,7 @@ _NAMES = {
     "batch_size": "batch.size",
     "compression_type": "compression.type",
     "delivery_timeout_ms": "message.timeout.ms",
+    "transaction_timeout_ms": "transaction.timeout.ms",
 }
 SECRET_OPTIONS = frozenset({"sasl_plain_password", "ssl_password", "sasl.password", "ssl.key.password"})
 # kafka-python's assignor names → librdkafka's (kafka-python's "sticky" is eager; librdkafka
@@ -235,6 +252,7 @@ class ConfluentSource:
         session_timeout_ms: int = 10_000,
         auto_offset_reset: str = "earliest",
         client_options: Mapping | None = None,
+        read_committed: bool = False,
     ):
         confluent_kafka = _require()
         options = dict(client_options or {})
@@ -246,8 +264,9 @@ class ConfluentSource:
         bootstrap_timeout = options.get("bootstrap_timeout_ms", 10_000) / 1000.0
         config = {
             "heartbeat.interval.ms": max(100, session_timeout_ms // 5),
-            # kafka-python's default; librdkafka's is read_committed.
-            "isolation.level": "read_uncommitted",
+            # kafka-python's default (librdkafka's is read_committed); exactly-once reads
+            # read_committed, so that it never learns from an aborted upstream transaction.
+            "isolation.level": "read_committed" if read_committed else "read_uncommitted",
             # Every second, how long since each broker last sent us anything: broker_contact.
             "statistics.interval.ms": 1000,
             "stats_cb": self._on_stats,
@@ -275,6 +294,7 @@ class ConfluentSource:
         self._auto_offset_reset = auto_offset_reset  # for the "starting at" log line
         self._polled = False
         self._rebalances = 0
+        self._in_revoke = False
         self._eof = confluent_kafka.KafkaError._PARTITION_EOF
         try:
             self._consumer = confluent_kafka.Consumer(config)
@@ -359,6 +379,7 @@ class ConfluentSource:
         from confluent_kafka import KafkaException, TopicPartition
 
         self._rebalances += 1
+        self._in_revoke = True
         partitions = {(tp.topic, tp.partition) for tp in revoked}
         try:
             if not partitions:
@@ -377,6 +398,7 @@ class ConfluentSource:
             else:
                 log.info("committed offsets on revoke: %s", _fmt(wanted))
         finally:
+            self._in_revoke = False
             if self._cooperative:
                 consumer.incremental_unassign(list(revoked))
             else:
@@ -482,6 +504,68 @@ class ConfluentSource:
     def assignment(self) -> set[Partition]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
 
+    def group_metadata(self):
+        """The consumer group's metadata (member id, generation) for
+        :meth:`ConfluentSink.commit_transaction`: Kafka refuses offsets of a member that is
+        no longer in the group, which fences a worker that lost its partitions (Tansu does not
+        check it: docs/exactly-once.md)."""
+        return self._consumer.consumer_group_metadata()
+
+    def seek(self, offsets: Mapping[Partition, int]) -> None:
+        """Read these owned partitions from these offsets next (after an aborted transaction);
+        librdkafka drops what it fetched ahead for them."""
+        from confluent_kafka import KafkaException, TopicPartition
+
+        owned = self.assignment()
+        for (topic, partition), offset in offsets.items():
+            if (topic, partition) not in owned:
+                continue
+            deadline = time.monotonic() + 10.0
+            while True:
+                try:
+                    self._consumer.seek(TopicPartition(topic, partition, offset))
+                    break
+                except KafkaException as error:
+                    # _STATE: a partition just assigned whose fetcher has not started yet.
+                    if time.monotonic() > deadline:
+                        raise SourceUnavailable(f"consumer: cannot seek {topic}[{partition}]: {_text(error)}") from None
+                    time.sleep(0.05)
+
+    def probe_membership(self, timeout: float = 10.0) -> None:
+        """Ask the group whether it still counts us as a member, before a transaction commits:
+        raises :class:`~stream_learner.io.sinks.TransactionAbortable` when it does not
+        (UNKNOWN_MEMBER_ID, ILLEGAL_GENERATION), KafkaException when it cannot tell (a slow
+        coordinator: the worker postpones the commit). A rebalance under way still counts us in.
+
+        Tansu ignores the generation in TxnOffsetCommit (no KIP-447 fencing) but checks the
+        member of a plain OffsetCommit, and librdkafka has no call that heartbeats now: we
+        commit again, synchronously, the offsets the group already holds (a no-op for a
+        member; nobody else commits for our partitions while we are one). Not from a
+        rebalance callback: there the rebalance itself tells (a lost member gets on_lost)."""
+        from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+        if self._in_revoke:
+            return
+        assigned = self._consumer.assignment()
+        if not assigned:
+            return
+        held = [
+            TopicPartition(tp.topic, tp.partition, tp.offset, tp.metadata or "")
+            for tp in self._consumer.committed(assigned, timeout=max(0.1, timeout))
+            if tp.error is None and tp.offset >= 0
+        ]
+        if not held:
+            return
+        try:
+            self._consumer.commit(offsets=held, asynchronous=False)
+        except KafkaException as exception:
+            code = exception.args[0].code()
+            if code == KafkaError.REBALANCE_IN_PROGRESS:
+                return
+            if code in (KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION, KafkaError.FENCED_INSTANCE_ID):
+                raise TransactionAbortable(f"consumer: {exception.args[0].name()}: {_text(exception)}") from None
+            raise
+
     def lag(self, positions: Mapping[Partition, int]) -> dict[Partition, int]:
         from confluent_kafka import TopicPartition
 
@@ -557,6 +641,68 @@ def _producer_broken_codes() -> frozenset:
     return frozenset(getattr(KafkaError, name) for name in names if hasattr(KafkaError, name))
 
 
+def transaction_error_kind(error) -> str:
+    """``"fatal"``, ``"abortable"`` or ``"retriable"`` for a librdkafka transaction error.
+
+    PRODUCER_FENCED is fatal even when librdkafka flags it abortable: Tansu answers a fenced
+    Produce with it (Kafka: INVALID_PRODUCER_EPOCH, abortable, then PRODUCER_FENCED on EndTxn,
+    fatal), and the abort that would follow never gets an answer. An error of no class
+    (``_STATE``, ``_CONFLICT``: a call the transaction's state does not allow) is fatal too.
+
+    >>> from confluent_kafka import KafkaError
+    >>> transaction_error_kind(KafkaError(KafkaError._TIMED_OUT, retriable=True))
+    'retriable'
+    >>> transaction_error_kind(KafkaError(KafkaError.PRODUCER_FENCED, txn_requires_abort=True))
+    'fatal'
+    >>> transaction_error_kind(KafkaError(KafkaError._CONFLICT))
+    'fatal'
+    """
+    if error.fatal() or error.code() in _fenced_codes():
+        return "fatal"
+    if error.txn_requires_abort():
+        return "abortable"
+    if error.retriable():
+        return "retriable"
+    return "fatal"
+
+
+@functools.cache
+def _fenced_codes() -> frozenset:
+    from confluent_kafka import KafkaError
+
+    return frozenset({KafkaError.PRODUCER_FENCED, KafkaError._FENCED})
+
+
+# A transaction call waits at most this long before it is called again (and a warning says
+# so): the whole call stays bounded by the transaction timeout.
+_TRANSACTION_CALL_SLICE = 5.0
+
+
+def _transactional_config(transactional_id: str, timeout: float, config: Mapping) -> dict:
+    """The producer properties of the transactional mode: ``timeout`` bounds each call;
+    ``transaction.timeout.ms`` (how long the broker lets a transaction stay open before it
+    aborts it, the worker's is three cycles) is the client option's, else ``timeout``.
+
+    >>> _transactional_config("g-w1", 30.0, {"message.timeout.ms": 120_000})
+    {'transactional.id': 'g-w1', 'transaction.timeout.ms': 30000, 'message.timeout.ms': 30000, 'socket.timeout.ms': 30000}
+    >>> _transactional_config("g-w1", 60.0, {"transaction.timeout.ms": 90_000})["message.timeout.ms"]
+    90000
+    """
+    timeout_ms = int(timeout * 1000)
+    if timeout_ms < 1000:
+        raise ValueError(f"the transaction timeout must be at least 1 s, not {timeout} s")
+    broker_timeout_ms = int(config.get("transaction.timeout.ms", timeout_ms))
+    return {
+        "transactional.id": transactional_id,
+        "transaction.timeout.ms": broker_timeout_ms,
+        # librdkafka refuses a message timeout longer than the transaction's.
+        "message.timeout.ms": min(int(config.get("message.timeout.ms", broker_timeout_ms)), broker_timeout_ms),
+        # A transaction request (AddOffsetsToTxn) waits for its answer this long whatever the
+        # call's timeout: keep every call within its bound.
+        "socket.timeout.ms": min(int(config.get("socket.timeout.ms", 60_000)), timeout_ms),
+    }
+
+
 class ConfluentSink:
     """An idempotent confluent-kafka producer that re-sends what failed until it is confirmed.
 
@@ -575,6 +721,14 @@ class ConfluentSink:
     A ``partition_hint`` (the input partition) picks the output partition, as in
     :class:`~stream_learner.io.sinks.KafkaSink`; without one, keys are partitioned by murmur2 as
     kafka-python and the Java client do (librdkafka's default hash differs).
+
+    With a ``transactional_id`` (``--processing-guarantee exactly-once``) it is a transactional
+    producer: outputs are sent between :meth:`begin_transaction` and :meth:`commit_transaction`,
+    which commits them together with the consumed offsets, and nothing is re-sent (a failed
+    delivery makes the transaction abortable: :class:`TransactionAbortable`). Every
+    transaction call is bounded by ``transaction_timeout`` seconds (also the broker's
+    ``transaction.timeout.ms``), retried within it while librdkafka says retriable (a commit
+    across a broker freeze), and raises :class:`TransactionFatal` beyond it or when fenced.
     """
 
     def __init__(
@@ -585,6 +739,8 @@ class ConfluentSink:
         linger_ms: int = 20,
         batch_size: int = 256 * 1024,
         truncate_topics: Collection[str] = (),
+        transactional_id: str | None = None,
+        transaction_timeout: float = 60.0,
     ):
         confluent_kafka = _require()
         options = dict(client_options or {})
@@ -602,6 +758,16 @@ class ConfluentSink:
             "error_cb": self._on_error,
             "logger": _LIBRDKAFKA_LOG,
         }
+        if transactional_id is not None:
+            config.update(_transactional_config(transactional_id, transaction_timeout, config))
+        self.transactional_id = transactional_id  # recorded in the pending checkpoint
+        self._transactional = transactional_id is not None
+        self._transaction_timeout = transaction_timeout
+        self._in_transaction = False
+        # Outputs the broker refused inside a transaction (which then had to abort), by
+        # (topic, SHA-256 of the value): re-processing makes them again; they are replaced or
+        # dropped before sending next time, so that they cannot abort every transaction.
+        self._refused_in_transaction: dict[tuple[str, bytes], Any] = {}
         self._startup_errors: list | None = []
         try:
             self._producer = confluent_kafka.Producer(config)
@@ -617,6 +783,9 @@ class ConfluentSink:
         self._unconfirmed: list[list] = []
         self._partitions: dict[str, int] = {}
         self._fatal = None
+        if self._transactional:
+            # First: fences our previous incarnation and aborts the transaction it left open.
+            self._call("init_transactions", self._producer.init_transactions)
 
     def _on_error(self, error) -> None:
         if self._startup_errors is not None:
@@ -631,7 +800,11 @@ class ConfluentSink:
         self._pending.append((topic, key, value, list(headers), partition_hint))
 
     def dispatch(self) -> None:
-        if self._fatal is not None:
+        if self._transactional:
+            self._raise_if_broken()
+            if self._pending and not self._in_transaction:
+                self.begin_transaction()
+        elif self._fatal is not None:
             self._replace_producer()
         pending, self._pending = self._pending, []
         for message in pending:
@@ -654,6 +827,12 @@ class ConfluentSink:
         return hint % count if count else -1
 
     def _send(self, entry: list) -> None:
+        if self._refused_in_transaction and self._in_transaction:
+            message = self._instead_of_refused(entry[0])
+            if message is None:
+                entry[1] = True  # refused for good in an aborted transaction: dropped, counted
+                return
+            entry[0] = message
         topic, key, value, headers, hint = entry[0]
         entry[1] = None
 
@@ -662,7 +841,11 @@ class ConfluentSink:
                 entry[1] = True
                 return
             entry[1] = error
-            if error.fatal() or error.code() in _producer_broken_codes():
+            if self._transactional and output_refusal(error) is not None:
+                self._remember_refused(entry[0], error)
+            # In a transaction only a fenced producer is beyond repair: the rest aborts it.
+            broken = _fenced_codes() if self._transactional else _producer_broken_codes()
+            if error.fatal() or error.code() in broken:
                 self._fatal = error
 
         try:
@@ -689,6 +872,9 @@ class ConfluentSink:
                 entry[1] = RuntimeError("not sent")
 
     def flush(self, timeout: float) -> None:
+        if self._transactional:
+            self._flush_transactional(timeout)
+            return
         self.dispatch()
         deadline = time.monotonic() + timeout
         while True:
@@ -719,12 +905,16 @@ class ConfluentSink:
                 for entry in failed:
                     self._send(entry)
 
-    def _handle_refused(self) -> None:
+    def _handle_refused(self, unsent_only: bool = False) -> None:
         """Messages refused for good leave ``_unconfirmed``: a truncated copy is sent in place
-        of a dead letter too large, anything else is counted and dropped."""
+        of a dead letter too large, anything else is counted and dropped. ``unsent_only``:
+        only those librdkafka refused at ``produce()`` (never part of a transaction)."""
         kept = []
         for entry in self._unconfirmed:
             state = entry[1]
+            if unsent_only and not isinstance(state, BaseException):
+                kept.append(entry)
+                continue
             if state is not True and state is not None and output_refusal(state) is not None:
                 copy = self._refusals.handle(entry[0], state)
                 if copy is None:
@@ -738,4 +928,145 @@ class ConfluentSink:
         return self._refusals.take()
 
     def close(self, timeout: float = 10.0) -> None:
+        if self._transactional and self._in_transaction:
+            # Never commit here: the worker commits with its offsets. What is open is aborted
+            # (by the broker at our successor's init_transactions if this abort fails).
+            try:
+                self.abort_transaction()
+            except (SinkError, TransactionFatal) as error:
+                log.warning("could not abort the open transaction at close: %s", error)
         self._producer.flush(timeout)
+
+    # -- transactions (exactly-once) --------------------------------------------------
+
+    def begin_transaction(self) -> None:
+        """Start the transaction of a cycle (a no-op when one is open)."""
+        self._raise_if_broken()
+        if self._in_transaction:
+            return
+        from confluent_kafka import KafkaException
+
+        try:
+            self._producer.begin_transaction()
+        except KafkaException as exception:
+            self._raise_transaction_error("begin_transaction", exception.args[0])
+        self._in_transaction = True
+
+    def commit_transaction(self, offsets: Mapping[Partition, int], group_metadata, metadata: str = "") -> None:
+        """Commit the outputs sent since :meth:`begin_transaction` and, in the same
+        transaction, ``offsets`` (the next offset of each input partition) as the consumer
+        group's (``group_metadata``: ``ConfluentSource.group_metadata()``).
+
+        Returns once the broker has committed. Raises :class:`TransactionAbortable` (call
+        :meth:`abort_transaction`) or :class:`TransactionFatal`; a commit that timed out is
+        called again until ``transaction_timeout`` has passed since this call, then fatal
+        (whether it committed is then told by the group's committed offsets at restart).
+        """
+        from confluent_kafka import TopicPartition
+
+        if not self._in_transaction:
+            if not offsets and not self._pending:
+                return
+            self.begin_transaction()
+        deadline = time.monotonic() + self._transaction_timeout
+        # Every output delivered first (as librdkafka's commit would): one the client refused,
+        # or its full queue, never entered the transaction and must not be committed without.
+        self._flush_transactional(self._transaction_timeout)
+        if offsets:
+            wanted = [TopicPartition(t, p, o, metadata) for (t, p), o in offsets.items()]
+            self._call(
+                "send_offsets_to_transaction",
+                lambda timeout: self._producer.send_offsets_to_transaction(wanted, group_metadata, timeout),
+                deadline,
+            )
+        # librdkafka's commit flushes first, and fails (abortable) if any output failed.
+        self._call("commit_transaction", self._producer.commit_transaction, deadline)
+        self._in_transaction = False
+        self._unconfirmed.clear()
+
+    def abort_transaction(self) -> None:
+        """Abort the open transaction: its outputs (sent or not) and offsets are dropped.
+        Raises :class:`TransactionFatal` when even the abort fails (fenced, or no answer
+        within ``transaction_timeout``)."""
+        self._pending.clear()
+        if not self._in_transaction:
+            return
+        self._raise_if_broken()  # a fenced producer's abort is never answered on Tansu
+        try:
+            self._call("abort_transaction", self._producer.abort_transaction)
+        finally:
+            self._unconfirmed.clear()
+        self._in_transaction = False
+
+    def _flush_transactional(self, timeout: float) -> None:
+        """Confirm delivery inside the transaction within ``timeout``. What the broker refused
+        makes the transaction abortable (never re-sent: the transaction is all or nothing);
+        what the client refused at ``produce()`` never entered it: truncated or dropped as
+        outside transactions, or sent again (a full queue). SinkError when not confirmed yet."""
+        self.dispatch()
+        deadline = time.monotonic() + timeout
+        while True:
+            self._producer.flush(max(0.1, deadline - time.monotonic()))
+            self._raise_if_broken()
+            self._handle_refused(unsent_only=True)
+            unsent = [entry for entry in self._unconfirmed if isinstance(entry[1], BufferError)]
+            for entry in unsent:
+                self._send(entry)
+            waiting = [entry for entry in self._unconfirmed if entry[1] is None]
+            if not waiting or time.monotonic() >= deadline:
+                break
+        failed = [entry[1] for entry in self._unconfirmed if entry[1] is not True and entry[1] is not None]
+        # Refused by the broker, or by produce() for a reason other than its size or a full queue.
+        lost = [state for state in failed if not isinstance(state, BufferError)]
+        if lost:
+            raise TransactionAbortable(f"{len(lost)} outputs were not delivered ({_text(lost[0])})")
+        if failed or waiting:
+            raise SinkError(f"{len(failed) + len(waiting)} outputs not confirmed within {timeout:.0f} s")
+        self._unconfirmed.clear()
+
+    def _remember_refused(self, message: tuple, error) -> None:
+        if len(self._refused_in_transaction) >= 10_000:  # bounded: forget the oldest at once
+            self._refused_in_transaction.clear()
+        self._refused_in_transaction[(message[0], hashlib.sha256(message[2] or b"").digest())] = error
+
+    def _instead_of_refused(self, message: tuple) -> tuple | None:
+        """The message to send in place of one the broker refused in an aborted transaction
+        (a truncated dead letter), or None (dropped, counted); the message itself otherwise."""
+        error = self._refused_in_transaction.get((message[0], hashlib.sha256(message[2] or b"").digest()))
+        return message if error is None else self._refusals.handle(message, error)
+
+    def _raise_if_broken(self) -> None:
+        if self._fatal is not None:
+            error = self._fatal
+            raise TransactionFatal(f"transactional producer: {error.name()}: {error.str()}")
+
+    def _call(self, what: str, call, deadline: float | None = None) -> None:
+        """``call(timeout)``, again while librdkafka says retriable, until ``deadline``."""
+        from confluent_kafka import KafkaException
+
+        if deadline is None:
+            deadline = time.monotonic() + self._transaction_timeout
+        while True:
+            started = time.monotonic()
+            remaining = deadline - started
+            try:
+                call(max(0.1, min(remaining, _TRANSACTION_CALL_SLICE)))
+                return
+            except KafkaException as exception:
+                error = exception.args[0]
+            if transaction_error_kind(error) != "retriable":
+                self._raise_transaction_error(what, error)
+            if time.monotonic() >= deadline:
+                raise TransactionFatal(
+                    f"{what} did not complete within the transaction timeout "
+                    f"({self._transaction_timeout:.0f} s): {error.str()}"
+                )
+            log.warning("%s: %s; calling it again (%.0f s left)", what, error.str(), deadline - time.monotonic())
+            time.sleep(max(0.0, min(0.5 - (time.monotonic() - started), deadline - time.monotonic())))  # no spinning
+
+    def _raise_transaction_error(self, what: str, error) -> None:
+        kind = transaction_error_kind(error)
+        if kind == "abortable":
+            raise TransactionAbortable(f"{what}: {error.str()} (the transaction must be aborted)")
+        self._fatal = self._fatal or error
+        raise TransactionFatal(f"{what}: {error.name()}: {error.str()}")

@@ -524,7 +524,9 @@ class Worker:
         try:
             probe(self._time_for(self.flush_timeout))
         except Exception as error:
-            if type(error).__name__ in ("UnknownMemberIdError", "IllegalGenerationError", "FencedInstanceIdError"):
+            if isinstance(error, TransactionAbortable) or type(error).__name__ in (
+                "UnknownMemberIdError", "IllegalGenerationError", "FencedInstanceIdError"
+            ):
                 raise TransactionAbortable(f"the group no longer counts us as a member: {_describe(error)}") from error
             raise SinkError(f"cannot reach the group coordinator: {_describe(error)}") from error
 
@@ -940,19 +942,19 @@ def make_sink(config: WorkerConfig) -> Sink:
     """The output producer of ``config.client``."""
     # A dead letter too large for its topic is replaced by a truncated copy, never retried.
     truncate_topics = (config.dead_letter_topic,) if config.dead_letter_topic else ()
+    options = config.client_options()
+    if config.exactly_once:
+        options["transaction_timeout_ms"] = broker_transaction_timeout_ms(config)
     if config.client == "confluent":  # librdkafka produces on its own threads: in-process
         return _confluent().ConfluentSink(
             bootstrap_servers=config.bootstrap_servers,
-            client_options=config.client_options(),
+            client_options=options,
             truncate_topics=truncate_topics,
             **_transactional(config),
         )
     from stream_learner.io.sinks import KafkaSink, ProcessSink
 
     sink_class = ProcessSink if config.producer_process else KafkaSink
-    options = config.client_options()
-    if config.exactly_once:
-        options["transaction_timeout_ms"] = broker_transaction_timeout_ms(config)
     return sink_class(
         bootstrap_servers=config.bootstrap_servers,
         client_options=options,
