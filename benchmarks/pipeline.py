@@ -585,7 +585,7 @@ def transactions_main(args) -> int:
     os.environ.setdefault("STREAM_LEARNER_CHECKPOINT_KEY", secrets.token_hex(32))
     learner = args.learners.split(",")[-1].strip()  # one learner: nb unless told
     clients = [c.strip() for c in args.client.split(",") if c.strip()]
-    records = datasets.load_records(args.dataset, limit=args.limit)
+    records = readers.load_records(args.dataset, limit=args.limit)
     n = len(records)
     work = Path(tempfile.mkdtemp(prefix="bench-transactions-"))
     jsonl = work / "records.jsonl"
