@@ -280,3 +280,14 @@ def read_committed_topic(bootstrap: str, topic: str, partitions: int) -> list:
         for partition in range(partitions)
         for record in read_committed_dropping_aborted(bootstrap, topic, partition, records=True)
     ]
+
+
+def committed_offset(bootstrap: str, group: str, topic: str, partition: int = 0) -> int | None:
+    """The group's committed offset, read without joining the group."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return consumer.committed(TopicPartition(topic, partition))
+    finally:
+        consumer.close()

@@ -16,7 +16,7 @@ import sys
 import time
 
 import pytest
-from kafka_helpers import TIMEOUT_S, drain, read_committed_dropping_aborted
+from kafka_helpers import TIMEOUT_S, committed_offset, drain, read_committed_dropping_aborted
 
 from stream_learner.io.broker import create_topics
 
@@ -278,17 +278,6 @@ def client(request, kafka_broker):
 def topic(kafka_broker, kafka_names):
     create_topics(kafka_broker.bootstrap_servers, {f"{kafka_names}-out": 1})
     return f"{kafka_names}-out"
-
-
-def committed_offset(bootstrap: str, group: str, topic: str, partition: int = 0) -> int | None:
-    """The group's committed offset, read without joining the group."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    try:
-        return consumer.committed(TopicPartition(topic, partition))
-    finally:
-        consumer.close()
 
 
 def transaction_error(client, action) -> str:

@@ -15,8 +15,7 @@ import threading
 import time
 
 import pytest
-from kafka_helpers import read_committed_dropping_aborted
-from test_broker_transactions import committed_offset
+from kafka_helpers import committed_offset, read_committed_dropping_aborted
 
 from stream_learner.io.broker import EmbeddedBroker, create_topics
 
