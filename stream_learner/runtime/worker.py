@@ -1174,8 +1174,6 @@ def _start(config: WorkerConfig, stop: threading.Event, broker, opened: contextl
             return None
         opened.callback(fusion.feed.stop)
     try:
-        if config.exactly_once and config.client == "confluent" and not hasattr(_confluent().ConfluentSink, "begin_transaction"):
-            raise _Refused("--processing-guarantee exactly-once is not supported with --client confluent yet")
         sink = _with_retries("producer", lambda: make_sink(config), stop, broker)
     except (ConfigError, ValueError) as error:  # a client that cannot be built as configured
         raise _Refused(str(error)) from None
