@@ -380,7 +380,10 @@ def test_worker_waits_for_an_unreachable_broker_and_then_works(kafka_names, tmp_
     port = free_port()
     log_path = tmp_path / "worker.log"
     late = EmbeddedBroker(port=port)
-    process = start_worker_process(late, kafka_names, tmp_path / "ckpt", log_path, "--stop-when-idle", "3", client=kafka_client)
+    # --create-topics: the worker may reach the empty broker before the test's own create_topics.
+    process = start_worker_process(
+        late, kafka_names, tmp_path / "ckpt", log_path, "--stop-when-idle", "3", "--create-topics", client=kafka_client
+    )
     try:
         wait_for_log(log_path, "broker unreachable", count=2, process=process)
         assert process.poll() is None, log_path.read_text()[-3000:]
