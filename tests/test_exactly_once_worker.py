@@ -23,6 +23,7 @@ from stream_learner.io.retry import CallTimedOut, call_within, transaction_error
 from stream_learner.io.sinks import MemorySink, Outputs, TransactionAbortable, TransactionFatal
 from stream_learner.io.sources import MemorySource
 from stream_learner.runtime.config import ConfigError, load_config
+from stream_learner.runtime.metrics import TRANSACTION_OUTCOMES, StreamMetrics
 from stream_learner.runtime.worker import Worker, read_state
 from stream_learner.state.checkpoint import CheckpointStore
 
@@ -67,7 +68,7 @@ def restore_from(store):
     return reload
 
 
-def setup(tmp_path, recs, *, every=7, committed=None, checkpoint=None):
+def setup(tmp_path, recs, *, every=7, committed=None, checkpoint=None, metrics=None):
     """A worker, its source and sink; the group's committed offsets are ``source.committed``."""
     store = CheckpointStore(tmp_path / "ckpt", KEY)
     source = MemorySource(partitioned(recs), max_poll_records=5, committed=committed)
@@ -86,6 +87,7 @@ def setup(tmp_path, recs, *, every=7, committed=None, checkpoint=None):
         checkpoint_every_records=every,
         exactly_once=True,
         reload=restore_from(store),
+        metrics=metrics,
     )
     source.handler = worker
     worker.source = source
@@ -136,9 +138,17 @@ def test_each_cycle_commits_its_outputs_and_offsets_in_one_transaction(tmp_path)
     assert store.load_latest().offsets == source.committed
 
 
+def transactions_counted(metrics):
+    return {
+        outcome: metrics.registry.get_sample_value("stream_learner_transactions_total", {"outcome": outcome})
+        for outcome in TRANSACTION_OUTCOMES
+    }
+
+
 def test_an_abortable_commit_restores_the_learners_and_writes_every_output_once(tmp_path):
     recs = records(60, seed=1)
-    worker, source, sink, store = setup(tmp_path, recs)
+    metrics = StreamMetrics(process_metrics=False)
+    worker, source, sink, store = setup(tmp_path, recs, metrics=metrics)
     original = sink.commit_transaction
     calls = collections.Counter()
 
@@ -151,6 +161,7 @@ def test_an_abortable_commit_restores_the_learners_and_writes_every_output_once(
     sink.commit_transaction = commit
     drain(worker, source)
     assert sink.aborts == 2 and store.pending_paths() == []
+    assert transactions_counted(metrics) == {"committed": sink.commits, "postponed": 0, "aborted": 2}
     assert sorted(prediction_ids(sink)) == sorted(r.id for r in recs)  # each exactly once
     assert nb_parameters(worker.processor) == uninterrupted(recs)  # counts: order-free
     assert worker.counts["learned"] == len(recs)
@@ -374,7 +385,8 @@ def test_kafka_sink_commits_offsets_in_the_transaction_and_classifies_failures()
 
 def test_a_coordinator_that_does_not_answer_postpones_the_commit_without_aborting(tmp_path):
     recs = records(20, seed=6)
-    worker, source, sink, store = setup(tmp_path, recs, every=1000)
+    metrics = StreamMetrics(process_metrics=False)
+    worker, source, sink, store = setup(tmp_path, recs, every=1000, metrics=metrics)
     answers = [CallTimedOut("membership check did not finish within 10 s")]
     source.probe_membership = lambda timeout: (_ for _ in ()).throw(answers.pop(0)) if answers else None
     worker.process_batch(source.poll(0))
@@ -382,3 +394,4 @@ def test_a_coordinator_that_does_not_answer_postpones_the_commit_without_abortin
     assert sink.transaction and sink.aborts == 0 and worker.counts["learned"] == 5  # kept open
     drain(worker, source)
     assert sorted(prediction_ids(sink)) == sorted(r.id for r in recs) and sink.aborts == 0
+    assert transactions_counted(metrics) == {"committed": 1, "postponed": 1, "aborted": 0}

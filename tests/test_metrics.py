@@ -23,6 +23,7 @@ from stream_learner.runtime.metrics import (
     DEAD_LETTER_REASONS,
     MAX_LABEL_VALUES,
     OUTCOMES,
+    TRANSACTION_OUTCOMES,
     HealthServer,
     Heartbeat,
     Readiness,
@@ -81,6 +82,28 @@ def test_names_follow_prometheus_conventions(registry, metrics):
             assert all(s.name.endswith(("_total", "_created")) for s in family.samples)
         if family.type == "histogram":
             assert family.name.endswith(("_seconds", "_records")), family.name
+
+
+def test_the_metric_catalogue_in_the_docs_lists_every_family_with_its_labels(registry, metrics):
+    """docs/metrics.md is what dashboards and alerts are written from: it must not drift."""
+    from pathlib import Path
+
+    catalogue = (Path(__file__).parent.parent / "docs" / "metrics.md").read_text()
+    documented = {
+        name: set(re.findall(r"`(\w+)`", labels))
+        for name, labels in re.findall(r"^\| `(stream_learner_\w+)` \|[^|]*\|([^|]*)\|", catalogue, re.M)
+    }
+    metrics.set_lag("texts", 0, 5)  # the one family whose series appear with their partition
+    exposed = {}
+    for family in registry.collect():
+        if family.name.startswith(("process_", "python_")):
+            continue
+        name = family.name + {"counter": "_total", "info": "_info"}.get(family.type, "")
+        exposed[name] = {key for sample in family.samples for key in sample.labels} - {"le"}
+    assert set(documented) == set(exposed)
+    for name, labels in exposed.items():
+        if name != "stream_learner_config_info":  # its labels are the worker's configuration
+            assert documented[name] == labels, name
 
 
 def test_outcomes_are_counted_in_batches(registry, metrics):
@@ -281,6 +304,16 @@ def test_checkpoints(registry, metrics):
     assert value(registry, "stream_learner_checkpoint_duration_seconds_sum") == 0.25
     assert value(registry, "stream_learner_checkpoint_last_success_timestamp_seconds") == 1_700_000_000.0
     assert value(registry, "stream_learner_checkpoint_failures_total") == 2
+
+
+def test_transactions_are_counted_by_outcome_from_zero(registry, metrics):
+    assert [value(registry, "stream_learner_transactions_total", outcome=o) for o in TRANSACTION_OUTCOMES] == [0, 0, 0]
+    metrics.transaction_ended("committed")
+    metrics.transaction_ended("committed")
+    metrics.transaction_ended("aborted")
+    metrics.transaction_ended("something new")  # no new series: counted as an abort
+    assert [value(registry, "stream_learner_transactions_total", outcome=o) for o in TRANSACTION_OUTCOMES] == [2, 0, 2]
+    assert value(registry, "stream_learner_transactions_total", outcome="something new") is None
 
 
 def test_label_buffer_counts_turn_into_counter_increments_after_a_baseline(registry, metrics):

@@ -61,6 +61,7 @@ __all__ = [
     "DEAD_LETTER_REASONS",
     "OUTPUTS",
     "OUTPUT_ERROR_REASONS",
+    "TRANSACTION_OUTCOMES",
     "StreamMetrics",
     "HealthServer",
     "BrokerHealth",
@@ -81,6 +82,10 @@ OUTPUT_ERROR_REASONS = (
     "message_too_large", "invalid_topic", "topic_authorization_failed", "invalid_record", "policy_violation",
     "truncated", "other",
 )
+
+#: How an exactly-once cycle's transaction ended (``outcome`` of ``stream_learner_transactions_total``):
+#: ``postponed`` keeps it open (broker slow or away), ``aborted`` re-reads its records.
+TRANSACTION_OUTCOMES = ("committed", "postponed", "aborted")
 
 #: Why a message went to the dead-letter topic: the decoder's reasons plus the worker's own.
 DEAD_LETTER_REASONS = (
@@ -319,6 +324,12 @@ class StreamMetrics:
             "checkpoint_failures", "Checkpoints that could not be written.",
             namespace=ns, registry=reg,
         )  # fmt: skip
+        self.transactions = Counter(
+            "transactions",
+            "Exactly-once cycles by how their transaction ended: committed, postponed (kept "
+            "open, retried), aborted (records re-read). Zero in at-least-once mode.",
+            ["outcome"], namespace=ns, registry=reg,
+        )  # fmt: skip
         self.output_errors = Counter(
             "output_errors",
             "Outputs the broker refused for good, by output and reason: dropped, or for "
@@ -368,6 +379,8 @@ class StreamMetrics:
         for output in OUTPUTS:
             for reason in OUTPUT_ERROR_REASONS:
                 self.output_errors.labels(output=output, reason=reason)
+        for outcome in TRANSACTION_OUTCOMES:
+            self.transactions.labels(outcome=outcome)
         for learner in self.learners:
             self._touch_learner(learner)
         from stream_learner.fusion.fusion import REJECT_REASONS
@@ -486,6 +499,10 @@ class StreamMetrics:
 
     def checkpoint_failed(self) -> None:
         self.checkpoint_failures.inc()
+
+    def transaction_ended(self, outcome: str) -> None:
+        """An exactly-once cycle's transaction was committed, postponed or aborted."""
+        self.transactions.labels(outcome=outcome if outcome in TRANSACTION_OUTCOMES else "aborted").inc()
 
     def output_failed(self, output: str, reason: str, n: int = 1) -> None:
         """``n`` outputs (``predictions``, ``dead_letters``, ``drift_events``) the broker

@@ -492,6 +492,7 @@ class Worker:
             self.metrics.checkpoint_failed()
             raise
         self._transaction_open = False
+        self.metrics.transaction_ended("committed")
         if path is not None:
             try:
                 final = self.store.finalize(path)
@@ -511,6 +512,7 @@ class Worker:
         if self.broker is not None:
             self.broker.failed("output flush", error)
         log.warning("transaction (%s) not committed yet, kept open: %s", reason, error)
+        self.metrics.transaction_ended("postponed")
         self.metrics.checkpoint_failed()
         return False
 
@@ -541,6 +543,7 @@ class Worker:
             raise
         finally:
             self._transaction_open = False
+        self.metrics.transaction_ended("aborted")
         self.metrics.checkpoint_failed()
         if restore:
             self._restore_last_checkpoint()
