@@ -14,6 +14,7 @@ import urllib.request
 from helpers import poll, wait_for
 
 from stream_learner.core.records import Record
+from stream_learner.io.broker import committed_offsets
 from stream_learner.state.checkpoint import CheckpointStore
 
 KEY = "test-checkpoint-key-0123456789abcdef"
@@ -284,10 +285,4 @@ def read_committed_topic(bootstrap: str, topic: str, partitions: int) -> list:
 
 def committed_offset(bootstrap: str, group: str, topic: str, partition: int = 0) -> int | None:
     """The group's committed offset, read without joining the group."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    try:
-        return consumer.committed(TopicPartition(topic, partition))
-    finally:
-        consumer.close()
+    return committed_offsets(bootstrap, group, [(topic, partition)])[(topic, partition)]

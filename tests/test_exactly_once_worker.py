@@ -206,10 +206,12 @@ def test_fenced_producer_is_fatal_and_the_restart_settles_the_pending_checkpoint
         drain(worker, source)
     assert len(store.pending_paths()) == 1  # written, its transaction never committed
     config = load_config(["--topic", "in", "--processing-guarantee", "exactly-once"], environ={})
-    import stream_learner.runtime.worker as worker_module
+    import stream_learner.io.broker as broker_module
 
     group = dict(source.committed)
-    monkeypatch.setattr(worker_module, "_committed_offsets", lambda config, partitions: {tp: group.get(tp) for tp in partitions})
+    monkeypatch.setattr(
+        broker_module, "committed_offsets", lambda servers, group_id, partitions, options: {tp: group.get(tp) for tp in partitions}
+    )
     assert _settle_pending(config, store, threading.Event()) is None  # committed ≠ its offsets: discarded
     assert store.pending_paths() == []
     # A pending checkpoint whose offsets the group holds was committed: it becomes final.

@@ -42,7 +42,7 @@ import zlib
 import numpy as np
 from river import base
 
-__all__ = ["BucketBatch", "TextFeaturizer", "stable_hash"]
+__all__ = ["BucketBatch", "TextFeaturizer", "stable_bucket", "stable_hash"]
 
 # Every pattern here sees producers' text, so each runs in time linear in it: possessive
 # quantifiers where a match could backtrack, and e-mails are found from their "@" (see
@@ -346,6 +346,16 @@ def stable_hash(token: str, seed: int = 0) -> int:
 
     """
     return zlib.crc32(token.encode("utf-8", "surrogatepass"), seed & _MASK32)
+
+
+def stable_bucket(token: str, n_buckets: int, seed: int = 0) -> int:
+    """The bucket of ``token`` among ``n_buckets``, as the featurizer assigns it.
+
+    >>> stable_bucket("hello", 2**18) == stable_bucket("hello", 2**18)
+    True
+
+    """
+    return ((stable_hash(token, seed) * _MIX) & _MASK32) % n_buckets
 
 
 class TextFeaturizer(base.Transformer):

@@ -19,9 +19,9 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
-__all__ = ["EmbeddedBroker", "BrokerError", "free_port", "create_topics", "wait_for_broker"]
+__all__ = ["EmbeddedBroker", "BrokerError", "free_port", "create_topics", "committed_offsets", "wait_for_broker"]
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,25 @@ def existing_topics(bootstrap_servers: str, client_options: Mapping | None = Non
         return set(admin.list_topics())
     finally:
         admin.close()
+
+
+def committed_offsets(
+    bootstrap_servers: str,
+    group_id: str,
+    partitions: Iterable[tuple[str, int]],
+    client_options: Mapping | None = None,
+) -> dict[tuple[str, int], int | None]:
+    """The group's committed offsets of ``(topic, partition)`` pairs (None: none yet), read
+    without joining the group."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap_servers, group_id=group_id, enable_auto_commit=False, **dict(client_options or {})
+    )
+    try:
+        return {(t, p): consumer.committed(TopicPartition(t, p)) for t, p in partitions}
+    finally:
+        consumer.close()
 
 
 def create_topics(

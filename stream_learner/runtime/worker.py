@@ -1296,12 +1296,17 @@ def _settle_pending(config: WorkerConfig, store: CheckpointStore, stop: threadin
     """Exactly-once start: a pending checkpoint whose transaction offsets equal the group's
     committed ones was committed (mark it final and return it); any other is deleted and the
     newest final checkpoint stands (None: use what was loaded). False if stopped meanwhile."""
+    from stream_learner.io.broker import committed_offsets
+
     pending = store.latest_pending()
     if pending is None:
         return None
     wanted = {(t, int(p)): int(o) for t, p, o in pending.info.get("transaction_offsets", [])}
     committed = _with_retries(
-        "committed offsets", lambda: _committed_offsets(config, set(wanted)), stop, broker
+        "committed offsets",
+        lambda: committed_offsets(config.bootstrap_servers, config.group_id, set(wanted), config.client_options()),
+        stop,
+        broker,
     )
     if committed is None:
         return False
@@ -1316,22 +1321,6 @@ def _settle_pending(config: WorkerConfig, store: CheckpointStore, stop: threadin
         pending.path.name, committed, wanted,
     )
     return None
-
-
-def _committed_offsets(config: WorkerConfig, partitions) -> dict[Partition, int | None]:
-    """The group's committed offsets, read without joining it (kafka-python, whatever --client)."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(
-        bootstrap_servers=config.bootstrap_servers,
-        group_id=config.group_id,
-        enable_auto_commit=False,
-        **config.client_options(),
-    )
-    try:
-        return {(t, p): consumer.committed(TopicPartition(t, p)) for t, p in partitions}
-    finally:
-        consumer.close()
 
 
 def _ensure_input_topics(config: WorkerConfig) -> bool:

@@ -72,7 +72,7 @@ from typing import NamedTuple
 import numpy as np
 from river import base, compose
 
-from stream_learner.core.features import BucketBatch, TextFeaturizer, stable_hash
+from stream_learner.core.features import BucketBatch, TextFeaturizer, stable_bucket
 
 __all__ = ["NeuralClassifier", "fuse", "neural_step"]
 
@@ -1103,7 +1103,7 @@ def _readonly(array):
 def _bucket_of(key, n_buckets: int) -> int:
     if isinstance(key, numbers.Integral) and not isinstance(key, bool):
         return int(key) % n_buckets
-    return (stable_hash(str(key)) * 0x9E3779B1 & 0xFFFFFFFF) % n_buckets
+    return stable_bucket(str(key), n_buckets)
 
 
 def _is_dataframe(X) -> bool:
