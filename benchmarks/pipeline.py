@@ -436,15 +436,16 @@ def write_report(rows, n, args):
         + ("in the worker's own process." if OTHER_CONSUMER == "false" else "in a child process (`ProcessSource`): it "
            "parses records and runs kafka-python's network thread on the other core and hands the worker "
            "tuples. The worker process then spends 10–30 µs/record less CPU (the child 14–17 µs/record; "
-           "per-process CPU counters between the first and last batch), but on this 2-core machine, whose "
-           "second core also runs the broker and the producer process, records/s did not rise reliably: four "
-           "runs of this command today gave worker / evaluate of 65, 86, 82, 56% with the child vs 51, 92, 81, "
-           "78% in-process for neural, and 90, 115, 81, 95% vs 80, 88, 73, 76% for nb (the last run is the "
-           "table). So it is off by default; it is for machines with a core to spare."),
+           "per-process CPU counters between the first and last batch). On this 2-core machine, whose second "
+           "core also runs the broker and the producer process, records/s has not risen reliably across runs "
+           "(compare the per-alternation ratios under the table), so it is off by default; it is for machines "
+           "with a core to spare."),
         "* End-to-end latency queues when the load from other jobs leaves the worker below the paced rate "
-        "(half of its best run): it was 87 / 442 ms (neural) and 79 / 141 ms (nb) on a quieter machine.",
-        "* The ratios move with the load on this shared 2-core machine (evaluate alone varied by up to 2× "
-        "between runs today); the per-alternation ratios and load averages are listed under the table.",
+        "(half of its best run).",
+        "* The ratios move with the load on this shared 2-core machine (evaluate alone varies by up to 2× "
+        "between runs); the per-alternation ratios and load averages are listed under the table.",
+        "* Against an earlier revision of the code, alternating in one run: `python -m benchmarks.revisions` "
+        "(benchmarks/results/revisions.md) times this worker with `nb` at both.",
         "* *evaluate* reads and decodes the JSONL file and runs the same `StreamProcessor`.",
         "* *worker* is `run_worker` in-process with its default settings: poll (max 500), decode, process, "
         "one prediction message per record (idempotent producer, acks=all, in a child process), checkpoints at the default cadence (100,000 records / 30 s, "

@@ -200,9 +200,10 @@ def write_report(medians, runs, base_commit, head_commit, args) -> None:
             0.4,
             label=f"{side} {commit}",
         )
-    axis.set_xticks(list(positions), [NAMES[p].replace(", ", "\n") for p in PATHS])
+    axis.set_xticks(list(positions), ["processor,\none at a time", "processor,\nbatches of 256", "Kafka worker,\nnb"])
     axis.set_ylabel("median rate / base's")
-    axis.legend()
+    axis.set_ylim(0, 1.3)
+    axis.legend(loc="upper center", ncols=2)
     figure.tight_layout()
     figure.savefig(RESULTS / "revisions.png", dpi=110)
 

@@ -47,6 +47,25 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 EXACTLY_ONCE = ("--processing-guarantee", "exactly-once")
 
 
+def in_process_config(broker, names, tmp_path, client, *extra):
+    """An exactly-once nb worker on ``<names>-in`` for run_worker in the test's process."""
+    return load_config(
+        [
+            "--topic", f"{names}-in",
+            "--bootstrap-servers", broker.bootstrap_servers,
+            "--group-id", f"{names}-group",
+            "--checkpoint-dir", str(tmp_path / "ckpt"),
+            "--session-timeout-ms", "3000",
+            "--stop-when-idle", "3",
+            "--learners", "nb",
+            "--client", client,
+            *EXACTLY_ONCE,
+            *extra,
+        ],
+        environ={"STREAM_LEARNER_CHECKPOINT_KEY": KEY},
+    )  # fmt: skip
+
+
 def stream(topic: str, n: int, seed: int, bad_every: int = 97):
     """``(records, messages)``: ``n`` labelled records keyed by id, and one undecodable
     message (a dead letter, keyed ``bad-<i>``) every ``bad_every``."""
@@ -116,21 +135,9 @@ def test_a_cycle_commits_outputs_and_offsets_in_one_transaction(kafka_broker, ka
     create_topics(kafka_broker.bootstrap_servers, {topic: 2, f"{topic}.predictions": 2, f"{topic}.dlq": 1})
     records, messages = stream(topic, 900, seed=1, bad_every=45)
     produce_messages(messages, bootstrap_servers=kafka_broker.bootstrap_servers)
-    config = load_config(
-        [
-            "--topic", topic,
-            "--bootstrap-servers", kafka_broker.bootstrap_servers,
-            "--group-id", f"{kafka_names}-group",
-            "--checkpoint-dir", str(tmp_path / "ckpt"),
-            "--session-timeout-ms", "3000",
-            "--stop-when-idle", "3",
-            "--learners", "nb",
-            "--transaction-every-records", "150",
-            "--client", client,
-            "--producer-process", str(producer == "producer-process"),
-            *EXACTLY_ONCE,
-        ],
-        environ={"STREAM_LEARNER_CHECKPOINT_KEY": KEY},
+    config = in_process_config(
+        kafka_broker, kafka_names, tmp_path, client,
+        "--transaction-every-records", "150", "--producer-process", str(producer == "producer-process"),
     )
     monkeypatch.setenv("STREAM_LEARNER_CHECKPOINT_KEY", KEY)
     assert run_worker(config) == 0
@@ -385,20 +392,7 @@ def test_an_oversized_dead_letter_is_truncated_inside_the_transaction(kafka_clie
         producer.flush(60)
     finally:
         producer.close()
-    config = load_config(
-        [
-            "--topic", topic,
-            "--bootstrap-servers", kafka_broker.bootstrap_servers,
-            "--group-id", f"{kafka_names}-group",
-            "--checkpoint-dir", str(tmp_path / "ckpt"),
-            "--session-timeout-ms", "3000",
-            "--stop-when-idle", "3",
-            "--learners", "nb",
-            "--client", kafka_client,
-            *EXACTLY_ONCE,
-        ],
-        environ={"STREAM_LEARNER_CHECKPOINT_KEY": KEY},
-    )
+    config = in_process_config(kafka_broker, kafka_names, tmp_path, kafka_client)
     monkeypatch.setenv("STREAM_LEARNER_CHECKPOINT_KEY", KEY)
     assert run_worker(config) == 0
     predictions, dead = committed_outputs(kafka_broker, topic, 1)
