@@ -5,6 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
+# pytest-xdist processes for `make test`: the broker tests mostly wait (group joins, session
+# timeouts), so two halve the run on two cores. TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: venv demo test test-fast lint bench clean system-deps
 
@@ -35,7 +38,7 @@ lint: venv
 	$(BIN)/ruff check stream_learner tests benchmarks
 
 test: venv system-deps lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # The edit-test loop: no broker, no Prometheus server, no network, nothing slow (under 2 minutes).
 FAST := not kafka and not prometheus and not network and not slow

@@ -116,6 +116,10 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(marker)
 
 
+_MISSING_IN_CI = "CI=true and the selected tests need what this machine lacks:\n"
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's worker reports what it collected
 def pytest_collection_finish(session):
     """In CI a missing requirement fails the run: a skip there would hide every test needing it."""
     if not in_ci() or session.config.option.collectonly:
@@ -126,11 +130,34 @@ def pytest_collection_finish(session):
         for name in sorted(needed)
         if (reason := missing_requirement(name))
     ]
+    if not problems:
+        return
+    report = getattr(session.config, "workerinput", {}).get("missing_in_ci")
+    if report is None:
+        pytest.exit(_MISSING_IN_CI + "\n".join(problems), returncode=pytest.ExitCode.USAGE_ERROR)
+    # A pytest-xdist worker: an exit here would crash it. It runs nothing, and the controller
+    # reports the problems at the end of the session.
+    Path(report).write_text("\n".join(problems))
+    session.items.clear()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """pytest-xdist's controller: where its workers write what CI lacks."""
+    if not hasattr(node.config, "_missing_in_ci"):
+        node.config._missing_in_ci = Path(tempfile.mkdtemp(prefix="stream-learner-ci-check-"))
+    node.workerinput["missing_in_ci"] = str(node.config._missing_in_ci / node.gateway.id)
+
+
+def pytest_sessionfinish(session):
+    directory = getattr(session.config, "_missing_in_ci", None)
+    if directory is None:
+        return
+    problems = sorted({line for path in directory.iterdir() for line in path.read_text().splitlines()})
+    shutil.rmtree(directory, ignore_errors=True)
     if problems:
-        pytest.exit(
-            "CI=true and the selected tests need what this machine lacks:\n" + "\n".join(problems),
-            returncode=pytest.ExitCode.USAGE_ERROR,
-        )
+        session.config.get_terminal_writer().line("\n" + _MISSING_IN_CI + "\n".join(problems), red=True)
+        session.exitstatus = pytest.ExitCode.USAGE_ERROR
 
 
 def pytest_runtest_setup(item):

@@ -150,10 +150,6 @@ def test_a_cycle_commits_outputs_and_offsets_in_one_transaction(kafka_broker, ka
     assert sum(store.load_latest().offsets.values()) == len(messages)
 
 
-# kafka-python only, to keep CI under its time budget: the recovery (pending checkpoint settled
-# by the group's offsets) is the worker's, whatever the client; confluent's own part, a new
-# incarnation's init_transactions fencing the old, is probed in test_broker_transactions.py.
-@pytest.mark.parametrize("kafka_client", ["kafka-python"], indirect=True)
 def test_kill_9_ten_times_every_output_once_and_the_model_exact(kafka_client, kafka_broker, kafka_names, tmp_path):
     n = 8000
     topic = f"{kafka_names}-in"
@@ -203,9 +199,6 @@ def test_kill_9_ten_times_every_output_once_and_the_model_exact(kafka_client, ka
     assert len(set(sizes_at_kill)) >= 6 and max(sizes_at_kill) < len(messages), sizes_at_kill
 
 
-# kafka-python only, to keep CI under its time budget: confluent's membership check is tested
-# at the client level in test_confluent_transactions.py.
-@pytest.mark.parametrize("kafka_client", ["kafka-python"], indirect=True)
 def test_a_rebalance_commits_the_open_transaction_before_the_partitions_go(kafka_client, kafka_broker, kafka_names, tmp_path):
     n = 6000
     topic = f"{kafka_names}-in"
@@ -287,9 +280,6 @@ def test_a_zombie_resumed_after_losing_its_partitions_writes_nothing_visible(kaf
     assert_each_once(dead, [key.decode() for _, key, value in messages if value == b"{not json"])
 
 
-# kafka-python only, to keep CI under its time budget: confluent's transaction calls across a
-# freeze are tested at the client level in test_confluent_transactions.py.
-@pytest.mark.parametrize("kafka_client", ["kafka-python"], indirect=True)
 def test_a_broker_freeze_mid_transaction_loses_and_repeats_nothing(kafka_client, kafka_names, tmp_path):
     """The broker SIGSTOPped while a transaction is open, then resumed. A broker of its own:
     freezing the shared one would stall the other tests."""

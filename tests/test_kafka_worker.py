@@ -234,9 +234,6 @@ def test_bad_input_is_dead_lettered_with_reason_and_original_bytes(kafka_broker,
 # -- crashes ---------------------------------------------------------------------------
 
 
-# kafka-python only, to keep CI under its time budget: test_scaleout.py kills the
-# confluent worker too (run --processes restarts it and nothing is lost).
-@pytest.mark.parametrize("kafka_client", ["kafka-python"], indirect=True)
 def test_kill_9_five_times_every_record_learned_exactly_once(kafka_broker, kafka_names, tmp_path, kafka_client):
     n = 20_000
     records = synthetic_records(n, seed=5)

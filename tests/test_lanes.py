@@ -72,8 +72,9 @@ def test_a_missing_requirement_skips_outside_ci(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_missing_requirement_stops_the_run_in_ci(tmp_path):
-    result = _pytest(tmp_path, "-m", "not kafka", ci=True)
+@pytest.mark.parametrize("workers", [(), ("-n", "2")], ids=["one process", "pytest-xdist"])
+def test_a_missing_requirement_stops_the_run_in_ci(tmp_path, workers):
+    result = _pytest(tmp_path, "-m", "not kafka", *workers, ci=True)
     assert result.returncode == pytest.ExitCode.USAGE_ERROR, result.stdout + result.stderr
     output = result.stdout + result.stderr
     assert "docker-compose: the program 'docker-compose' is not installed" in output
