@@ -15,6 +15,7 @@ from helpers import poll, wait_for
 
 from stream_learner.core.records import Record
 from stream_learner.io.broker import committed_offsets
+from stream_learner.runtime.config import load_config
 from stream_learner.state.checkpoint import CheckpointStore
 
 KEY = "test-checkpoint-key-0123456789abcdef"
@@ -71,6 +72,25 @@ def read_topic(bootstrap: str, topic: str, expected: int | None = None, timeout:
         return messages
     finally:
         consumer.close()
+
+
+def worker_config(client, broker, names, tmp_path, *extra, idle="3"):
+    """A worker on ``<names>-in`` for run_worker in the test's process."""
+    return load_config(
+        [
+            "--topic", f"{names}-in",
+            "--bootstrap-servers", broker.bootstrap_servers,
+            "--group-id", f"{names}-group",
+            "--checkpoint-dir", str(tmp_path / "ckpt"),
+            "--session-timeout-ms", "3000",
+            "--stop-when-idle", idle,
+            "--client", client,
+            # nb unless a test names its learners: small, fast checkpoints.
+            *(() if "--learners" in extra else ("--learners", "nb")),
+            *extra,
+        ],
+        environ={"STREAM_LEARNER_CHECKPOINT_KEY": KEY},
+    )
 
 
 def start_worker_process(broker, names, checkpoint_dir, log_path, *extra, group=None, client="kafka-python"):

@@ -32,38 +32,19 @@ from kafka_helpers import (
     start_worker_process,
     synthetic_records,
     wait_for_log,
+    worker_config,
 )
 
 from stream_learner.cli.produce import produce_messages
 from stream_learner.core.processor import StreamProcessor
 from stream_learner.core.records import Decoder
 from stream_learner.io.broker import EmbeddedBroker, create_topics
-from stream_learner.runtime.config import load_config
 from stream_learner.runtime.worker import read_state, run_worker
 from stream_learner.state.checkpoint import CheckpointStore
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 EXACTLY_ONCE = ("--processing-guarantee", "exactly-once")
-
-
-def in_process_config(broker, names, tmp_path, client, *extra):
-    """An exactly-once nb worker on ``<names>-in`` for run_worker in the test's process."""
-    return load_config(
-        [
-            "--topic", f"{names}-in",
-            "--bootstrap-servers", broker.bootstrap_servers,
-            "--group-id", f"{names}-group",
-            "--checkpoint-dir", str(tmp_path / "ckpt"),
-            "--session-timeout-ms", "3000",
-            "--stop-when-idle", "3",
-            "--learners", "nb",
-            "--client", client,
-            *EXACTLY_ONCE,
-            *extra,
-        ],
-        environ={"STREAM_LEARNER_CHECKPOINT_KEY": KEY},
-    )  # fmt: skip
 
 
 def stream(topic: str, n: int, seed: int, bad_every: int = 97):
@@ -135,8 +116,8 @@ def test_a_cycle_commits_outputs_and_offsets_in_one_transaction(kafka_broker, ka
     create_topics(kafka_broker.bootstrap_servers, {topic: 2, f"{topic}.predictions": 2, f"{topic}.dlq": 1})
     records, messages = stream(topic, 900, seed=1, bad_every=45)
     produce_messages(messages, bootstrap_servers=kafka_broker.bootstrap_servers)
-    config = in_process_config(
-        kafka_broker, kafka_names, tmp_path, client,
+    config = worker_config(
+        client, kafka_broker, kafka_names, tmp_path, *EXACTLY_ONCE,
         "--transaction-every-records", "150", "--producer-process", str(producer == "producer-process"),
     )
     monkeypatch.setenv("STREAM_LEARNER_CHECKPOINT_KEY", KEY)
@@ -382,7 +363,7 @@ def test_an_oversized_dead_letter_is_truncated_inside_the_transaction(kafka_clie
         producer.flush(60)
     finally:
         producer.close()
-    config = in_process_config(kafka_broker, kafka_names, tmp_path, kafka_client)
+    config = worker_config(kafka_client, kafka_broker, kafka_names, tmp_path, *EXACTLY_ONCE)
     monkeypatch.setenv("STREAM_LEARNER_CHECKPOINT_KEY", KEY)
     assert run_worker(config) == 0
     predictions, dead = committed_outputs(kafka_broker, topic, 1)

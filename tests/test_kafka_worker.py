@@ -22,6 +22,7 @@ from kafka_helpers import (
     start_worker_process,
     synthetic_records,
     wait_for_log,
+    worker_config,
 )
 
 from stream_learner.cli.evaluate import delay_labels, evaluate
@@ -29,28 +30,9 @@ from stream_learner.cli.produce import produce_messages, produce_records
 from stream_learner.core.processor import StreamProcessor
 from stream_learner.core.records import Record
 from stream_learner.io.broker import EmbeddedBroker, create_topics, free_port
-from stream_learner.runtime.config import load_config
 from stream_learner.runtime.worker import read_state, run_worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
-
-
-def worker_config(client, broker, names, tmp_path, *extra, idle="3"):
-    return load_config(
-        [
-            "--topic", f"{names}-in",
-            "--bootstrap-servers", broker.bootstrap_servers,
-            "--group-id", f"{names}-group",
-            "--checkpoint-dir", str(tmp_path / "ckpt"),
-            "--session-timeout-ms", "3000",
-            "--stop-when-idle", idle,
-            "--client", client,
-            # nb unless a test names its learners: small, fast checkpoints.
-            *(() if "--learners" in extra else ("--learners", "nb")),
-            *extra,
-        ],
-        environ={"STREAM_LEARNER_CHECKPOINT_KEY": KEY},
-    )
 
 
 @pytest.fixture(autouse=True)
