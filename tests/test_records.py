@@ -4,7 +4,7 @@ import json
 import unicodedata
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream_learner.core.records import DecodeError, Decoder, Reason, Record
@@ -81,6 +81,40 @@ def test_text_size_limit():
     assert reason_of(b'{"text": "0123456789A"}', small) == Reason.TEXT_TOO_LONG
     # The limit counts UTF-8 bytes, not characters.
     assert reason_of('{"text": "ééééééé"}'.encode(), small) == Reason.TEXT_TOO_LONG
+
+
+def test_a_text_over_the_limit_is_cut_at_a_character_boundary_when_asked():
+    cutting = Decoder(max_text_bytes=10, oversize="truncate")
+    record = cutting.decode('{"id": "a", "text": "ééééééé", "label": "x"}'.encode())
+    assert (record.text, record.truncated_from, record.id, record.label) == ("ééééé", 14, "a", "x")
+    assert cutting.decode(b"0123456789").truncated_from is None  # at the limit: whole
+    assert cutting.decode(b"0123456789AB").text == "0123456789"  # plain text too
+    # Nothing but blanks before the cut: no text to learn from, so the error stands.
+    assert reason_of(b'{"text": "           x"}', cutting) == Reason.TEXT_TOO_LONG
+    assert cutting.decode(json.dumps({"text": "a" * 200}).encode()).truncated_from == 200
+    # The message limit still holds.
+    assert reason_of(json.dumps({"text": "a" * 70_000}).encode(), cutting) == Reason.MESSAGE_TOO_LARGE
+    with pytest.raises(ValueError, match="oversize"):
+        Decoder(oversize="shorten")
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(min_size=1, max_size=200), limit=st.integers(1, 120))
+def test_truncation_keeps_a_prefix_within_the_limit(text, limit):
+    raw = json.dumps({"text": text}).encode()
+    try:
+        whole = Decoder(max_text_bytes=10**6).decode(raw)
+    except DecodeError:
+        return  # refused for another reason (blank text, a lone surrogate)
+    try:
+        record = Decoder(max_text_bytes=limit, oversize="truncate").decode(raw)
+    except DecodeError as error:
+        assert error.reason == Reason.TEXT_TOO_LONG  # the kept prefix has no content
+        return
+    size = len(whole.text.encode("utf-8"))
+    assert len(record.text.encode("utf-8")) <= limit
+    assert whole.text.startswith(record.text)
+    assert record.truncated_from == (size if size > limit else None)
 
 
 def test_default_limit_is_64_kib():

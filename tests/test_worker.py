@@ -237,6 +237,52 @@ def test_any_environment_value_is_accepted_or_a_config_error(value):
     assert config.checkpoint_every_records >= 1
 
 
+def test_a_long_text_is_dead_lettered_or_cut_and_processed_as_configured():
+    from prometheus_client import CollectorRegistry
+
+    from stream_learner.runtime.metrics import StreamMetrics
+
+    long_text = "good great fine " * 6000  # 96,000 bytes
+    values = [
+        json.dumps({"id": "long", "text": long_text, "label": "pos"}).encode(),
+        b'{"id": "short", "text": "bad awful poor", "label": "neg"}',
+    ]
+    # The default: over 64 KiB is a dead letter with its reason.
+    worker = make_worker(decoder=load_config(["--topic", "in"], environ={}).decoder())
+    source = MemorySource({("in", 0): list(values)})
+    worker.owned = source.assignment()
+    drain(worker, source)
+    assert [dict(h)["reason"] for _, _, h in worker.outputs.sink.on("in.dlq")] == [b"text_too_long"]
+    assert worker.summary()["learned"] == 1
+    # --on-oversize truncate: learned from and predicted on its first --max-text-bytes, counted.
+    config = load_config(["--topic", "in", "--on-oversize", "truncate", "--max-text-bytes", "32KiB"], environ={})
+    registry = CollectorRegistry()
+    worker = make_worker(decoder=config.decoder(), metrics=StreamMetrics(registry, process_metrics=False))
+    source = MemorySource({("in", 0): list(values)})
+    worker.owned = source.assignment()
+    drain(worker, source)
+    assert worker.outputs.sink.on("in.dlq") == []
+    assert [key for key, _, _ in worker.outputs.sink.on("in.predictions")] == [b"long", b"short"]
+    assert worker.summary()["learned"] == 2 and worker.counts["text_truncated"] == 1
+    assert registry.get_sample_value("stream_learner_truncated_texts_total") == 1
+    # A longer text makes the message too large for the decoder: still a dead letter.
+    config = load_config(["--topic", "in", "--on-oversize", "truncate", "--max-text-bytes", "1KiB"], environ={})
+    worker = make_worker(decoder=config.decoder())
+    source = MemorySource({("in", 0): list(values)})
+    worker.owned = source.assignment()
+    drain(worker, source)
+    assert [dict(h)["reason"] for _, _, h in worker.outputs.sink.on("in.dlq")] == [b"message_too_large"]
+
+
+def test_oversize_settings_are_checked():
+    with pytest.raises(ConfigError, match="on_oversize must be one of dead-letter, truncate"):
+        load_config(["--topic", "in", "--on-oversize", "cut"], environ={})
+    with pytest.raises(ConfigError, match="max_text_bytes"):
+        load_config(["--topic", "in", "--max-text-bytes", "0"], environ={})
+    config = load_config([], environ={"STREAM_LEARNER_TOPICS": "in", "STREAM_LEARNER_MAX_TEXT_BYTES": "1MiB"})
+    assert config.decoder().max_text_bytes == 2**20 and config.decoder().oversize == "error"
+
+
 def test_an_unreadable_timestamp_is_dropped_and_counted_and_the_record_kept():
     worker = make_worker()
     values = [

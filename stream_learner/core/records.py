@@ -31,7 +31,7 @@ import math
 import re
 import unicodedata
 
-__all__ = ["Record", "Reason", "DecodeError", "Decoder", "parse_timestamp"]
+__all__ = ["Record", "Reason", "DecodeError", "Decoder", "OVERSIZE_POLICIES", "parse_timestamp"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -40,6 +40,7 @@ class Record:
 
     ``text`` is None only for label-only records; ``ts`` is seconds since the epoch (UTC).
     ``ts_error`` says why a timestamp the message gave was dropped (it could not be parsed).
+    ``truncated_from`` is the text's size in UTF-8 bytes when the decoder cut it to its limit.
     """
 
     id: str | None
@@ -47,6 +48,7 @@ class Record:
     label: str | int | None = None
     ts: float | None = None
     ts_error: str | None = dataclasses.field(default=None, repr=False, compare=False)
+    truncated_from: int | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def is_label_only(self) -> bool:
@@ -158,6 +160,10 @@ def _has_content(text: str) -> bool:
     return any(category(char) not in _NOT_CONTENT for char in text)
 
 
+#: What the decoder does with a text over its limit (``Decoder.oversize``).
+OVERSIZE_POLICIES = ("error", "truncate")
+
+
 @dataclasses.dataclass(frozen=True)
 class Decoder:
     """Turns message bytes into records.
@@ -168,6 +174,10 @@ class Decoder:
         Names of the JSON fields.
     max_text_bytes
         Longest text accepted, in UTF-8 bytes (default 64 KiB).
+    oversize
+        A longer text: ``"error"``, a ``text_too_long`` error; ``"truncate"``, cut to the
+        limit at a character boundary (``Record.truncated_from`` keeps its size). A message
+        over :attr:`max_message_bytes` is an error either way.
     allow_plain_text
         Take a value that is not a JSON object as a record with text only. When False,
         such a value is an ``invalid_json`` / ``not_an_object`` error.
@@ -194,6 +204,13 @@ class Decoder:
     allow_plain_text: bool = True
     max_json_depth: int = 128
     invalid_timestamps: str = "drop"
+    oversize: str = "error"
+
+    def __post_init__(self):
+        if self.oversize not in OVERSIZE_POLICIES:
+            raise ValueError(f"oversize must be one of {', '.join(OVERSIZE_POLICIES)}, not {self.oversize!r}")
+        if self.max_text_bytes < 1:
+            raise ValueError(f"max_text_bytes must be at least 1, not {self.max_text_bytes}")
 
     @property
     def max_message_bytes(self) -> int:
@@ -251,7 +268,8 @@ class Decoder:
                 raise DecodeError(Reason.NOT_AN_OBJECT, "JSON value is a list", raw)
         if not self.allow_plain_text:
             raise DecodeError(Reason.INVALID_JSON, "value is not a JSON object", raw)
-        return Record(id=None, text=self._check_text(value, raw))
+        text, truncated_from = self._check_text(value, raw)
+        return Record(id=None, text=text, truncated_from=truncated_from)
 
     def _from_object(self, obj: dict, raw: bytes) -> Record:
         record_id = self._check_id(obj.get(self.id_field), raw)
@@ -275,10 +293,13 @@ class Decoder:
                 f"field {self.text_field!r} holds {json_type(text)}, not a string",
                 raw,
             )
-        text = self._check_text(text, raw)
-        return Record(id=record_id, text=text, label=label, ts=ts, ts_error=ts_error)
+        text, truncated_from = self._check_text(text, raw)
+        return Record(
+            id=record_id, text=text, label=label, ts=ts, ts_error=ts_error, truncated_from=truncated_from
+        )
 
-    def _check_text(self, text: str, raw: bytes) -> str:
+    def _check_text(self, text: str, raw: bytes) -> tuple[str, int | None]:
+        """The text, and its size when it was cut to the limit (None: whole)."""
         if not _has_content(text):
             raise DecodeError(
                 Reason.EMPTY_TEXT,
@@ -291,11 +312,16 @@ class Decoder:
             size = len(text.encode("utf-8"))
         except UnicodeEncodeError:
             raise DecodeError(Reason.INVALID_UTF8, "text holds a lone surrogate", raw) from None
-        if size > self.max_text_bytes:
-            raise DecodeError(
-                Reason.TEXT_TOO_LONG, f"text is {size} bytes, limit {self.max_text_bytes}", raw
-            )
-        return text
+        if size <= self.max_text_bytes:
+            return text, None
+        if self.oversize == "truncate":
+            # Encoded once more only for a text over the limit; the cut is at a character boundary.
+            cut = text.encode("utf-8")[: self.max_text_bytes].decode("utf-8", "ignore")
+            if _has_content(cut):
+                return cut, size
+        raise DecodeError(
+            Reason.TEXT_TOO_LONG, f"text is {size} bytes, limit {self.max_text_bytes}", raw
+        )
 
     def _check_id(self, value, raw: bytes) -> str | None:
         if value is None:

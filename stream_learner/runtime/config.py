@@ -42,6 +42,8 @@ CLIENTS = ("kafka-python", "confluent")
 # <group>.models. "none" (or "off") turns an output off.
 AUTO = "auto"
 GUARANTEES = ("at-least-once", "exactly-once")
+# What the worker does with a text over --max-text-bytes.
+ON_OVERSIZE = ("dead-letter", "truncate")
 
 
 class ConfigError(ValueError):
@@ -116,6 +118,8 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("group_id", str, "Kafka consumer group"),
     _Option("create_topics", _bool, "create missing input topics (one partition each) instead of refusing to start"),
     _Option("text_field", str, "JSON field of the messages holding the text"),
+    _Option("max_text_bytes", _byte_size, "longest text, in UTF-8 bytes (KiB/MiB allowed); a message may take 6 times that plus 64 KiB (JSON escapes), a longer one is dead-lettered (message_too_large)"),
+    _Option("on_oversize", str, "a text over --max-text-bytes: dead-letter (text_too_long) | truncate (learn from and predict on its first --max-text-bytes, counted in stream_learner_truncated_texts_total)"),
     _Option("label_field", str, "JSON field holding the label"),
     _Option("id_field", str, "JSON field holding the record id (joins late labels, keys the outputs)"),
     _Option("ts_field", str, "JSON field holding the event time"),
@@ -192,6 +196,8 @@ class WorkerConfig:
     group_id: str = "stream-learner"
     create_topics: bool = False
     text_field: str = "text"
+    max_text_bytes: int = 64 * 1024
+    on_oversize: str = "dead-letter"
     label_field: str = "label"
     id_field: str = "id"
     ts_field: str = "ts"
@@ -301,6 +307,10 @@ class WorkerConfig:
         if self.auto_offset_reset not in ("earliest", "latest"):
             raise ConfigError("auto_offset_reset must be earliest or latest")
         self._check_processing_guarantee()
+        if self.on_oversize not in ON_OVERSIZE:
+            raise ConfigError(f"on_oversize must be one of {', '.join(ON_OVERSIZE)}, not {self.on_oversize!r}")
+        if self.max_text_bytes < 1:
+            raise ConfigError("max_text_bytes must be at least 1")
         outputs = {self.predictions_topic, self.dead_letter_topic, self.drift_topic} - {None}
         if outputs & set(self.input_topics):
             raise ConfigError("an output topic is also an input topic: the worker would read its own output")
@@ -355,6 +365,8 @@ class WorkerConfig:
             text_field=self.text_field,
             label_field=self.label_field,
             ts_field=self.ts_field,
+            max_text_bytes=self.max_text_bytes,
+            oversize="truncate" if self.on_oversize == "truncate" else "error",
         )
 
     @property

@@ -324,6 +324,11 @@ class StreamMetrics:
             "checkpoint_failures", "Checkpoints that could not be written.",
             namespace=ns, registry=reg,
         )  # fmt: skip
+        self.truncated_texts = Counter(
+            "truncated_texts",
+            "Texts over --max-text-bytes cut to it and processed (--on-oversize truncate).",
+            namespace=ns, registry=reg,
+        )  # fmt: skip
         self.transactions = Counter(
             "transactions",
             "Exactly-once cycles by how their transaction ended: committed, postponed (kept "
@@ -499,6 +504,9 @@ class StreamMetrics:
 
     def checkpoint_failed(self) -> None:
         self.checkpoint_failures.inc()
+
+    def text_truncated(self) -> None:
+        self.truncated_texts.inc()
 
     def transaction_ended(self, outcome: str) -> None:
         """An exactly-once cycle's transaction was committed, postponed or aborted."""

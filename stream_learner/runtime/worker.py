@@ -294,6 +294,9 @@ class Worker:
 
     def _record(self, message: Message) -> Record:
         record = self.decoder.decode(message.value)
+        if record.truncated_from is not None:  # --on-oversize truncate
+            self.counts["text_truncated"] += 1
+            self.metrics.text_truncated()
         if record.ts_error is not None:
             # An unreadable timestamp costs the record its event time, not its place.
             self.counts["timestamp_dropped"] += 1
