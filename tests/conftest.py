@@ -19,6 +19,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Hypothesis's per-example deadline is a timing assertion: on a shared machine, under two
+# pytest-xdist processes, it fails tests for load, not for behaviour.
+settings.register_profile("stream-learner", deadline=None)
+settings.load_profile("stream-learner")
 
 
 def _program(name: str):

@@ -162,6 +162,8 @@ def test_an_abortable_commit_restores_the_learners_and_writes_every_output_once(
     drain(worker, source)
     assert sink.aborts == 2 and store.pending_paths() == []
     assert transactions_counted(metrics) == {"committed": sink.commits, "postponed": 0, "aborted": 2}
+    # An abort loses nothing (the records are learned again): not a checkpoint failure.
+    assert metrics.registry.get_sample_value("stream_learner_checkpoint_failures_total") == 0
     assert sorted(prediction_ids(sink)) == sorted(r.id for r in recs)  # each exactly once
     assert nb_parameters(worker.processor) == uninterrupted(recs)  # counts: order-free
     assert worker.counts["learned"] == len(recs)
@@ -397,3 +399,4 @@ def test_a_coordinator_that_does_not_answer_postpones_the_commit_without_abortin
     drain(worker, source)
     assert sorted(prediction_ids(sink)) == sorted(r.id for r in recs) and sink.aborts == 0
     assert transactions_counted(metrics) == {"committed": 1, "postponed": 1, "aborted": 0}
+    assert metrics.registry.get_sample_value("stream_learner_checkpoint_failures_total") == 1

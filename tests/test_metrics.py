@@ -311,8 +311,10 @@ def test_transactions_are_counted_by_outcome_from_zero(registry, metrics):
     metrics.transaction_ended("committed")
     metrics.transaction_ended("committed")
     metrics.transaction_ended("aborted")
-    metrics.transaction_ended("something new")  # no new series: counted as an abort
-    assert [value(registry, "stream_learner_transactions_total", outcome=o) for o in TRANSACTION_OUTCOMES] == [2, 0, 2]
+    metrics.transaction_ended("postponed")
+    with pytest.raises(ValueError, match="unknown transaction outcome"):
+        metrics.transaction_ended("something new")
+    assert [value(registry, "stream_learner_transactions_total", outcome=o) for o in TRANSACTION_OUTCOMES] == [2, 1, 1]
     assert value(registry, "stream_learner_transactions_total", outcome="something new") is None
 
 

@@ -277,8 +277,9 @@ def test_a_long_text_is_dead_lettered_or_cut_and_processed_as_configured():
 def test_oversize_settings_are_checked():
     with pytest.raises(ConfigError, match="on_oversize must be one of dead-letter, truncate"):
         load_config(["--topic", "in", "--on-oversize", "cut"], environ={})
-    with pytest.raises(ConfigError, match="max_text_bytes"):
-        load_config(["--topic", "in", "--max-text-bytes", "0"], environ={})
+    for size in ("0", "17MiB"):
+        with pytest.raises(ConfigError, match="max_text_bytes must be from 1 to"):
+            load_config(["--topic", "in", "--max-text-bytes", size], environ={})
     config = load_config([], environ={"STREAM_LEARNER_TOPICS": "in", "STREAM_LEARNER_MAX_TEXT_BYTES": "1MiB"})
     assert config.decoder().max_text_bytes == 2**20 and config.decoder().oversize == "error"
 

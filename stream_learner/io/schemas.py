@@ -78,7 +78,8 @@ def input_schema(decoder: Decoder | None = None) -> dict:
             f"({record_id!r} and {label!r} without {text!r}) that labels an earlier record. "
             f"Other fields are ignored. The whole message is at most "
             f"{decoder.max_message_bytes} bytes, the text at most {decoder.max_text_bytes} "
-            "bytes of UTF-8 with at least one printable character."
+            "bytes of UTF-8 (the worker's --max-text-bytes; with --on-oversize truncate a longer "
+            "text is cut to it) with at least one printable character."
         ),
         "type": "object",
         "properties": {

@@ -44,6 +44,9 @@ AUTO = "auto"
 GUARANTEES = ("at-least-once", "exactly-once")
 # What the worker does with a text over --max-text-bytes.
 ON_OVERSIZE = ("dead-letter", "truncate")
+# Past it a message (6x the text, for JSON escapes) would exceed what brokers accept by default
+# many times over; decoding and featurizing are linear, but a record's memory is not bounded.
+MAX_TEXT_BYTES_CEILING = 16 * 2**20
 
 
 class ConfigError(ValueError):
@@ -118,7 +121,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("group_id", str, "Kafka consumer group"),
     _Option("create_topics", _bool, "create missing input topics (one partition each) instead of refusing to start"),
     _Option("text_field", str, "JSON field of the messages holding the text"),
-    _Option("max_text_bytes", _byte_size, "longest text, in UTF-8 bytes (KiB/MiB allowed); a message may take 6 times that plus 64 KiB (JSON escapes), a longer one is dead-lettered (message_too_large)"),
+    _Option("max_text_bytes", _byte_size, "longest text, in UTF-8 bytes (KiB/MiB allowed); at most 16 MiB; a message may take 6 times that plus 64 KiB (JSON escapes), a longer one is dead-lettered (message_too_large)"),
     _Option("on_oversize", str, "a text over --max-text-bytes: dead-letter (text_too_long) | truncate (learn from and predict on its first --max-text-bytes, counted in stream_learner_truncated_texts_total)"),
     _Option("label_field", str, "JSON field holding the label"),
     _Option("id_field", str, "JSON field holding the record id (joins late labels, keys the outputs)"),
@@ -309,8 +312,8 @@ class WorkerConfig:
         self._check_processing_guarantee()
         if self.on_oversize not in ON_OVERSIZE:
             raise ConfigError(f"on_oversize must be one of {', '.join(ON_OVERSIZE)}, not {self.on_oversize!r}")
-        if self.max_text_bytes < 1:
-            raise ConfigError("max_text_bytes must be at least 1")
+        if not 1 <= self.max_text_bytes <= MAX_TEXT_BYTES_CEILING:
+            raise ConfigError(f"max_text_bytes must be from 1 to {MAX_TEXT_BYTES_CEILING} (16 MiB), not {self.max_text_bytes}")
         outputs = {self.predictions_topic, self.dead_letter_topic, self.drift_topic} - {None}
         if outputs & set(self.input_topics):
             raise ConfigError("an output topic is also an input topic: the worker would read its own output")

@@ -331,8 +331,8 @@ class StreamMetrics:
         )  # fmt: skip
         self.transactions = Counter(
             "transactions",
-            "Exactly-once cycles by how their transaction ended: committed, postponed (kept "
-            "open, retried), aborted (records re-read). Zero in at-least-once mode.",
+            "Attempts to end an exactly-once cycle's transaction, by outcome: committed, "
+            "postponed (kept open, retried), aborted (records re-read). Zero in at-least-once mode.",
             ["outcome"], namespace=ns, registry=reg,
         )  # fmt: skip
         self.output_errors = Counter(
@@ -509,8 +509,11 @@ class StreamMetrics:
         self.truncated_texts.inc()
 
     def transaction_ended(self, outcome: str) -> None:
-        """An exactly-once cycle's transaction was committed, postponed or aborted."""
-        self.transactions.labels(outcome=outcome if outcome in TRANSACTION_OUTCOMES else "aborted").inc()
+        """An attempt to end an exactly-once cycle's transaction: committed, postponed (kept
+        open) or aborted."""
+        if outcome not in TRANSACTION_OUTCOMES:
+            raise ValueError(f"unknown transaction outcome {outcome!r}; known: {TRANSACTION_OUTCOMES}")
+        self.transactions.labels(outcome=outcome).inc()
 
     def output_failed(self, output: str, reason: str, n: int = 1) -> None:
         """``n`` outputs (``predictions``, ``dead_letters``, ``drift_events``) the broker

@@ -477,6 +477,7 @@ class Worker:
                 )
             except Exception as error:  # disk full, ...: keep the transaction open, retry
                 log.error("checkpoint (%s) failed, transaction kept open, will retry: %s", reason, _describe(error))
+                self.metrics.transaction_ended("postponed")
                 self.metrics.checkpoint_failed()
                 return False
         try:
@@ -546,8 +547,8 @@ class Worker:
             raise
         finally:
             self._transaction_open = False
+        # Not a checkpoint failure: the learners go back to the last checkpoint and nothing is lost.
         self.metrics.transaction_ended("aborted")
-        self.metrics.checkpoint_failed()
         if restore:
             self._restore_last_checkpoint()
         return False
