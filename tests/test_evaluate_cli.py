@@ -111,6 +111,18 @@ def test_evaluate_can_still_stop_at_the_first_bad_record(tmp_path, capsys):
     assert code == 0 and "62 records" in out and "text_too_long 1" in out
 
 
+def test_evaluate_takes_the_text_limit_the_worker_takes(tmp_path, capsys):
+    messy = _messy(tmp_path)
+    # The 70 KB text fits a 100 KiB limit: nothing is truncated.
+    assert main(["evaluate", str(messy), "--learners", "nb", "--no-progress", "--max-text-bytes", "100KiB"]) == 0
+    out = capsys.readouterr().out
+    assert "63 records" in out and "truncated" not in out
+    # At 32 bytes each of the 60 good texts fits; the long one is cut.
+    code = main(["evaluate", str(messy), "--learners", "nb", "--no-progress", "--max-text-bytes", "32", "--report", str(tmp_path / "r.md")])
+    assert code == 0 and "truncated 1 texts" in capsys.readouterr().out
+    assert "--max-text-bytes 32" in (tmp_path / "r.md").read_text()  # the rerun command keeps it
+
+
 def test_evaluate_says_plainly_when_nothing_could_be_scored(tmp_path, capsys):
     stream = _lines(tmp_path / "s.jsonl", [{"body": "some words", "sentiment": "pos", "id": i} for i in range(5)])
     assert main(["evaluate", str(stream), "--learners", "nb", "--no-progress", "--text-field", "body"]) == 1

@@ -25,7 +25,7 @@ from stream_learner.core.processor import (
     RecordRejected,
     StreamProcessor,
 )
-from stream_learner.core.records import Record
+from stream_learner.core.records import Decoder, Record
 from stream_learner.runtime.config import _byte_size
 
 __all__ = ["EvaluationResult", "InputProblems", "evaluate", "delay_labels", "add_evaluate_parser"]
@@ -273,6 +273,7 @@ class _DeprecatedAlias(argparse.Action):
 _REPRODUCED = (
     "learners", "serving", "drift_detector", "drift_reaction", "window", "series_every",
     "labels_delay", "label_buffer_bytes", "max_classes", "limit", "mini_batch", "seed", "fmt", "on_error", "on_oversize",
+    "max_text_bytes",
     "text_field", "label_field", "id_field", "ts_field",
 )  # fmt: skip
 
@@ -390,8 +391,16 @@ def add_evaluate_parser(subparsers) -> None:
         "--on-oversize",
         choices=["truncate", "skip", "stop"],
         default="truncate",
-        help="a text over the 64 KiB limit: cut it to the limit (counted), skip it, or stop "
+        help="a text over --max-text-bytes: cut it to the limit (counted), skip it, or stop "
         "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-text-bytes",
+        type=_byte_size,
+        default=Decoder.max_text_bytes,
+        metavar="BYTES",
+        help="longest text, in UTF-8 bytes, as the worker's option of that name (KiB/MiB "
+        "allowed; default 64KiB)",
     )
     add_field_arguments(parser, what="of the records")
     parser.add_argument(
@@ -476,6 +485,7 @@ def _run(args) -> int:
             on_skip=problems.skip,
             oversize={"truncate": "truncate", "skip": "skip", "stop": "raise"}[args.on_oversize],
             on_truncate=problems.truncate,
+            max_text_bytes=args.max_text_bytes,
         )
         records = problems.watch(records)
         if args.labels_delay:

@@ -86,6 +86,7 @@ def iter_records(
     on_skip: Callable[[DatasetError], object] | None = None,
     oversize: str = "error",
     on_truncate: Callable[[int], object] | None = None,
+    max_text_bytes: int = Decoder.max_text_bytes,
 ) -> Iterator[Record]:
     """Records of a fetched dataset (by name) or of a file, in file order.
 
@@ -108,10 +109,13 @@ def iter_records(
         on. Blank lines are not rows. Problems with the whole file (missing, unreadable, no
         text column) always raise.
     oversize
-        A text over the decoder's limit (64 KiB of UTF-8): ``"error"``, a row error like any
+        A text over ``max_text_bytes``: ``"error"``, a row error like any
         other (``text_too_long``); ``"truncate"``: cut to the limit (at a character
         boundary), ``on_truncate(line)`` is called and the record kept; ``"skip"``: passed to
         ``on_skip`` whatever ``on_error`` says; ``"raise"``: raised whatever ``on_error`` says.
+    max_text_bytes
+        The decoder's limit on a text, in UTF-8 bytes (default 64 KiB), as the worker's
+        ``--max-text-bytes``.
 
     The file is opened and checked when this is called; rows are read lazily.
     """
@@ -123,13 +127,15 @@ def iter_records(
         )
     if limit is not None and limit < 0:
         raise ValueError("limit must be >= 0")
+    if max_text_bytes < 1:
+        raise ValueError(f"max_text_bytes must be at least 1, not {max_text_bytes}")
     path, fmt = _resolve(source, fmt)
     if isinstance(source, str) and source in DATASET_NAMES:
         id_field, text_field, label_field, ts_field = "id", "text", "label", "ts"
     fields = _Fields(id_field, text_field, label_field, ts_field)
     rows = _ROW_READERS[fmt](path, fields)
     first = next(rows, None)  # opens the file and checks the header now, not on first use
-    oversized = _Oversize(oversize, on_truncate)
+    oversized = _Oversize(oversize, on_truncate, max_text_bytes)
     return _records(_prepend(first, rows), fields, str(path), limit, on_error, on_skip, oversized)
 
 
@@ -263,6 +269,7 @@ Row = tuple[int, "bytes | DatasetError"]
 class _Oversize:
     policy: str = "error"
     on_truncate: Callable[[int], object] | None = None
+    max_text_bytes: int = Decoder.max_text_bytes
 
     def truncated(self, decoder: Decoder, payload: bytes, line: int) -> Record | None:
         """The record of an over-long row with its text cut to the limit, or None."""
@@ -302,6 +309,7 @@ def _records(
         label_field=fields.label,
         ts_field=fields.ts,
         allow_plain_text=False,
+        max_text_bytes=oversize.max_text_bytes,
     )
     produced = 0
     if limit == 0:
