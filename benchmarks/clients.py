@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from stream_learner.io.broker import EmbeddedBroker, create_topics
+from stream_learner.io.sources import StartAtCommitted
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -88,23 +89,12 @@ def bare_confluent(bootstrap: str, topic: str, count: int, partitions: int) -> t
         consumer.close()
 
 
-class _Handler:
-    def partitions_revoked(self, partitions):
-        return {}
-
-    def partitions_assigned(self, partitions, committed):
-        return {}
-
-    def partitions_lost(self, partitions):
-        pass
-
-
 def through_source(client: str, bootstrap: str, topic: str, count: int, group: str) -> tuple[float, float]:
     if client == "confluent":
         from stream_learner.io.confluent import ConfluentSource as source_class
     else:
         from stream_learner.io.sources import KafkaSource as source_class
-    source = source_class([topic], bootstrap_servers=bootstrap, group_id=group, handler=_Handler(), session_timeout_ms=6000)
+    source = source_class([topic], bootstrap_servers=bootstrap, group_id=group, handler=StartAtCommitted(), session_timeout_ms=6000)
     try:
         batch = []
         while not batch:  # the group join is not timed

@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from kafka_helpers import KEY, read_topic
+from kafka_helpers import KEY, committed_offset, read_topic
 
 from stream_learner.data.adversarial import worst_cases
 from stream_learner.io.broker import create_topics
@@ -17,16 +17,6 @@ from stream_learner.runtime.config import load_config
 from stream_learner.runtime.worker import run_worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
-
-
-def _committed(bootstrap, group, topic):
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    try:
-        return consumer.committed(TopicPartition(topic, 0))
-    finally:
-        consumer.close()
 
 
 def test_the_adversarial_corpus_through_the_worker(kafka_broker, kafka_names, tmp_path, monkeypatch):
@@ -87,4 +77,4 @@ def test_the_adversarial_corpus_through_the_worker(kafka_broker, kafka_names, tm
     while probes and "worker stopped" in probes[-1][1]:
         probes.pop()
     assert probes and {status for status, _ in probes} == {200}, probes
-    assert _committed(kafka_broker.bootstrap_servers, group, topic) == len(values)
+    assert committed_offset(kafka_broker.bootstrap_servers, group, topic) == len(values)

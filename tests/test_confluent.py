@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kafka_helpers import read_topic
 
+from stream_learner.io.broker import committed_offsets
 from stream_learner.runtime.config import ConfigError, load_config
 
 confluent_kafka = pytest.importorskip("confluent_kafka")
@@ -190,13 +191,8 @@ class RecordingHandler:
 
 
 def _committed(bootstrap, group, topic, partitions):
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    try:
-        return {p: consumer.committed(TopicPartition(topic, p)) for p in partitions}
-    finally:
-        consumer.close()
+    offsets = committed_offsets(bootstrap, group, [(topic, p) for p in partitions])
+    return {p: offset for (_, p), offset in offsets.items()}
 
 
 @pytest.mark.kafka

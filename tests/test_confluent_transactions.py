@@ -24,23 +24,11 @@ confluent_kafka = pytest.importorskip("confluent_kafka")
 from stream_learner.io import confluent  # noqa: E402
 from stream_learner.io.confluent import ConfluentSink, ConfluentSource  # noqa: E402
 from stream_learner.io.sinks import TransactionAbortable, TransactionFatal  # noqa: E402
+from stream_learner.io.sources import StartAtCommitted  # noqa: E402
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 TIMEOUT_S = 30.0
-
-
-class Handler:
-    """Starts every partition at the committed offset and commits nothing itself."""
-
-    def partitions_revoked(self, partitions):
-        return {}
-
-    def partitions_assigned(self, partitions, committed):
-        return {}
-
-    def partitions_lost(self, partitions):
-        pass
 
 
 def joined_source(bootstrap: str, topic: str, group: str, **options) -> ConfluentSource:
@@ -50,7 +38,7 @@ def joined_source(bootstrap: str, topic: str, group: str, **options) -> Confluen
         [topic],
         bootstrap_servers=bootstrap,
         group_id=group,
-        handler=Handler(),
+        handler=StartAtCommitted(),
         session_timeout_ms=6000,
         **options,
     )

@@ -34,11 +34,11 @@ from kafka_helpers import (
     wait_for_log,
     worker_config,
 )
+from worker_helpers import nb_parameters, uninterrupted
 
 from stream_learner.cli.produce import produce_messages
-from stream_learner.core.processor import StreamProcessor
 from stream_learner.core.records import Decoder
-from stream_learner.io.broker import EmbeddedBroker, create_topics
+from stream_learner.io.broker import EmbeddedBroker, committed_offsets, create_topics
 from stream_learner.runtime.worker import read_state, run_worker
 from stream_learner.state.checkpoint import CheckpointStore
 
@@ -83,26 +83,9 @@ def assert_each_once(ids, expected):
     assert set(ids) == set(expected), f"missing {sorted(set(expected) - set(ids))[:5]}"
 
 
-def nb_parameters(processor):
-    nb = processor.learners["nb"].steps["MultinomialNB"]
-    return dict(nb.class_counts), {k: dict(v) for k, v in nb.feature_counts.items() if v}
-
-
-def uninterrupted(records):
-    processor = StreamProcessor(["nb"])
-    for record in records:
-        processor.process(record, now=0.0)
-    return nb_parameters(processor)
-
-
 def group_committed(broker, group: str, topic: str, partitions: int) -> int:
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers, group_id=group, enable_auto_commit=False)
-    try:
-        return sum(consumer.committed(TopicPartition(topic, p)) or 0 for p in range(partitions))
-    finally:
-        consumer.close()
+    offsets = committed_offsets(broker.bootstrap_servers, group, [(topic, p) for p in range(partitions)])
+    return sum(offset or 0 for offset in offsets.values())
 
 
 @pytest.mark.parametrize(
@@ -309,24 +292,14 @@ def test_the_membership_probe_tells_a_member_the_group_forgot(kafka_broker, kafk
     from kafka.coordinator.base import Generation
     from kafka.errors import UnknownMemberIdError
 
-    from stream_learner.io.sources import KafkaSource
+    from stream_learner.io.sources import KafkaSource, StartAtCommitted
 
     topic = f"{kafka_names}-in"
     create_topics(kafka_broker.bootstrap_servers, {topic: 1})
 
-    class Handler:
-        def partitions_assigned(self, partitions, committed):
-            return {}
-
-        def partitions_revoked(self, partitions):
-            return {}
-
-        def partitions_lost(self, partitions):
-            pass
-
     source = KafkaSource(
         [topic], bootstrap_servers=kafka_broker.bootstrap_servers, group_id=f"{kafka_names}-group",
-        handler=Handler(), session_timeout_ms=6000,
+        handler=StartAtCommitted(), session_timeout_ms=6000,
     )
     try:
         deadline = time.monotonic() + 30

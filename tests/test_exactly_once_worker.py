@@ -16,6 +16,7 @@ from kafka.errors import (
     ProducerFencedError,
     UnknownMemberIdError,
 )
+from worker_helpers import nb_parameters, uninterrupted
 
 from stream_learner.core.processor import StreamProcessor
 from stream_learner.core.records import Decoder, Record
@@ -109,18 +110,6 @@ def drain(worker, source, max_batches=1000):
 
 def prediction_ids(sink):
     return [key.decode() for key, _, _ in sink.on("in.predictions")]
-
-
-def nb_parameters(processor):
-    nb = processor.learners["nb"].steps["MultinomialNB"]
-    return dict(nb.class_counts), {k: dict(v) for k, v in nb.feature_counts.items() if v}
-
-
-def uninterrupted(recs):
-    processor = StreamProcessor(["nb"])
-    for record in recs:
-        processor.process(record, now=0.0)
-    return nb_parameters(processor)
 
 
 def test_each_cycle_commits_its_outputs_and_offsets_in_one_transaction(tmp_path):

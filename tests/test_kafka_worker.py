@@ -24,12 +24,13 @@ from kafka_helpers import (
     wait_for_log,
     worker_config,
 )
+from worker_helpers import nb_parameters
 
 from stream_learner.cli.evaluate import delay_labels, evaluate
 from stream_learner.cli.produce import produce_messages, produce_records
 from stream_learner.core.processor import StreamProcessor
 from stream_learner.core.records import Record
-from stream_learner.io.broker import EmbeddedBroker, create_topics, free_port
+from stream_learner.io.broker import EmbeddedBroker, committed_offsets, create_topics, free_port
 from stream_learner.runtime.worker import read_state, run_worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -46,11 +47,6 @@ def run_in_process(config):
     captured = {}
     code = run_worker(config, on_ready=lambda worker: captured.setdefault("worker", worker))
     return code, captured.get("worker")
-
-
-def nb_parameters(processor):
-    nb = processor.learners["nb"].steps["MultinomialNB"]
-    return dict(nb.class_counts), {k: dict(v) for k, v in nb.feature_counts.items() if v}
 
 
 # -- end to end ------------------------------------------------------------------------
@@ -203,14 +199,9 @@ def test_bad_input_is_dead_lettered_with_reason_and_original_bytes(kafka_broker,
     assert sorted(m.key.decode() for m in predictions) == sorted(r.id for r in good)
 
     # Dead-lettered offsets are committed like any other: the group is at the end.
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=kafka_broker.bootstrap_servers, group_id=f"{kafka_names}-group")
-    try:
-        committed = sum(consumer.committed(TopicPartition(topic, p)) or 0 for p in range(3))
-    finally:
-        consumer.close()
-    assert committed == len(good) + len(bad)
+    group = f"{kafka_names}-group"
+    committed = committed_offsets(kafka_broker.bootstrap_servers, group, [(topic, p) for p in range(3)])
+    assert sum(offset or 0 for offset in committed.values()) == len(good) + len(bad)
 
 
 # -- crashes ---------------------------------------------------------------------------
@@ -300,13 +291,7 @@ def test_sigterm_finishes_the_batch_checkpoints_commits_and_exits_0(kafka_broker
     seen = first.state["counts"]["messages"]
     assert 0 < seen < n
 
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=kafka_broker.bootstrap_servers, group_id=f"{kafka_names}-group")
-    try:
-        committed = {(topic, p): consumer.committed(TopicPartition(topic, p)) for p in range(2)}
-    finally:
-        consumer.close()
+    committed = committed_offsets(kafka_broker.bootstrap_servers, f"{kafka_names}-group", [(topic, p) for p in range(2)])
     assert {tp: o for tp, o in committed.items() if o is not None} == first.offsets
 
     producer.join()

@@ -34,6 +34,7 @@ from helpers import wait_for
 from kafka_helpers import (
     ASSIGNED,
     KEY,
+    committed_offset,
     messages_checkpointed,
     read_topic,
     start_worker_process,
@@ -135,13 +136,7 @@ def _scrape(url: str) -> dict:
 
 
 def _committed(bootstrap, group, topic) -> int:
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    try:
-        return consumer.committed(TopicPartition(topic, 0)) or 0
-    finally:
-        consumer.close()
+    return committed_offset(bootstrap, group, topic) or 0
 
 
 def test_a_2_mib_message_is_dead_lettered_truncated_and_the_worker_goes_on(

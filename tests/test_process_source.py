@@ -13,7 +13,7 @@ import time
 import pytest
 from helpers import wait_for
 
-from stream_learner.io.broker import create_topics
+from stream_learner.io.broker import committed_offsets, create_topics
 from stream_learner.io.sources import ProcessSource, SourceError
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -66,13 +66,8 @@ def produce(bootstrap, topic, per_partition, partitions=2):
 
 
 def committed(bootstrap, group, topic, partitions=2):
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    try:
-        return {p: consumer.committed(TopicPartition(topic, p)) for p in range(partitions)}
-    finally:
-        consumer.close()
+    offsets = committed_offsets(bootstrap, group, [(topic, p) for p in range(partitions)])
+    return {p: offset for (_, p), offset in offsets.items()}
 
 
 def open_source(broker, topic, group, consumer, **options):

@@ -56,6 +56,14 @@ def nb_parameters(processor):
     return dict(nb.class_counts), {k: dict(v) for k, v in nb.feature_counts.items() if v}
 
 
+def uninterrupted(records):
+    """:func:`nb_parameters` after one processor learned ``records`` in order, uninterrupted."""
+    processor = StreamProcessor(["nb"])
+    for record in records:
+        processor.process(record, now=0.0)
+    return nb_parameters(processor)
+
+
 class ExplodingClassifier(base.Classifier):
     """Raises on texts that contain 'boom'; otherwise predicts nothing."""
 

@@ -30,6 +30,7 @@ __all__ = [
     "Message",
     "Partition",
     "RebalanceHandler",
+    "StartAtCommitted",
     "Source",
     "MemorySource",
     "KafkaSource",
@@ -75,6 +76,22 @@ class RebalanceHandler(Protocol):
 
     def partitions_lost(self, partitions: set[Partition]) -> None:
         """Partitions taken away without a chance to commit (session expired)."""
+
+
+class StartAtCommitted:
+    """The plainest :class:`RebalanceHandler`: every partition starts at the group's committed
+    offset, and nothing is committed on revoke (a reader, a benchmark, a probe)."""
+
+    def partitions_revoked(self, partitions: set[Partition]) -> Mapping[Partition, int]:
+        return {}
+
+    def partitions_assigned(
+        self, partitions: set[Partition], committed: Mapping[Partition, int | None]
+    ) -> Mapping[Partition, int]:
+        return {}
+
+    def partitions_lost(self, partitions: set[Partition]) -> None:
+        pass
 
 
 class Source(Protocol):
