@@ -128,6 +128,60 @@ class _Deferred:
             raise RuntimeError("paced producer failed")
 
 
+def write_jsonl(records, path: Path) -> Path:
+    """``records`` as the JSON lines a producer sends (the file evaluate and produce read)."""
+    encode = Decoder().encode
+    with open(path, "wb") as handle:
+        for record in records:
+            handle.write(encode(record) + b"\n")
+    return path
+
+
+def run_paced(broker, jsonl, topic, n, rate, learner, group, work, *options):
+    """Run a worker on ``topic`` while a producer process sends ``n`` records of ``jsonl`` at
+    ``rate``/s, from the moment the worker is assigned its partitions (the group join is not
+    latency), until it has been idle; returns the worker."""
+    # The producer runs in its own process, so it takes no GIL time from the worker.
+    producer = _Deferred(
+        [
+            sys.executable, "-m", "stream_learner.cli.main", "produce", str(jsonl),
+            "--topic", topic, "--bootstrap-servers", broker.bootstrap_servers,
+            "--rate", f"{rate:.0f}", "--limit", str(n),
+        ]
+    )  # fmt: skip
+    config = load_config(
+        [
+            "--topic", topic,
+            "--bootstrap-servers", broker.bootstrap_servers,
+            "--group-id", group,
+            "--learners", learner,
+            "--checkpoint-dir", str(work / group),
+            "--session-timeout-ms", "6000",
+            "--stop-when-idle", "10",  # the producer process takes a few seconds to start
+            *options,
+        ],
+        environ={},
+    )  # fmt: skip
+    ran = {}
+
+    def start_when_assigned(worker):
+        ran["worker"] = worker
+        assigned = worker.partitions_assigned
+
+        def hook(partitions, committed, **kwargs):
+            seeks = assigned(partitions, committed, **kwargs)
+            if partitions:
+                producer.start()
+            return seeks
+
+        worker.partitions_assigned = hook
+
+    if run_worker(config, on_ready=start_when_assigned) != 0:
+        raise RuntimeError(f"paced worker {group} failed")
+    producer.wait()
+    return ran["worker"]
+
+
 def checkpoint_cost(worker, directory):
     """Seconds and bytes of one checkpoint of this worker's state (the worker's own method)."""
     from stream_learner.state.checkpoint import CheckpointStore
@@ -225,11 +279,7 @@ def main(argv=None) -> int:
     records = readers.load_records(args.dataset, limit=args.limit)
     n = len(records)
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
-    jsonl = work / "records.jsonl"
-    encode = Decoder().encode
-    with open(jsonl, "wb") as handle:
-        for record in records:
-            handle.write(encode(record) + b"\n")
+    jsonl = write_jsonl(records, work / "records.jsonl")
 
     rows = []
     with EmbeddedBroker() as broker:
@@ -278,42 +328,7 @@ def main(argv=None) -> int:
             create_topics(broker.bootstrap_servers, {paced_topic: args.partitions, f"{paced_topic}.predictions": args.partitions})
             paced = min(args.paced, n)
             rate = worker_rate / 2  # half the worker's own capacity: latency, not queueing
-            # The producer runs in its own process, so it takes no GIL time from the worker.
-            producer = _Deferred(
-                [
-                    sys.executable, "-m", "stream_learner.cli.main", "produce", str(jsonl),
-                    "--topic", paced_topic, "--bootstrap-servers", broker.bootstrap_servers,
-                    "--rate", f"{rate:.0f}", "--limit", str(paced),
-                ]
-            )
-            # Start producing once the worker has joined, so the join is not counted as latency.
-            config = load_config(
-                [
-                    "--topic", paced_topic,
-                    "--bootstrap-servers", broker.bootstrap_servers,
-                    "--group-id", f"paced-{learner}",
-                    "--learners", learner,
-                    "--checkpoint-dir", str(work / f"paced-{learner}"),
-                    "--session-timeout-ms", "6000",
-                    "--stop-when-idle", "10",  # the producer process takes a few seconds to start
-                ],
-                environ={},
-            )
-
-            def start_when_assigned(worker, producer=producer):
-                assigned = worker.partitions_assigned
-
-                def hook(partitions, committed):
-                    seeks = assigned(partitions, committed)
-                    if partitions:
-                        producer.start()
-                    return seeks
-
-                worker.partitions_assigned = hook
-
-            if run_worker(config, on_ready=start_when_assigned) != 0:
-                raise RuntimeError("paced worker failed")
-            producer.wait()
+            run_paced(broker, jsonl, paced_topic, paced, rate, learner, f"paced-{learner}", work)
             inputs, _ = read_all(broker.bootstrap_servers, paced_topic, paced)
             sent_at = {m.key: m.timestamp for m in inputs}
             outputs, _ = read_all(broker.bootstrap_servers, f"{paced_topic}.predictions", paced)
@@ -536,41 +551,7 @@ def _paced_visibility(broker, work, jsonl, name, partitions, n, rate, learner, o
     try:
         if reader.stdout.readline().strip() != "ready":
             raise RuntimeError("the visibility reader did not start")
-        producer = _Deferred(
-            [
-                sys.executable, "-m", "stream_learner.cli.main", "produce", str(jsonl),
-                "--topic", topic, "--bootstrap-servers", broker.bootstrap_servers,
-                "--rate", f"{rate:.0f}", "--limit", str(n),
-            ]
-        )
-        config = load_config(
-            [
-                "--topic", topic,
-                "--bootstrap-servers", broker.bootstrap_servers,
-                "--group-id", f"paced-{name}",
-                "--learners", learner,
-                "--checkpoint-dir", str(work / f"paced-{name}"),
-                "--session-timeout-ms", "6000",
-                "--stop-when-idle", "10",  # the producer process takes a few seconds to start
-                *options,
-            ],
-            environ={},
-        )
-
-        def start_when_assigned(worker):
-            assigned = worker.partitions_assigned
-
-            def hook(partitions, committed, **kwargs):
-                seeks = assigned(partitions, committed, **kwargs)
-                if partitions:
-                    producer.start()
-                return seeks
-
-            worker.partitions_assigned = hook
-
-        if run_worker(config, on_ready=start_when_assigned) != 0:
-            raise RuntimeError(f"paced worker {name} failed")
-        producer.wait()
+        run_paced(broker, jsonl, topic, n, rate, learner, f"paced-{name}", work, *options)
         reader.wait(timeout=120)
     finally:
         if reader.poll() is None:
@@ -589,11 +570,7 @@ def transactions_main(args) -> int:
     records = readers.load_records(args.dataset, limit=args.limit)
     n = len(records)
     work = Path(tempfile.mkdtemp(prefix="bench-transactions-"))
-    jsonl = work / "records.jsonl"
-    encode = Decoder().encode
-    with open(jsonl, "wb") as handle:
-        for record in records:
-            handle.write(encode(record) + b"\n")
+    jsonl = write_jsonl(records, work / "records.jsonl")
     every_records = [int(x) for x in args.every_records.split(",") if x]
     every_seconds = [float(x) for x in args.every_seconds.split(",") if x]
     # (client, mode label) → records/s of each run; mode labels: "at-least-once" or "every …".
