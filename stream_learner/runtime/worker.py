@@ -576,18 +576,28 @@ class Worker:
             self.source.seek(restart)
         log.info("learners restored to the last checkpoint; reading again from %s", restart)
 
-    def _end_or_abort(self, reason: str) -> bool:
-        """Commit the open transaction, or abort it: never leave one open when partitions go.
+    def _end_or_abort(self, reason: str, *, at_shutdown: bool = False) -> bool:
+        """Commit the open transaction, or abort it: never leave one open when partitions go,
+        nor at shutdown (an open one would hold read_committed readers until our restart).
         Runs inside the consumer's rebalance callbacks too, where an exception would be lost:
-        a fatal one is kept in ``fatal_error`` for the loop to raise."""
+        a fatal one is kept in ``fatal_error`` for the loop to raise, and left to the restart."""
         try:
             if self.checkpoint(reason):
                 return True
             if self._transaction_open and self.fatal_error is None:
-                self._abort_transaction(reason, "the transaction could not commit")
+                # At shutdown nothing is read again: the learners need not go back.
+                self._abort_transaction(reason, "the transaction could not commit", restore=not at_shutdown)
         except TransactionFatal as error:
             self.fatal_error = error
+            if at_shutdown:
+                log.error("%s", error)  # no loop is left to raise it
         return False
+
+    def _forget_group_offsets(self, partitions: set[Partition]) -> None:
+        """Exactly-once: partitions gone to another worker, whose transactions now hold them."""
+        for tp in partitions:
+            self._group_offsets.pop(tp, None)
+            self._replay_until.pop(tp, None)
 
     def _count_output_errors(self) -> None:
         """Outputs the broker refused for good (dropped, or truncated dead letters)."""
@@ -665,9 +675,7 @@ class Worker:
             self.metrics.forget_partition(topic, partition)
         self._owned_changed()
         if self.exactly_once:
-            for tp in partitions:
-                self._group_offsets.pop(tp, None)
-                self._replay_until.pop(tp, None)
+            self._forget_group_offsets(partitions)
             return {}  # their offsets went with the transaction
         if not saved:
             return {}  # outputs unconfirmed: let the next owner re-read rather than skip
@@ -745,9 +753,7 @@ class Worker:
                     self._abort_transaction("lost", "the group took our partitions")
                 except TransactionFatal as error:
                     self.fatal_error = error
-            for tp in partitions:
-                self._group_offsets.pop(tp, None)
-                self._replay_until.pop(tp, None)
+            self._forget_group_offsets(partitions)
 
     def _owned_changed(self) -> None:
         self.metrics.set_assigned_partitions(len(self.owned))
@@ -857,7 +863,7 @@ class Worker:
         self._stopping = True
         self._deadline = deadline
         if self.exactly_once:
-            ok = self._end_or_abort_at_shutdown()
+            ok = self._end_or_abort("shutdown", at_shutdown=True)
         else:
             ok = self.checkpoint("shutdown")
         if ok:
@@ -871,19 +877,6 @@ class Worker:
         finally:
             _close_within(sink, None if deadline is None else deadline - time.monotonic())
         return ok
-
-    def _end_or_abort_at_shutdown(self) -> bool:
-        """Commit the last transaction, else abort it (an open one would hold read_committed
-        readers until our restart); a fatal error leaves it to the restart."""
-        try:
-            if self.checkpoint("shutdown"):
-                return True
-            if self._transaction_open and self.fatal_error is None:
-                self._abort_transaction("shutdown", "the transaction could not commit", restore=False)
-        except TransactionFatal as error:
-            self.fatal_error = error
-            log.error("%s", error)
-        return False
 
     def _report(self, source: Source) -> None:
         try:
