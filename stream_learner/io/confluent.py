@@ -23,7 +23,6 @@ ValueError: client option 'api_version' has no librdkafka equivalent; give its l
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import time
 from collections.abc import Collection, Iterable, Mapping
@@ -764,10 +763,6 @@ class ConfluentSink:
         self._transactional = transactional_id is not None
         self._transaction_timeout = transaction_timeout
         self._in_transaction = False
-        # Outputs the broker refused inside a transaction (which then had to abort), by
-        # (topic, SHA-256 of the value): re-processing makes them again; they are replaced or
-        # dropped before sending next time, so that they cannot abort every transaction.
-        self._refused_in_transaction: dict[tuple[str, bytes], Any] = {}
         self._startup_errors: list | None = []
         try:
             self._producer = confluent_kafka.Producer(config)
@@ -827,8 +822,8 @@ class ConfluentSink:
         return hint % count if count else -1
 
     def _send(self, entry: list) -> None:
-        if self._refused_in_transaction and self._in_transaction:
-            message = self._instead_of_refused(entry[0])
+        if self._in_transaction:
+            message = self._refusals.instead_of(entry[0])
             if message is None:
                 entry[1] = True  # refused for good in an aborted transaction: dropped, counted
                 return
@@ -842,7 +837,7 @@ class ConfluentSink:
                 return
             entry[1] = error
             if self._transactional and output_refusal(error) is not None:
-                self._remember_refused(entry[0], error)
+                self._refusals.remember(entry[0], error)
             # In a transaction only a fenced producer is beyond repair: the rest aborts it.
             broken = _fenced_codes() if self._transactional else _producer_broken_codes()
             if error.fatal() or error.code() in broken:
@@ -1023,17 +1018,6 @@ class ConfluentSink:
         if failed or waiting:
             raise SinkError(f"{len(failed) + len(waiting)} outputs not confirmed within {timeout:.0f} s")
         self._unconfirmed.clear()
-
-    def _remember_refused(self, message: tuple, error) -> None:
-        if len(self._refused_in_transaction) >= 10_000:  # bounded: forget the oldest at once
-            self._refused_in_transaction.clear()
-        self._refused_in_transaction[(message[0], hashlib.sha256(message[2] or b"").digest())] = error
-
-    def _instead_of_refused(self, message: tuple) -> tuple | None:
-        """The message to send in place of one the broker refused in an aborted transaction
-        (a truncated dead letter), or None (dropped, counted); the message itself otherwise."""
-        error = self._refused_in_transaction.get((message[0], hashlib.sha256(message[2] or b"").digest()))
-        return message if error is None else self._refusals.handle(message, error)
 
     def _raise_if_broken(self) -> None:
         if self._fatal is not None:

@@ -104,12 +104,34 @@ def truncated_copy(message: tuple) -> tuple | None:
 
 class _Refusals:
     """What a sink does with messages refused for good: a truncated copy for the topics that
-    take one (dead letters), else counted and dropped, logged a bounded number of times."""
+    take one (dead letters), else counted and dropped, logged a bounded number of times.
+
+    A transactional sink also remembers the outputs the broker refused inside a transaction
+    (which then had to abort), by topic and SHA-256 of the value: re-processing makes them
+    again, and they are replaced or dropped before sending next time, so that they cannot
+    abort every transaction."""
+
+    REMEMBERED = 10_000  # refused outputs remembered at most; then forgotten all at once
 
     def __init__(self, truncate_topics: Collection[str]):
         self.truncate_topics = frozenset(t for t in truncate_topics if t)
         self.counts: dict[tuple[str, str], int] = {}
         self._log = RateLimitedLog(log, limit=5, period=60.0)
+        self._refused_before: dict[tuple[str, bytes], Any] = {}
+
+    def remember(self, message: tuple, error) -> None:
+        """The broker refused ``message`` for good inside a transaction."""
+        if len(self._refused_before) >= self.REMEMBERED:
+            self._refused_before.clear()
+        self._refused_before[_refusal_key(message)] = error
+
+    def instead_of(self, message: tuple) -> tuple | None:
+        """``message``, or what to send in its place when the broker refused it before (a
+        truncated copy; None: dropped and counted)."""
+        if not self._refused_before:
+            return message
+        error = self._refused_before.get(_refusal_key(message))
+        return message if error is None else self.handle(message, error)
 
     def handle(self, message: tuple, error) -> tuple | None:
         """The message to send instead (a truncated copy), or None: dropped and counted."""
@@ -137,6 +159,10 @@ class _Refusals:
     def take(self) -> dict[tuple[str, str], int]:
         counts, self.counts = self.counts, {}
         return counts
+
+
+def _refusal_key(message: tuple) -> tuple[str, bytes]:
+    return message[0], hashlib.sha256(message[2] or b"").digest()
 
 
 def _raise_if_fatal(error) -> None:
@@ -291,10 +317,6 @@ class KafkaSink:
         self.transactional_id = transactional_id
         self.transaction_timeout = transaction_timeout
         self._in_transaction = False
-        # Outputs the broker refused inside a transaction (which then had to abort), by
-        # (topic, SHA-256 of the value): re-processing makes them again; they are replaced or
-        # dropped before sending next time, so that they cannot abort every transaction.
-        self._refused: dict[tuple[str, bytes], BaseException] = {}
         self._producer = KafkaProducer(
             bootstrap_servers=bootstrap_servers,
             enable_idempotence=True,
@@ -340,10 +362,10 @@ class KafkaSink:
         return hint % count if count else None
 
     def _send(self, message):
-        if self._refused:
-            message = self._instead_of_refused(message)
+        if self._in_transaction:
+            message = self._refusals.instead_of(message)
             if message is None:
-                return None  # refused for good before: dropped, counted
+                return None  # refused for good in an aborted transaction: dropped, counted
         topic, key, value, headers, hint = message
         try:
             return self._producer.send(
@@ -430,24 +452,12 @@ class KafkaSink:
                             replaced.append(copy)
                         self._unconfirmed[i] = (message, None)
                         continue
-                    if len(self._refused) >= 10_000:
-                        self._refused.clear()
-                    self._refused[(message[0], hashlib.sha256(message[2] or b"").digest())] = error
+                    self._refusals.remember(message, error)
                 _raise_transaction_error(f"output to {message[0]}", error)
             if not replaced:
                 break
             self._unconfirmed.extend((copy, self._send(copy)) for copy in replaced)
         self._unconfirmed.clear()
-
-    def _instead_of_refused(self, message):
-        """The message to send in place of one the broker refused in an earlier transaction
-        (a truncated dead letter), or None (dropped); the message itself otherwise."""
-        if not self._in_transaction:
-            return message
-        error = self._refused.get((message[0], hashlib.sha256(message[2] or b"").digest()))
-        if error is None:
-            return message
-        return self._refusals.handle(message, error)
 
     def commit_transaction(self, offsets: Mapping[Partition, int], group_metadata) -> None:
         from kafka import TopicPartition
