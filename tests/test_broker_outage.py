@@ -300,8 +300,7 @@ def test_a_worker_stopped_during_its_group_join_leaves_the_group_usable(
             broker.bootstrap_servers, {topic: 2, f"{topic}.predictions": 2, f"{topic}.dlq": 1}
         )
         first_log = tmp_path / "first.log"
-        if kafka_client == "kafka-python":  # its join steps in the log
-            monkeypatch.setenv("STREAM_LEARNER_LOG_LEVEL", "DEBUG")
+        monkeypatch.setenv("STREAM_LEARNER_LOG_LEVEL", "DEBUG")  # its join steps in the log
         first = start_worker_process(
             broker, kafka_names, tmp_path / "ckpt-1", first_log, client=kafka_client
         )
@@ -314,7 +313,7 @@ def test_a_worker_stopped_during_its_group_join_leaves_the_group_usable(
             else:
                 # Its first poll (1 s) starts the join, which the broker holds about 2 s; the
                 # stop ends the loop after that poll, during the join.
-                wait_for_log(first_log, "worker up", process=first)
+                wait_for_log(first_log, "first poll: the group join starts", process=first)
             first.send_signal(signal.SIGTERM)
             assert first.wait(timeout=40) == 0, first_log.read_text()[-3000:]
         finally:

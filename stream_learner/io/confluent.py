@@ -438,7 +438,9 @@ class ConfluentSource:
     def poll(self, timeout: float) -> list[Message]:
         # As kafka-python's poll: wait for the first message only, then take what is ready
         # (consume(n, timeout) would wait the whole timeout for n messages).
-        self._polled = True
+        if not self._polled:
+            log.debug("first poll: the group join starts")
+            self._polled = True
         first = self._consumer.poll(timeout)
         if first is None:
             raw = []
