@@ -171,6 +171,20 @@ def test_repr_of_the_store_does_not_show_the_key(tmp_path):
     assert KEY.decode() not in repr(CheckpointStore(tmp_path, KEY))
 
 
+def test_only_the_owner_removes_unfinished_saves(tmp_path):
+    store = CheckpointStore(tmp_path, KEY)
+    store.save({"n": 1}, {})
+    in_flight = [tmp_path / ".ckpt-000000000002.slck.4242.tmp", tmp_path / ".manifest.json.4242.tmp"]
+    for path in in_flight:
+        path.write_bytes(b"half a save")
+    reader = CheckpointStore(tmp_path, KEY)  # a reader of a live directory: its writer is mid-save
+    assert reader.load_latest().state == {"n": 1}
+    assert all(path.exists() for path in in_flight)
+    assert store.remove_unfinished_saves() == 2
+    assert not any(path.exists() for path in in_flight)
+    assert store.load_latest().state == {"n": 1}
+
+
 def test_one_checkpoint_directory_per_worker(tmp_path):
     with DirectoryLock(tmp_path), pytest.raises(CheckpointError, match="in use by another worker"):
         DirectoryLock(tmp_path).acquire()

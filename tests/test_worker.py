@@ -151,8 +151,11 @@ def _config(tmp_path, *extra):
 def test_run_refuses_a_tampered_checkpoint_before_touching_kafka(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("STREAM_LEARNER_CHECKPOINT_KEY", KEY.decode())
     (tmp_path / "ckpt-000000000001.slck").write_bytes(pickle.dumps({"format": 1}))
+    unfinished = tmp_path / ".ckpt-000000000002.slck.4242.tmp"  # a save killed before its rename
+    unfinished.write_bytes(b"half a save")
     assert run_worker(_config(tmp_path)) == 2
     assert "refusing to start" in caplog.text
+    assert not unfinished.exists()  # the worker owns the directory: it cleans up first
 
 
 def test_run_refuses_a_checkpoint_of_other_learners(tmp_path, monkeypatch, caplog):

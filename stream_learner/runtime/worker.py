@@ -1145,6 +1145,7 @@ def _start(config: WorkerConfig, stop: threading.Event, broker, opened: contextl
             keep=config.checkpoint_keep,
             trusted_modules=[m for m in map(module_of_factory, config.learners) if m],
         )
+        store.remove_unfinished_saves()  # ours: we hold the directory's lock
         checkpoint = store.load_latest()
     except CheckpointRefused as error:
         raise _Refused(f"refusing to start: {error}") from None

@@ -259,10 +259,19 @@ class CheckpointStore:
         self.trusted_modules = tuple(trusted_modules)
         self.last_sequence = 0  # of the checkpoint saved or loaded last
         self._identity: str | None = None
-        for leftover in self.directory.glob(".ckpt-*.tmp"):
-            leftover.unlink(missing_ok=True)  # a save that died before its rename
-        for leftover in self.directory.glob(f".{MANIFEST_NAME}.*.tmp"):
-            leftover.unlink(missing_ok=True)
+
+    def remove_unfinished_saves(self) -> int:
+        """Delete the temporary files of saves that died before their rename; returns how many.
+
+        Only the directory's owner may call this (a worker holding its :class:`DirectoryLock`):
+        a store opened to read a live directory must not delete its writer's files mid-save.
+        """
+        removed = 0
+        for pattern in (".ckpt-*.tmp", f".{MANIFEST_NAME}.*.tmp"):
+            for leftover in self.directory.glob(pattern):
+                leftover.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def __repr__(self) -> str:  # never show the key
         return f"CheckpointStore({str(self.directory)!r}, keep={self.keep})"
