@@ -46,8 +46,9 @@ def synthetic_records(n: int, seed: int = 0, prefix: str = "r") -> list[Record]:
     return records
 
 
-def read_topic(bootstrap: str, topic: str, expected: int | None = None, timeout: float = 30.0):
-    """Every message of ``topic`` (all partitions), waiting until ``expected`` have arrived."""
+def read_topic(bootstrap: str, topic: str, expected: int | None = None, timeout: float = 30.0, settle: float = 0.5):
+    """Every message of ``topic`` (all partitions), waiting until ``expected`` have arrived and
+    then ``settle`` seconds without more (0: return while the topic is still being written)."""
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
@@ -65,7 +66,7 @@ def read_topic(bootstrap: str, topic: str, expected: int | None = None, timeout:
             messages.extend(got)
             if got:
                 idle_since = time.monotonic()
-            if expected is not None and len(messages) >= expected and time.monotonic() - idle_since > 0.5:
+            if expected is not None and len(messages) >= expected and time.monotonic() - idle_since >= settle:
                 break
             if expected is None and time.monotonic() - idle_since > 2.0:
                 break
@@ -111,15 +112,35 @@ def start_worker_process(broker, names, checkpoint_dir, log_path, *extra, group=
         return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def wait_for_log(path, text, count=1, timeout=60.0, process=None):
-    """Wait until ``text`` (or any of a tuple of texts) appears ``count`` times in the log."""
+def wait_for_log(path, text, count=1, timeout=60.0, process=None, since=0):
+    """Wait until ``text`` (or any of a tuple of texts) appears ``count`` times in the log,
+    after its first ``since`` bytes (``log_size`` before a restart: what earlier runs wrote)."""
     texts = (text,) if isinstance(text, str) else tuple(text)
 
     def logged():
-        log = path.read_text(errors="replace") if path.exists() else ""
+        if not path.exists():
+            return False
+        with open(path, "rb") as handle:
+            handle.seek(since)
+            log = handle.read().decode(errors="replace")
         return any(log.count(t) >= count for t in texts)
 
     wait_for(f"{texts!r} x{count} in the log", logged, timeout, log=path, process=process, every=0.1)
+
+
+def log_size(path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _served_urls(log_path) -> list[str]:
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    return re.findall(r"metrics on (http://\S+)/metrics", text)
+
+
+def served_url(log_path, process=None, timeout=60.0) -> str:
+    """The base URL of the HTTP server of a worker process started with ``--metrics-port 0``
+    (a port of its own choosing: no race for a port picked in advance)."""
+    return wait_for("the worker's metrics server", lambda: (_served_urls(log_path) or [None])[-1], timeout, log_path, process)
 
 
 def records_handled(log_path) -> float:
@@ -127,7 +148,7 @@ def records_handled(log_path) -> float:
     /metrics (0 until its metrics server is up)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    urls = re.findall(r"metrics on (http://\S+)/metrics", log_path.read_text(errors="replace")) if log_path.exists() else []
+    urls = _served_urls(log_path)
     if not urls:
         return 0
     try:

@@ -14,6 +14,7 @@ from helpers import wait_for
 from kafka_helpers import (
     ASSIGNED,
     messages_checkpointed,
+    served_url,
     start_worker_process,
     synthetic_records,
     wait_for_log,
@@ -27,7 +28,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 def _get(url: str) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with urllib.request.urlopen(url, timeout=10) as response:  # a loaded machine
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
@@ -70,8 +71,6 @@ def test_readiness_turns_503_while_the_broker_is_frozen_and_liveness_stays_200(
             broker.bootstrap_servers, {topic: 2, f"{topic}.predictions": 2, f"{topic}.dlq": 1}
         )
         _produce(broker, topic, 200)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
         log_path, checkpoint_dir = tmp_path / "worker.log", tmp_path / "ckpt"
         process = start_worker_process(
             broker,
@@ -79,7 +78,7 @@ def test_readiness_turns_503_while_the_broker_is_frozen_and_liveness_stays_200(
             checkpoint_dir,
             log_path,
             "--metrics-port",
-            str(port),
+            "0",
             "--broker-timeout",
             "4",
             "--checkpoint-every-seconds",
@@ -89,6 +88,7 @@ def test_readiness_turns_503_while_the_broker_is_frozen_and_liveness_stays_200(
         )
         frozen = False
         try:
+            url = served_url(log_path, process)
             wait_for("/readyz 200", _status_is(url + "/readyz", 200), 60, log_path, process)
             _frozen(broker)
             frozen = True
@@ -123,8 +123,6 @@ def test_liveness_stays_200_while_waiting_for_a_broker_that_never_answers(kafka_
     class Nowhere:
         bootstrap_servers = f"127.0.0.1:{free_port()}"  # nothing listens there
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log_path, checkpoint_dir = tmp_path / "worker.log", tmp_path / "ckpt"
     process = start_worker_process(
         Nowhere,
@@ -132,13 +130,14 @@ def test_liveness_stays_200_while_waiting_for_a_broker_that_never_answers(kafka_
         checkpoint_dir,
         log_path,
         "--metrics-port",
-        str(port),
+        "0",
         "--broker-timeout",
         "2",
         "--broker-liveness-timeout",
         "12",
     )
     try:
+        url = served_url(log_path, process)
         status, body = wait_for(
             "/readyz 503 naming the broker",
             _status_is(url + "/readyz", 503, "last error"),
@@ -282,7 +281,9 @@ def test_shutdown_keeps_its_bound_while_the_broker_is_frozen(kafka_names, tmp_pa
             if process.poll() is None:
                 process.kill()
     log = log_path.read_text()
-    assert took <= shutdown_timeout + 1.0, f"shutdown took {took:.1f} s: " + log[-3000:]
+    # Slack for the watchdog's wake-up and the exit on a loaded machine; a hang in a retry
+    # loop would take the whole 30 s guard.
+    assert took <= shutdown_timeout + 3.0, f"shutdown took {took:.1f} s: " + log[-3000:]
     assert "Traceback" not in log, log[-3000:]
     after_stop = log[log.index("SIGTERM received") :]
     assert "retrying in" not in after_stop and "will retry" not in after_stop, after_stop[-3000:]
@@ -307,20 +308,23 @@ def test_a_worker_stopped_during_its_group_join_leaves_the_group_usable(
         monkeypatch.delenv("STREAM_LEARNER_LOG_LEVEL", raising=False)
         try:
             if kafka_client == "kafka-python":
-                # The broker gave it a member id; its JoinGroup with that id waits for the
-                # group to form (about 2 s): the stop comes during the join.
+                # The broker gave it a member id; its JoinGroup with that id waits for the group.
                 wait_for_log(first_log, "Received member id", process=first)
             else:
-                # Its first poll (1 s) starts the join, which the broker holds about 2 s; the
-                # stop ends the loop after that poll, during the join.
                 wait_for_log(first_log, "first poll: the group join starts", process=first)
-            first.send_signal(signal.SIGTERM)
+            # The broker frozen until the worker has decided how to leave: on a loaded machine
+            # the join could otherwise complete before the stop reaches the consumer.
+            _frozen(broker)
+            try:
+                first.send_signal(signal.SIGTERM)
+                wait_for_log(first_log, "stopping during the group join", timeout=40, process=first)
+            finally:
+                _thawed(broker)
             assert first.wait(timeout=40) == 0, first_log.read_text()[-3000:]
         finally:
             if first.poll() is None:
                 first.kill()
         log = first_log.read_text()
-        assert "stopping during the group join" in log, log[-3000:]
         if kafka_client == "kafka-python":  # it leaves silently; librdkafka completes the join
             assert ASSIGNED not in log, log[-3000:]
         second_log = tmp_path / "second.log"

@@ -8,6 +8,7 @@ import signal
 import time
 
 import pytest
+from helpers import wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kafka_helpers import read_topic
@@ -239,8 +240,12 @@ def test_source_starts_at_the_handlers_seek_over_the_committed_offset_and_commit
         # Lag from the fetched high watermark against the worker's positions.
         assert source.lag({(topic, 0): counts[0] - 2, (topic, 1): counts[1]}) == {(topic, 0): 2, (topic, 1): 0}
         source.commit({(topic, 0): counts[0], (topic, 1): counts[1], (f"{topic}-other", 0): 9})
-        source.poll(1.0)  # the commit is asynchronous; its answer is served by a poll
-        assert _committed(bootstrap, group, topic, (0, 1)) == {0: counts[0], 1: counts[1]}
+
+        def committed():  # the commit is asynchronous; its answer is served by a poll
+            source.poll(0.2)
+            return _committed(bootstrap, group, topic, (0, 1)) == {0: counts[0], 1: counts[1]}
+
+        wait_for("the committed offsets", committed, 30)
     finally:
         source.close()
 
@@ -300,8 +305,9 @@ def test_sink_resends_outputs_whose_delivery_failed_and_loses_none(kafka_names, 
             try:
                 for i in range(50):
                     sink.send(topic, f"b{i}".encode(), b"during", partition_hint=i)
+                # Long enough for librdkafka's 1.5 s delivery timeout and its scan, under load.
                 with pytest.raises(SinkError, match=r"\d+ outputs not confirmed") as raised:
-                    sink.flush(3)
+                    sink.flush(8)
                 # librdkafka reported them as failed; they were sent again, and are still kept.
                 # (Under load a partition's batch may still get its answer before the freeze.)
                 kept = int(str(raised.value).split()[0])

@@ -26,6 +26,7 @@ from kafka_helpers import (
     ASSIGNED,
     KEY,
     load_final_state,
+    log_size,
     messages_checkpointed,
     read_committed_topic,
     read_topic,
@@ -133,9 +134,10 @@ def test_kill_9_ten_times_every_output_once_and_the_model_exact(kafka_client, ka
     ]
     rng = random.Random(5)
     sizes_at_kill = []
-    for kills in range(10):
+    for _ in range(10):
+        run_starts = log_size(log_path)  # the log is shared by the runs: count this run's lines
         process = start_worker_process(kafka_broker, kafka_names, checkpoint_dir, log_path, *cadence, client=kafka_client)
-        wait_for_log(log_path, ASSIGNED, count=kills + 1, process=process)
+        wait_for_log(log_path, ASSIGNED, since=run_starts, process=process)
         time.sleep(rng.uniform(0.2, 2.0))  # a random moment to kill at, not a wait for an event
         assert process.poll() is None, log_path.read_text()[-3000:]
         process.send_signal(signal.SIGKILL)
@@ -174,13 +176,15 @@ def test_a_rebalance_commits_the_open_transaction_before_the_partitions_go(kafka
     cadence = [*EXACTLY_ONCE, "--transaction-every-records", "1000000", "--transaction-every-seconds", "3600"]
     first = start_worker_process(
         kafka_broker, kafka_names, tmp_path / "a", tmp_path / "a.log", *cadence, "--worker-id", "a",
-        "--stop-when-idle", "6", client=kafka_client,
+        "--stop-when-idle", "10", client=kafka_client,
     )
     wait_for_log(tmp_path / "a.log", ASSIGNED, process=first)
-    read_topic(kafka_broker.bootstrap_servers, f"{topic}.predictions", expected=1)  # outputs in flight
+    # Outputs in flight, and the stream still flowing: the first worker is busy when the second joins.
+    read_topic(kafka_broker.bootstrap_servers, f"{topic}.predictions", expected=1, settle=0)
+    assert producer.is_alive(), "the first half of the stream ended before the second worker started"
     second = start_worker_process(
         kafka_broker, kafka_names, tmp_path / "b", tmp_path / "b.log", *cadence, "--worker-id", "b",
-        "--stop-when-idle", "6", client=kafka_client,
+        "--stop-when-idle", "10", client=kafka_client,
     )
     wait_for_log(tmp_path / "b.log", ASSIGNED, process=second)
     producer.join()
@@ -261,8 +265,12 @@ def test_a_broker_freeze_mid_transaction_loses_and_repeats_nothing(kafka_client,
         process = start_worker_process(broker, kafka_names, tmp_path / "ckpt", log_path, *cadence, client=kafka_client)
         try:
             wait_for_log(log_path, ASSIGNED, process=process)
-            producer = producing(broker, messages[len(messages) // 2 :], rate=500)
-            read_topic(broker.bootstrap_servers, f"{topic}.predictions", expected=1)
+            producer = producing(broker, messages[len(messages) // 2 :], rate=250)
+            # Freeze once the worker predicts on the second half, while it still flows: a
+            # transaction is open then.
+            first_half = sum(value != b"{not json" for _, _, value in messages[: len(messages) // 2])
+            read_topic(broker.bootstrap_servers, f"{topic}.predictions", expected=first_half + 1, settle=0)
+            assert producer.is_alive(), "the stream ended before the broker was frozen"
             os.kill(broker.pid, signal.SIGSTOP)
             try:
                 # The worker finds its transaction cannot end while the broker is away.

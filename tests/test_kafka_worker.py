@@ -16,6 +16,7 @@ from kafka_helpers import (
     ASSIGNED,
     KEY,
     load_final_state,
+    log_size,
     messages_checkpointed,
     read_topic,
     records_handled,
@@ -121,17 +122,27 @@ def test_labels_from_a_separate_topic_are_joined_by_id(kafka_broker, kafka_names
     create_topics(kafka_broker.bootstrap_servers, {topic: 2, labels_topic: 2})
     unlabelled = [Record(r.id, r.text) for r in records]
     produce_records(unlabelled, bootstrap_servers=kafka_broker.bootstrap_servers, topic=topic)
-    config = worker_config(kafka_client, kafka_broker, kafka_names, tmp_path, "--labels-topic", labels_topic, idle="6")
+    # Stops once every label is joined; the idle stop only bounds a failing run.
+    config = worker_config(kafka_client, kafka_broker, kafka_names, tmp_path, "--labels-topic", labels_topic, idle="60")
 
     def send_labels_once_predicted():
-        read_topic(kafka_broker.bootstrap_servers, f"{topic}.predictions", expected=800, timeout=60)
+        read_topic(kafka_broker.bootstrap_servers, f"{topic}.predictions", expected=800, timeout=60, settle=0)
         labels = [Record(r.id, None, r.label) for r in records]
         produce_records(labels, bootstrap_servers=kafka_broker.bootstrap_servers, topic=labels_topic)
 
     sender = threading.Thread(target=send_labels_once_predicted, daemon=True)
     sender.start()
-    code, worker = run_in_process(config)
+    all_joined = threading.Event()
+    captured = {}
+    code = run_worker(
+        config,
+        stop=all_joined,
+        progress=lambda w: w.summary()["label_joined"] >= 800 and all_joined.set(),
+        progress_every=0.2,
+        on_ready=lambda w: captured.setdefault("worker", w),
+    )
     sender.join()
+    worker = captured["worker"]
     assert code == 0
     summary = worker.summary()
     assert summary["predicted"] == 800 and summary["label_joined"] == 800
@@ -226,9 +237,10 @@ def test_kill_9_five_times_every_record_learned_exactly_once(kafka_broker, kafka
     kills = 0
     sizes_at_kill = []
     while kills < 5:
+        run_starts = log_size(log_path)  # the log is shared by the runs: count this run's lines
         process = start_worker_process(kafka_broker, kafka_names, checkpoint_dir, log_path, *cadence, client=kafka_client)
         # Kill at a random moment once it is consuming (after it joined the group).
-        wait_for_log(log_path, ASSIGNED, count=kills + 1, process=process)
+        wait_for_log(log_path, ASSIGNED, since=run_starts, process=process)
         time.sleep(rng.uniform(0.3, 2.5))
         assert process.poll() is None, log_path.read_text()[-3000:]
         process.send_signal(signal.SIGKILL)
@@ -312,15 +324,15 @@ def test_two_workers_split_partitions_and_skip_nothing(kafka_broker, kafka_names
     producer = threading.Thread(
         target=produce_records,
         args=(records,),
-        kwargs={"bootstrap_servers": kafka_broker.bootstrap_servers, "topic": topic, "rate": 500},
+        kwargs={"bootstrap_servers": kafka_broker.bootstrap_servers, "topic": topic, "rate": 400},
         daemon=True,
     )
-    producer.start()
     cadence = ["--checkpoint-every-seconds", "2"]
     first = start_worker_process(
         kafka_broker, kafka_names, tmp_path / "a", tmp_path / "a.log", *cadence, "--stop-when-idle", "5", client=kafka_client
     )
     wait_for_log(tmp_path / "a.log", ASSIGNED, process=first)
+    producer.start()  # 20 s of stream from here: the second worker joins and leaves within it
     second = start_worker_process(kafka_broker, kafka_names, tmp_path / "b", tmp_path / "b.log", *cadence, client=kafka_client)
     wait_for_log(tmp_path / "b.log", ASSIGNED, process=second)
     # Settled in the group: a periodic checkpoint of the second worker holds records.

@@ -210,12 +210,20 @@ def test_sigterm_stops_every_worker_process_cleanly(kafka_broker, kafka_names, t
         sys.executable, "-m", "stream_learner.cli.main", "run", "--topic", topic,
         "--bootstrap-servers", kafka_broker.bootstrap_servers, "--group-id", f"{kafka_names}-group",
         "--checkpoint-dir", str(tmp_path / "ckpt"), "--session-timeout-ms", "3000", "--processes", "2",
-        "--learners", "nb",
+        "--learners", "nb", "--checkpoint-every-seconds", "1",
     ]
     with open(log_path, "ab") as log:
         supervisor = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for_log(log_path, ASSIGNED, count=2, process=supervisor)
+        # Every record handled before the stop ("assigned" comes before the first fetch).
+        wait_for(
+            "the 500 records checkpointed",
+            lambda: sum(messages_checkpointed(tmp_path / "ckpt" / f"worker-{i}") for i in (0, 1)) == 500,
+            60,
+            log_path,
+            supervisor,
+        )
         supervisor.send_signal(signal.SIGTERM)
         assert supervisor.wait(timeout=60) == 0, log_path.read_text()[-3000:]
     finally:
