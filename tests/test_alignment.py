@@ -96,6 +96,42 @@ def test_a_partition_that_claims_records_it_never_gives_holds_nobody_back():
     assert worker.summary()["learned"] == 600
 
 
+class BacklogSource:
+    """Two partitions with records left to read, both paused or resumed on request."""
+
+    def __init__(self):
+        self.paused = set()
+
+    def assignment(self):
+        return {("in", 0), ("in", 1)}
+
+    def lag(self, positions):
+        return {("in", 0): 10, ("in", 1): 10}
+
+    def pause(self, partitions):
+        self.paused |= partitions
+
+    def resume(self, partitions):
+        self.paused -= partitions
+
+
+def test_one_slow_fetch_does_not_release_the_partition_ahead():
+    alignment, source = PartitionAlignment(30), BacklogSource()
+    owned, offsets = source.assignment(), {("in", 0): 5, ("in", 1): 5}
+    alignment.saw(("in", 0), 1000.0)
+    alignment.saw(("in", 1), 0.0)
+    alignment.align(source, owned, offsets)
+    assert source.paused == {("in", 0)}
+    alignment.align(source, owned, offsets, polled=False)  # a fetch slower than the poll
+    assert source.paused == {("in", 0)}
+    alignment.gave([("in", 1)])
+    alignment.align(source, owned, offsets)
+    alignment.align(source, owned, offsets, polled=False)  # the count starts again
+    assert source.paused == {("in", 0)}
+    alignment.align(source, owned, offsets, polled=False)  # behind, yet it gives nothing
+    assert source.paused == set()
+
+
 class RefusingSource(MemorySource):
     """A consumer that cannot pause partitions."""
 

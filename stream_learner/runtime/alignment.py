@@ -27,11 +27,16 @@ class PartitionAlignment:
     (:meth:`gave`), and calls :meth:`align` after each poll.
     """
 
+    # Empty polls in a row, while partitions wait, before the ones behind count as stalled: one
+    # empty poll can be a fetch slower than the poll timeout on a loaded broker.
+    EMPTY_POLLS_TO_STALL = 2
+
     def __init__(self, max_skew: float):
         self.max_skew = max_skew
         self.event_times: dict[Partition, float] = {}  # newest event time read, per partition
         self.paused: set[Partition] = set()  # paused by alignment (maybe no longer owned)
         self._stalled: set[Partition] = set()  # behind, yet gave nothing while others waited
+        self._empty_polls = 0  # in a row, while some partitions were paused
 
     def saw(self, tp: Partition, when: float | None) -> None:
         """A record of ``tp`` with event time ``when`` (None: unknown) was read."""
@@ -54,7 +59,8 @@ class PartitionAlignment:
         ``owned``: the worker's partitions; ``offsets``: its next offset per partition;
         ``polled``: the last poll gave records."""
         owned = owned & source.assignment()
-        if not polled and self.paused & owned:
+        self._empty_polls = self._empty_polls + 1 if not polled and self.paused & owned else 0
+        if self._empty_polls >= self.EMPTY_POLLS_TO_STALL:
             # Nothing came while some partitions waited: the ones behind have nothing to give
             # after all (an old highwater, say). They hold nobody back until they give again.
             self._stalled |= owned - self.paused
@@ -64,7 +70,7 @@ class PartitionAlignment:
             lags = {}
         # Partitions with records to read, or that may have (nothing read, no highwater yet);
         # one that has given nothing yet counts as furthest behind: its records may be the
-        # oldest. If it has none after all, the next empty poll marks it stalled.
+        # oldest. If it has none after all, empty polls mark it stalled.
         waiting = {
             tp
             for tp in owned - self._stalled
