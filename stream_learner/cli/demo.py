@@ -150,7 +150,9 @@ def run_demo(
                 "--checkpoint-every-seconds", "10",
                 "--metrics-port", "0",
                 "--session-timeout-ms", "6000",
-                "--stop-when-idle", "4",
+                # The demo ends when the worker has read all that was produced (below); this
+                # only ends a demo whose producer stalls.
+                "--stop-when-idle", "60",
             ],
             environ={},
         )
@@ -160,8 +162,17 @@ def run_demo(
         def on_ready(worker):
             print(f"      metrics: {worker.metrics_url}/metrics  health: {worker.metrics_url}/healthz")
 
+        read_everything = threading.Event()
+
+        def progress(worker):
+            live(worker)
+            # Done once the producer has finished and the worker has read what it sent (a
+            # producer that failed has said why on stderr: nothing more will come).
+            if producer_done.is_set() and worker.counts["messages"] >= produced.get("n", 0):
+                read_everything.set()
+
         started = time.monotonic()
-        code = run_worker(config, progress=live, progress_every=1.0, on_ready=on_ready, stop=None)
+        code = run_worker(config, progress=progress, progress_every=1.0, on_ready=on_ready, stop=read_everything)
         live.close()
         seconds = time.monotonic() - started
         producer.join(timeout=30)
