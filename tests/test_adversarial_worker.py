@@ -57,7 +57,9 @@ def test_the_adversarial_corpus_through_the_worker(kafka_broker, kafka_names, tm
                         probes.append((response.status, response.read().decode()))
                 except urllib.error.HTTPError as error:
                     probes.append((error.code, error.read().decode()))
-                except OSError:
+                except OSError as error:
+                    if isinstance(getattr(error, "reason", error), TimeoutError):
+                        continue  # a slow answer on a loaded machine: probe again
                     break  # the server is closing at the end of the run
 
         threading.Thread(target=loop, daemon=True).start()
@@ -69,7 +71,7 @@ def test_the_adversarial_corpus_through_the_worker(kafka_broker, kafka_names, tm
     worker = captured["worker"]
     assert worker.counts["messages"] == len(values)
     predictions = read_topic(kafka_broker.bootstrap_servers, f"{topic}.predictions", expected=1)
-    dead = read_topic(kafka_broker.bootstrap_servers, f"{topic}.dlq", expected=1, timeout=10)
+    dead = read_topic(kafka_broker.bootstrap_servers, f"{topic}.dlq", expected=len(values) - len(predictions))
     assert len(predictions) + len(dead) == len(values)
     assert {dict(m.headers)["reason"].decode() for m in dead} <= {"empty_text"}  # only the text without content
     # Liveness never lost while the worker ran; it fails once the worker has stopped, which a

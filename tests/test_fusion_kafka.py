@@ -3,10 +3,8 @@ models topic are dropped and counted; a worker's clean stop makes its peers forg
 
 from __future__ import annotations
 
-import threading
-
 import pytest
-from helpers import poll, wait_for
+from helpers import wait_for
 from kafka import KafkaProducer
 from kafka_helpers import KEY, synthetic_records
 
@@ -137,22 +135,20 @@ def test_a_clean_stop_tombstones_its_keys_and_peers_forget_it(
             ],
             environ={"STREAM_LEARNER_CHECKPOINT_KEY": KEY},
         )  # fmt: skip
-        seen = threading.Event()
+        # The observer's peers after each message it takes: it held the worker's snapshots while
+        # the worker ran (its reader thread calls feed; no probe to race with it).
+        peers_after_each = []
+        take = observer.feed
 
-        def held_the_snapshots():  # the observer held the worker's snapshots while it ran
-            if observer.peers == {"b"}:
-                seen.set()
-            return seen.is_set() or observer._stop.is_set()
+        def recording(key, value, headers):
+            snapshot = take(key, value, headers)
+            peers_after_each.append(observer.peers)
+            return snapshot
 
-        def watch():
-            poll(held_the_snapshots, timeout=300)
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
+        observer.feed = recording
         assert run_worker(config) == 0
-        watcher.join(5)
-        assert seen.is_set()
         wait_for("the tombstones", lambda: observer.forgotten["tombstone"] == 2)
+        assert {"b"} in peers_after_each
         assert observer.peers == set() and observer.rejected == {}
         last = observer.latest()  # b's counts, one last time, then nothing
         assert set(last) == {("nb", "b")}

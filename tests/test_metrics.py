@@ -404,10 +404,11 @@ def test_health_server_serves_metrics_and_probes(registry, metrics):
         head = urllib.request.Request(server.url + "/healthz", method="HEAD")
         with urllib.request.urlopen(head, timeout=5) as response:
             assert response.status == 200 and response.read() == b""
+        url = server.url
     finally:
         server.stop()
-    with pytest.raises(urllib.error.URLError):
-        urllib.request.urlopen(server.url + "/healthz", timeout=2)
+    with pytest.raises(urllib.error.URLError):  # closed: the port it served on answers no more
+        urllib.request.urlopen(url + "/healthz", timeout=2)
 
 
 def test_metrics_negotiates_the_format_and_compresses_only_when_asked(registry, metrics):

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 from helpers import wait_for
+from kafka_helpers import served_url
 
 yaml = pytest.importorskip("yaml")
 
@@ -86,6 +87,14 @@ def _http(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
+
+
+def _http_or_nothing(url: str) -> tuple[int, bytes]:
+    """``_http``, with a timeout or a refused connection as status 0 (for waits that retry)."""
+    try:
+        return _http(url)
+    except OSError as error:
+        return 0, str(error).encode()
 
 
 class PrometheusServer:
@@ -187,7 +196,8 @@ def broker():
         yield running
 
 
-def _start_worker(tmp_path: Path, bootstrap: str, topic: str, metrics_port: int) -> subprocess.Popen:
+def _start_worker(tmp_path: Path, bootstrap: str, topic: str) -> subprocess.Popen:
+    """A worker serving /metrics on a port of its own choosing (see ``served_url``)."""
     env = dict(os.environ)
     env["STREAM_LEARNER_CHECKPOINT_KEY"] = "e2e-test-key-0123456789abcdef"
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -206,7 +216,7 @@ def _start_worker(tmp_path: Path, bootstrap: str, topic: str, metrics_port: int)
         "--session-timeout-ms", "6000",
         "--poll-timeout", "0.5",
         "--metrics-host", "127.0.0.1",
-        "--metrics-port", str(metrics_port),
+        "--metrics-port", "0",
     ]  # fmt: skip
     return subprocess.Popen(
         command,
@@ -225,12 +235,12 @@ def test_prometheus_scrapes_a_worker_and_every_panel_and_alert_works(tmp_path, b
 
     topic = "texts"
     create_topics(broker.bootstrap_servers, {topic: 2, f"{topic}.predictions": 1, f"{topic}.dlq": 1, f"{topic}.drift": 1})
-    metrics_port = _free_port()
-    worker_url = f"http://127.0.0.1:{metrics_port}"
     worker_log = tmp_path / "worker.log"
-    worker = _start_worker(tmp_path, broker.bootstrap_servers, topic, metrics_port)
+    worker = _start_worker(tmp_path, broker.bootstrap_servers, topic)
     prometheus = None
     try:
+        worker_url = served_url(worker_log, worker)
+        worker_address = worker_url.removeprefix("http://")
         # /readyz answers "not ready" while the worker has no partitions yet...
         def first_readyz():
             if worker.poll() is not None:
@@ -244,13 +254,13 @@ def test_prometheus_scrapes_a_worker_and_every_panel_and_alert_works(tmp_path, b
         assert b"no partitions assigned" in body
         assert _http(worker_url + "/healthz")[0] == 200
 
-        prometheus = PrometheusServer(tmp_path, f"127.0.0.1:{metrics_port}")
+        prometheus = PrometheusServer(tmp_path, worker_address)
         started = time.time()
 
         # ...and "ready" once the group has assigned them.
         status, body = wait_for(
             "/readyz to turn ready",
-            lambda: (lambda r: r if r[0] == 200 else None)(_http(worker_url + "/readyz")),
+            lambda: (lambda r: r if r[0] == 200 else None)(_http_or_nothing(worker_url + "/readyz")),
             60,
             worker_log,
         )
@@ -368,7 +378,7 @@ def test_prometheus_scrapes_a_worker_and_every_panel_and_alert_works(tmp_path, b
         assert not no_data, "panels without data:\n" + "\n".join(no_data)
         # The dashboard's worker variable: label_values(stream_learner_build_info, instance).
         instances = prometheus.api("label/instance/values", **{"match[]": "stream_learner_build_info"})
-        assert instances == [f"127.0.0.1:{metrics_port}"]
+        assert instances == [worker_address]
 
         # Every alert expression evaluates, and Prometheus evaluated every rule without error.
         for rule in _alert_rules():
@@ -387,9 +397,13 @@ def test_prometheus_scrapes_a_worker_and_every_panel_and_alert_works(tmp_path, b
         assert firing == {"StreamLearnerDriftDetected"}
 
         # The target is healthy, and promtool finds nothing wrong with the live exposition.
-        targets = prometheus.api("targets")["activeTargets"]
-        worker_targets = [t for t in targets if t["labels"]["job"] == "stream-learner"]
-        assert [t["health"] for t in worker_targets] == ["up"], worker_targets
+        # (A target's health is its last scrape's: one slow scrape on a loaded machine is "down".)
+        def worker_targets():
+            targets = prometheus.api("targets")["activeTargets"]
+            return [t for t in targets if t["labels"]["job"] == "stream-learner"]
+
+        wait_for("the worker's target up", lambda: [t["health"] for t in worker_targets()] == ["up"], 30)
+        assert len(worker_targets()) == 1
         status, exposition = _http(worker_url + "/metrics")
         assert status == 200
         check = subprocess.run(["promtool", "check", "metrics"], input=exposition, capture_output=True, timeout=30)

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kafka import errors as kafka_errors
 
+import stream_learner.io.retry as retry_module
 from stream_learner.io.retry import (
     Backoff,
     FatalBrokerError,
@@ -170,8 +171,12 @@ def test_librdkafka_authentication_errors_are_fatal_and_transport_errors_are_not
     assert not is_fatal(KafkaException(KafkaError(KafkaError._ALL_BROKERS_DOWN)))
 
 
-def test_a_bootstrap_timeout_after_a_refused_handshake_is_the_refusal():
+def test_a_bootstrap_timeout_after_a_refused_handshake_is_the_refusal(monkeypatch):
     # kafka-python 3 logs the refusal and raises only KafkaTimeoutError('Unable to bootstrap').
+    # The watch is process-wide: what this test makes it remember must not outlive the test
+    # (a later in-process worker would read its own bootstrap timeout as this refusal).
+    monkeypatch.setattr(retry_module._WATCH, "last", None)
+    monkeypatch.setattr(retry_module._WATCH, "when", 0.0)
     watch_kafka_python_auth()
     refusal = kafka_errors.UnsupportedSaslMechanismError()
     logging.getLogger("kafka.net.manager").warning(
