@@ -153,6 +153,8 @@ def pytest_configure_node(node):
     if not hasattr(node.config, "_missing_in_ci"):
         node.config._missing_in_ci = Path(tempfile.mkdtemp(prefix="stream-learner-ci-check-"))
     node.workerinput["missing_in_ci"] = str(node.config._missing_in_ci / node.gateway.id)
+    # One cache for the run: what one process fetched, the other finds (fetches are locked).
+    node.workerinput["stream_learner_cache"] = str(node.config.stash[_CACHE][1])
 
 
 def pytest_sessionfinish(session):
@@ -187,23 +189,26 @@ def _broker_only_in_kafka_tests(request, monkeypatch):
     monkeypatch.setattr(EmbeddedBroker, "start", refuse)
 
 
-_CACHE = pytest.StashKey[tuple[pytest.MonkeyPatch, Path]]()
+_CACHE = pytest.StashKey[tuple[pytest.MonkeyPatch, Path, bool]]()
 
 
 def pytest_configure(config):
     """Datasets and models fetched during the run (and looked up while collecting) go to a
-    fresh cache, never the user's: ``$STREAM_LEARNER_CACHE`` for the run, removed after it."""
+    fresh cache, never the user's: ``$STREAM_LEARNER_CACHE`` for the run, removed after it.
+    pytest-xdist's workers share their controller's."""
     patch = pytest.MonkeyPatch()
-    directory = Path(tempfile.mkdtemp(prefix="stream-learner-test-cache-"))
+    shared = getattr(config, "workerinput", {}).get("stream_learner_cache")
+    directory = Path(shared) if shared else Path(tempfile.mkdtemp(prefix="stream-learner-test-cache-"))
     patch.setenv("STREAM_LEARNER_CACHE", str(directory))
-    config.stash[_CACHE] = (patch, directory)
+    config.stash[_CACHE] = (patch, directory, not shared)
 
 
 def pytest_unconfigure(config):
     if _CACHE in config.stash:
-        patch, directory = config.stash[_CACHE]
+        patch, directory, owned = config.stash[_CACHE]
         patch.undo()
-        shutil.rmtree(directory, ignore_errors=True)
+        if owned:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
