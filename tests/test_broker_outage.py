@@ -1,9 +1,12 @@
 """A broker that goes away: readiness says so, liveness does not, idleness is not an outage,
-the shutdown keeps its bound, and a stop during the group join leaves the group usable."""
+the shutdown keeps its bound, a stop during the group join leaves the group usable, and a
+broker whose port was taken starts on another."""
 
 from __future__ import annotations
 
+import logging
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -340,3 +343,20 @@ def test_a_worker_stopped_during_its_group_join_leaves_the_group_usable(
         finally:
             if second.poll() is None:
                 second.kill()
+
+
+def test_the_embedded_broker_tries_another_port_when_its_port_is_taken(monkeypatch, caplog):
+    """free_port is a snapshot: another process may bind the port before the broker does."""
+    from stream_learner.io import broker as broker_module
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        picks = iter([port])  # the first pick is the taken port, then real free ones
+        pick = broker_module.free_port
+        monkeypatch.setattr(broker_module, "free_port", lambda host="127.0.0.1": next(picks, None) or pick(host))
+        with caplog.at_level(logging.INFO, logger="stream_learner.io.broker"), EmbeddedBroker() as broker:
+            assert broker.port != port
+            create_topics(broker.bootstrap_servers, {"answers": 1})
+    assert f"could not start on port {port}" in caplog.text

@@ -21,13 +21,17 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 
-__all__ = ["EmbeddedBroker", "BrokerError", "free_port", "create_topics", "committed_offsets", "wait_for_broker"]
+__all__ = ["EmbeddedBroker", "BrokerError", "BrokerExited", "free_port", "create_topics", "committed_offsets", "wait_for_broker"]
 
 log = logging.getLogger(__name__)
 
 
 class BrokerError(RuntimeError):
     """The embedded broker could not be started or reached."""
+
+
+class BrokerExited(BrokerError):
+    """The embedded broker's process ended while starting (its port taken, say)."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -76,11 +80,24 @@ class EmbeddedBroker:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
+    # A port we picked can be taken before the broker binds it (free_port is a snapshot): then
+    # the broker exits at once, and we try another.
+    PORT_ATTEMPTS = 3
+
     def start(self) -> EmbeddedBroker:
         if self._process is not None:
             return self
-        if not self.port:
-            self.port = free_port(self.host)
+        if self.port:
+            return self._start_on(self.port)
+        for _ in range(self.PORT_ATTEMPTS - 1):
+            try:
+                return self._start_on(free_port(self.host))
+            except BrokerExited as error:
+                log.info("the broker could not start on port %d (%s); trying another", self.port, error)
+        return self._start_on(free_port(self.host))
+
+    def _start_on(self, port: int) -> EmbeddedBroker:
+        self.port = port
         url = f"tcp://{self.host}:{self.port}"
         command = [
             broker_binary(),
@@ -102,6 +119,8 @@ class EmbeddedBroker:
         )
         try:
             wait_for_broker(self.bootstrap_servers, self.startup_timeout, process=self._process)
+            if self._process.poll() is not None:  # what answered was another listener's
+                raise BrokerExited(f"the broker exited with code {self._process.returncode} while starting")
         except BaseException:
             self.stop()
             raise
@@ -131,7 +150,8 @@ class EmbeddedBroker:
 def wait_for_broker(
     bootstrap_servers: str, timeout: float = 30.0, *, process: subprocess.Popen | None = None
 ) -> None:
-    """Block until the broker answers a metadata request, or raise :class:`BrokerError`."""
+    """Block until the broker answers a metadata request, or raise :class:`BrokerError`
+    (:class:`BrokerExited` if ``process`` ended)."""
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
@@ -139,7 +159,7 @@ def wait_for_broker(
     host, _, port = bootstrap_servers.rpartition(":")
     while True:
         if process is not None and process.poll() is not None:
-            raise BrokerError(f"the broker exited with code {process.returncode} while starting")
+            raise BrokerExited(f"the broker exited with code {process.returncode} while starting")
         try:
             with socket.create_connection((host, int(port)), timeout=0.5):
                 pass
