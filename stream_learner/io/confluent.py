@@ -371,7 +371,7 @@ class ConfluentSource:
         log.info(
             "assigned %s; starting at %s",
             sorted(by_name),
-            describe_starts(by_name, seeks, self._auto_offset_reset),
+            describe_starts(by_name, seeks, self._auto_offset_reset, known),
         )
 
     def _on_revoke(self, consumer, revoked) -> None:

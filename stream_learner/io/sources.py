@@ -474,7 +474,7 @@ class _Listener(AsyncConsumerRebalanceListener):
             if name in by_name:
                 self.source._consumer.seek(by_name[name], offset)
         reset = self.source._consumer.config.get("auto_offset_reset", "earliest")
-        log.info("assigned %s; starting at %s", sorted(by_name), describe_starts(by_name, seeks, reset))
+        log.info("assigned %s; starting at %s", sorted(by_name), describe_starts(by_name, seeks, reset, known))
 
     async def on_partitions_lost(self, lost):
         self.source._in_listener = True
@@ -499,20 +499,24 @@ def assign_with_metadata(handler, partitions, committed, metadata):
         return handler.partitions_assigned(partitions, committed)
 
 
-def describe_starts(partitions, seeks: Mapping, reset: str) -> str:
-    """Where reading starts on each partition, in words: ``t[0] at 1200`` for a known offset,
-    ``t[1] from the earliest (no committed offset)`` where the consumer's reset policy decides.
+def describe_starts(partitions, seeks: Mapping, reset: str, committed: Mapping | None = None) -> str:
+    """Where reading starts on each partition, in words: ``t[0] at 1200`` where we seek,
+    ``t[2] at 900 (committed)`` where the group's committed offset decides, ``t[1] from the
+    earliest (no committed offset)`` where the consumer's reset policy does.
 
-    >>> describe_starts([("t", 1), ("t", 0)], {("t", 0): 1200}, "earliest")
-    't[0] at 1200, t[1] from the earliest (no committed offset)'
+    >>> describe_starts([("t", 1), ("t", 0), ("t", 2)], {("t", 0): 1200}, "earliest", {("t", 2): 900})
+    't[0] at 1200, t[1] from the earliest (no committed offset), t[2] at 900 (committed)'
     """
+    committed = committed or {}
     words = []
     for topic, partition in sorted(partitions, key=lambda tp: (str(tp[0]), tp[1])):
         offset = seeks.get((topic, partition))
-        if offset is None:
-            words.append(f"{topic}[{partition}] from the {reset} (no committed offset)")
-        else:
+        if offset is not None:
             words.append(f"{topic}[{partition}] at {offset}")
+        elif committed.get((topic, partition)) is not None:
+            words.append(f"{topic}[{partition}] at {committed[(topic, partition)]} (committed)")
+        else:
+            words.append(f"{topic}[{partition}] from the {reset} (no committed offset)")
     return ", ".join(words) or "nothing"
 
 
